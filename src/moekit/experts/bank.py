@@ -1,0 +1,169 @@
+"""Expert banks: E expert networks stored as stacked weights and run with grouped matmuls.
+
+Legend: A rows (assignments, sorted by expert), E experts, D model dim, H expert hidden dim.
+
+Every bank has two entry points:
+  * ``forward(x_AD, counts_E)`` — the fast path: rows already sorted by expert, ``counts_E`` rows each;
+  * ``forward_dense(x_TD) -> y_ETD`` — every expert on every token; only the reference dispatch
+    (the test oracle) uses it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .grouped_mm import grouped_mm
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh, "identity": lambda t: t,
+}
+
+
+def _activation(name: str) -> Callable[[Tensor], Tensor]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation: unknown {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def _check_dims(**dims: int) -> None:
+    for name, v in dims.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: must be a positive int, got {v!r}")
+
+
+def _row_bias(b_EH: Tensor, counts_E: Tensor, num_rows: int) -> Tensor:
+    return torch.repeat_interleave(b_EH, counts_E, dim=0, output_size=num_rows)
+
+
+class ExpertBank(nn.Module):
+    num_experts: int
+    dim: int
+
+    def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward_dense(self, x_TD: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class MLPExperts(ExpertBank):
+    """E two-layer MLPs ``y = act(x W1_e + b1_e) W2_e + b2_e``; W1: (E, D, H), W2: (E, H, D)."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, *, activation: str = "gelu",
+                 bias: bool = False):
+        super().__init__()
+        _check_dims(num_experts=num_experts, dim=dim, hidden_dim=hidden_dim)
+        self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
+        self.activation = activation
+        self.act = _activation(activation)
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dim)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Same scale as nn.Linear's default, drawn independently per expert.
+        nn.init.uniform_(self.w1, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
+        nn.init.uniform_(self.w2, -1 / math.sqrt(self.hidden_dim), 1 / math.sqrt(self.hidden_dim))
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
+                f"activation={self.activation}, bias={self.b1 is not None}")
+
+    def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
+        h_AH = grouped_mm(x_AD, self.w1, counts_E)
+        if self.b1 is not None:
+            h_AH = h_AH + _row_bias(self.b1, counts_E, x_AD.shape[0])
+        y_AD = grouped_mm(self.act(h_AH), self.w2, counts_E)
+        if self.b2 is not None:
+            y_AD = y_AD + _row_bias(self.b2, counts_E, x_AD.shape[0])
+        return y_AD
+
+    def forward_dense(self, x_TD: Tensor) -> Tensor:
+        h_ETH = torch.einsum("td,edh->eth", x_TD, self.w1)
+        if self.b1 is not None:
+            h_ETH = h_ETH + self.b1[:, None]
+        y_ETD = torch.einsum("eth,ehd->etd", self.act(h_ETH), self.w2)
+        if self.b2 is not None:
+            y_ETD = y_ETD + self.b2[:, None]
+        return y_ETD
+
+
+class GLUExperts(ExpertBank):
+    """E SwiGLU experts ``y = (silu(x Wg_e) ⊙ (x Wu_e)) Wd_e``; gate and up projections are fused
+    into one (E, D, 2H) weight so each token needs one grouped matmul in and one out."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, *, activation: str = "silu",
+                 bias: bool = False):
+        super().__init__()
+        _check_dims(num_experts=num_experts, dim=dim, hidden_dim=hidden_dim)
+        if bias:
+            raise ValueError("bias: GLU experts are bias-free; use expert='mlp' for biases")
+        self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
+        self.activation = activation
+        self.act = _activation(activation)
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden_dim))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.uniform_(self.w_in, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
+        nn.init.uniform_(self.w_out, -1 / math.sqrt(self.hidden_dim), 1 / math.sqrt(self.hidden_dim))
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}"
+
+    def _glu(self, h: Tensor) -> Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return self.act(gate) * up
+
+    def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
+        return grouped_mm(self._glu(grouped_mm(x_AD, self.w_in, counts_E)), self.w_out, counts_E)
+
+    def forward_dense(self, x_TD: Tensor) -> Tensor:
+        h_ET2H = torch.einsum("td,edh->eth", x_TD, self.w_in)
+        return torch.einsum("eth,ehd->etd", self._glu(h_ET2H), self.w_out)
+
+
+class ModuleExperts(ExpertBank):
+    """Any user ``nn.Module`` experts (each maps (N, D) -> (N, D)); run one by one (slower path)."""
+
+    def __init__(self, experts: list[nn.Module] | nn.ModuleList, dim: int):
+        super().__init__()
+        if len(experts) < 1 or not all(isinstance(e, nn.Module) for e in experts):
+            raise TypeError("expert: expected a non-empty list of nn.Module experts")
+        self.experts = nn.ModuleList(experts)
+        self.num_experts, self.dim = len(experts), dim
+
+    def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
+        chunks = torch.split(x_AD, counts_E.tolist(), dim=0)
+        return torch.cat([expert(c) for expert, c in zip(self.experts, chunks)], dim=0)
+
+    def forward_dense(self, x_TD: Tensor) -> Tensor:
+        return torch.stack([expert(x_TD) for expert in self.experts], dim=0)
+
+
+EXPERTS: dict[str, type[ExpertBank]] = {"mlp": MLPExperts, "glu": GLUExperts}
+
+
+def build_experts(expert: str | list[nn.Module] | nn.ModuleList | Callable[[], nn.Module], num_experts: int,
+                  dim: int, hidden_dim: int, **options) -> ExpertBank:
+    """``"mlp"``/``"glu"`` build a stacked bank; a list of modules or a zero-argument factory builds
+    :class:`ModuleExperts`."""
+    if isinstance(expert, str):
+        if expert not in EXPERTS:
+            raise ValueError(f"expert: unknown expert {expert!r}; choose one of {sorted(EXPERTS)}, a list of "
+                             "nn.Module, or a factory returning an nn.Module")
+        return EXPERTS[expert](num_experts, dim, hidden_dim, **options)
+    if isinstance(expert, (list, nn.ModuleList)):
+        if len(expert) != num_experts:
+            raise ValueError(f"expert: got {len(expert)} modules for num_experts={num_experts}")
+        return ModuleExperts(expert, dim)
+    if callable(expert) and not isinstance(expert, nn.Module):
+        return ModuleExperts([expert() for _ in range(num_experts)], dim)
+    raise TypeError(f"expert: expected 'mlp', 'glu', a list of nn.Module or a factory, got {type(expert).__name__}")

@@ -1,0 +1,117 @@
+"""Grouped matrix multiply for expert banks: rows of ``x`` sorted by expert, one weight per expert.
+
+Legend: A rows (token-expert assignments, sorted by expert), E experts, D in features, H out features.
+
+``grouped_mm(x_AD, w_EDH, counts_E) -> y_AH`` with ``y[rows of e] = x[rows of e] @ w[e]``.
+Kernels:
+  * ``torch.nn.functional.grouped_mm`` where it is supported (float32/bf16/fp16 on CPU; bf16 on
+    CUDA with compute capability >= 8.0) and the operands are 16-byte aligned;
+  * otherwise a loop-free padded ``bmm`` (rows scattered into an (E, max_count, D) buffer).
+Autograd is ours (:class:`GroupedMM`): the backward makes the incoming gradient dense and
+contiguous (torch's own grouped_mm backward fails on expanded gradients) and reuses the same kernels:
+``dx = dy @ w[e]^T`` per group, ``dw[e] = x[rows of e]^T dy[rows of e]``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _aligned(t: Tensor) -> bool:
+    """grouped_mm needs 16-byte aligned base pointers and leading strides."""
+    es = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((s * es) % 16 == 0 for s, n in zip(t.stride(), t.shape) if s != 1)
+
+
+def native_supported(*tensors: Tensor) -> bool:
+    """Whether torch's grouped_mm kernel can take these operands."""
+    t0 = tensors[0]
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if t0.device.type == "cpu":
+        ok_dtype = t0.dtype in _CPU_DTYPES
+    elif t0.device.type == "cuda":
+        ok_dtype = t0.dtype == torch.bfloat16 and torch.cuda.get_device_capability(t0.device)[0] >= 8
+    else:
+        ok_dtype = False
+    return ok_dtype and all(t.dtype == t0.dtype and _aligned(t) for t in tensors)
+
+
+def _offsets(counts_E: Tensor) -> Tensor:
+    return torch.cumsum(counts_E, 0).to(torch.int32)
+
+
+def _group_positions(counts_E: Tensor, num_rows: int) -> tuple[Tensor, Tensor, int]:
+    """For rows sorted by group: (group id of each row, position inside its group, max group size)."""
+    E = counts_E.shape[0]
+    group_A = torch.repeat_interleave(torch.arange(E, device=counts_E.device), counts_E, output_size=num_rows)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    pos_A = torch.arange(num_rows, device=counts_E.device) - starts_E[group_A]
+    max_count = int(counts_E.max()) if E > 0 and num_rows > 0 else 0
+    return group_A, pos_A, max_count
+
+
+def _pad(x_AD: Tensor, group_A: Tensor, pos_A: Tensor, E: int, M: int) -> Tensor:
+    out_EMD = x_AD.new_zeros(E, M, x_AD.shape[-1])
+    out_EMD[group_A, pos_A] = x_AD
+    return out_EMD
+
+
+def _mm_kernel(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
+    """y[rows of e] = x[rows of e] @ w[e] (no autograd)."""
+    if x_AD.shape[0] == 0:
+        return x_AD.new_zeros(0, w_EDH.shape[-1])
+    if native_supported(x_AD, w_EDH):
+        return F.grouped_mm(x_AD, w_EDH, offs=_offsets(counts_E))
+    E = w_EDH.shape[0]
+    group_A, pos_A, M = _group_positions(counts_E, x_AD.shape[0])
+    y_EMH = torch.bmm(_pad(x_AD, group_A, pos_A, E, M), w_EDH)
+    return y_EMH[group_A, pos_A]
+
+
+def _wgrad_kernel(x_AD: Tensor, dy_AH: Tensor, counts_E: Tensor) -> Tensor:
+    """dw[e] = x[rows of e]^T @ dy[rows of e] (no autograd)."""
+    E = counts_E.shape[0]
+    xt_DA = x_AD.t()
+    if x_AD.shape[0] > 0 and native_supported(x_AD, dy_AH):
+        return F.grouped_mm(xt_DA, dy_AH, offs=_offsets(counts_E))
+    group_A, pos_A, M = _group_positions(counts_E, x_AD.shape[0])
+    return torch.bmm(_pad(x_AD, group_A, pos_A, E, M).transpose(1, 2), _pad(dy_AH, group_A, pos_A, E, M))
+
+
+class GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
+        x_AD = x_AD.contiguous()
+        ctx.save_for_backward(x_AD, w_EDH, counts_E)
+        return _mm_kernel(x_AD, w_EDH, counts_E)
+
+    @staticmethod
+    def backward(ctx, dy_AH: Tensor):
+        x_AD, w_EDH, counts_E = ctx.saved_tensors
+        dy_AH = dy_AH.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = _mm_kernel(dy_AH, w_EDH.transpose(1, 2), counts_E)
+        if ctx.needs_input_grad[1]:
+            dw = _wgrad_kernel(x_AD, dy_AH, counts_E).to(w_EDH.dtype)
+        return dx, dw, None
+
+
+def grouped_mm(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
+    """Differentiable grouped matmul. ``counts_E`` (int64, sum = A) gives each expert's row count."""
+    if x_AD.dim() != 2 or w_EDH.dim() != 3 or x_AD.shape[1] != w_EDH.shape[1]:
+        raise ValueError(f"grouped_mm: expected x (A, D) and w (E, D, H), got {tuple(x_AD.shape)} and "
+                         f"{tuple(w_EDH.shape)}")
+    if counts_E.shape != (w_EDH.shape[0],):
+        raise ValueError(f"counts: expected shape ({w_EDH.shape[0]},), got {tuple(counts_E.shape)}")
+    return GroupedMM.apply(x_AD, w_EDH, counts_E)
+
+
+def grouped_mm_reference(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
+    """Obviously-right per-expert loop; tests use it as the oracle."""
+    chunks = torch.split(x_AD, counts_E.tolist(), dim=0)
+    return torch.cat([c @ w_EDH[e] for e, c in enumerate(chunks)], dim=0)

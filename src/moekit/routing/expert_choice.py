@@ -1,0 +1,49 @@
+"""Expert-choice routing (Zhou et al. 2022): each expert picks its top-C tokens.
+
+Legend: T tokens, D model dim, E experts, C tokens per expert, A = E·C assignments.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .base import Router, RoutingDecision
+
+
+class ExpertChoiceRouter(Router):
+    """``S = softmax(x W)`` over experts; expert e takes the C tokens with the highest ``S[:, e]``,
+    ``C = ceil(T · c / E)`` (capacity factor c, default 2, capped at T). Balanced by construction,
+    so no load loss; a token may get 0, 1 or several experts. Combine weight: ``S[token, e]``.
+
+    ``expert_ids``/``weights`` are given densely as (T, E) (weight 0 where the expert did not take
+    the token); the flat assignments carry only the A = E·C real ones.
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int | None = None, *, capacity_factor: float = 2.0,
+                 **kwargs):
+        if not isinstance(capacity_factor, (int, float)) or isinstance(capacity_factor, bool) or capacity_factor <= 0:
+            raise ValueError(f"capacity_factor: must be a positive number, got {capacity_factor!r}")
+        self.capacity_factor = float(capacity_factor)
+        if top_k is not None:
+            raise ValueError(f"top_k: expert_choice routing has no per-token k; leave top_k=None, got {top_k!r}")
+        super().__init__(dim, num_experts, 1, **kwargs)
+
+    def capacity(self, num_tokens: int) -> int:
+        return max(1, min(num_tokens, math.ceil(num_tokens * self.capacity_factor / self.num_experts)))
+
+    def route(self, x_TD: Tensor) -> RoutingDecision:
+        logits_TE = self.logits(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        T, E = probs_TE.shape
+        C = self.capacity(T)
+        weight_EC, token_EC = probs_TE.t().topk(C, dim=-1)
+        expert_EC = torch.arange(E, device=x_TD.device)[:, None].expand(E, C)
+        dense_TE = torch.zeros_like(probs_TE).index_put((token_EC.reshape(-1), expert_EC.reshape(-1)),
+                                                       weight_EC.reshape(-1))
+        return RoutingDecision(
+            expert_ids=torch.arange(E, device=x_TD.device).expand(T, E), weights=dense_TE,
+            logits=logits_TE, probs=probs_TE,
+            assign_token=token_EC.reshape(-1), assign_expert=expert_EC.reshape(-1),
+            assign_weight=weight_EC.reshape(-1))

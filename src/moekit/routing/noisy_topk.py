@@ -1,0 +1,50 @@
+"""Noisy top-k gating of Shazeer et al. 2017 ("Outrageously large neural networks").
+
+Legend: T tokens, D model dim, E experts, K experts per token.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import losses as L
+from .base import Router, RoutingDecision
+
+
+class NoisyTopKRouter(Router):
+    """``H(x)_i = (x W_g)_i + ε_i · (softplus((x W_noise)_i) + 1e-2)``, ε ~ N(0, 1) in training only;
+    ``G(x) = softmax(KeepTopK(H(x), k))`` — a softmax over the k survivors, all others exactly 0.
+
+    ``W_g`` and ``W_noise`` are zero-initialised (as in the paper's code). Losses:
+    ``w_importance · CV(Σ_x G(x))²`` and ``w_load · CV(Load(X))²`` with the smooth load estimator
+    (:func:`moekit.losses.shazeer_load`). Defaults E=16, k=2, w_importance = w_load = 0.1 (the paper's setup).
+    """
+
+    default_weights = {"w_importance": 0.1, "w_load": 0.1, "w_switch": 0.0, "w_z": 0.0}
+    has_load_loss = True
+    noise_eps = 1e-2
+
+    def __init__(self, dim: int, num_experts: int = 16, top_k: int = 2, **kwargs):
+        kwargs.setdefault("zero_init", True)
+        super().__init__(dim, num_experts, top_k, **kwargs)
+        self.noise = nn.Linear(dim, num_experts, bias=False)
+        nn.init.zeros_(self.noise.weight)
+
+    def route(self, x_TD: Tensor) -> RoutingDecision:
+        clean_TE = self.logits(x_TD)
+        noisy_TE, std_TE = None, None
+        if self.training:
+            std_TE = F.softplus(x_TD.float() @ self.noise.weight.float().t()) + self.noise_eps
+            noisy_TE = clean_TE + torch.randn_like(clean_TE) * std_TE
+        h_TE = clean_TE if noisy_TE is None else noisy_TE
+        top_vals_TK, expert_ids_TK = h_TE.topk(self.top_k, dim=-1)
+        weights_TK = torch.softmax(top_vals_TK, dim=-1)
+        gates_TE = torch.zeros_like(h_TE).scatter(1, expert_ids_TK, weights_TK)
+        return RoutingDecision(expert_ids=expert_ids_TK, weights=weights_TK, logits=clean_TE,
+                               probs=torch.softmax(clean_TE, dim=-1), noisy_logits=noisy_TE,
+                               noise_std=std_TE, importance_gates=gates_TE)
+
+    def load_loss(self, d: RoutingDecision) -> Tensor:
+        noisy = d.logits if d.noisy_logits is None else d.noisy_logits
+        return L.shazeer_load_loss(d.logits, noisy, d.noise_std, self.top_k)

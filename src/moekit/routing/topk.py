@@ -1,0 +1,79 @@
+"""Token-choice top-k softmax router (Mixtral/GShard/V-MoE family) and Switch (top-1).
+
+Legend: T tokens, D model dim, E experts, K experts per token.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import losses as L
+from .base import Router, RoutingDecision
+
+
+class TopKRouter(Router):
+    """``p = softmax(x W + ε)`` over all E experts, keep the top k.
+
+    Options:
+      * ``renormalize`` — divide the k kept gates by their sum (Mixtral) or keep them as they are
+        (V-MoE, Switch).
+      * ``noise_std`` — std of Gaussian noise added to the logits in training (V-MoE uses 1/E;
+        ``"1/E"`` is accepted). Enables the V-MoE load loss (``w_load``).
+      * ``jitter`` — multiplicative input jitter ``x · U(1−jitter, 1+jitter)`` in training (Switch).
+    Losses (uniform keywords): ``w_switch`` (default 1e-2) · E Σ f_i P_i, ``w_z`` · z-loss,
+    ``w_importance`` · CV(Σ_x softmax(clean logits))², ``w_load`` · V-MoE load loss.
+    """
+
+    default_weights = {"w_importance": 0.0, "w_load": 0.0, "w_switch": 1e-2, "w_z": 0.0}
+    has_load_loss = True
+
+    def __init__(self, dim: int, num_experts: int, top_k: int = 2, *, renormalize: bool = True,
+                 noise_std: float | str = 0.0, jitter: float = 0.0, **kwargs):
+        if noise_std == "1/E":
+            noise_std = 1.0 / num_experts
+        if not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or noise_std < 0:
+            raise ValueError(f"noise_std: must be a non-negative number or '1/E', got {noise_std!r}")
+        if not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
+            raise ValueError(f"jitter: must be a number in [0, 1), got {jitter!r}")
+        self.noise_std = float(noise_std)
+        self.jitter = float(jitter)
+        self.renormalize = bool(renormalize)
+        super().__init__(dim, num_experts, top_k, **kwargs)
+        if self.w_load > 0 and self.noise_std == 0:
+            raise ValueError("w_load: the V-MoE load loss needs training noise; set noise_std > 0 (e.g. '1/E')")
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", renormalize={self.renormalize}, noise_std={self.noise_std:g}"
+                f", jitter={self.jitter:g}")
+
+    def route(self, x_TD: Tensor) -> RoutingDecision:
+        if self.training and self.jitter > 0:
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        clean_TE = self.logits(x_TD)
+        noisy_TE = None
+        if self.training and self.noise_std > 0:
+            noisy_TE = clean_TE + torch.randn_like(clean_TE) * self.noise_std
+        h_TE = clean_TE if noisy_TE is None else noisy_TE
+        gates_TE = torch.softmax(h_TE, dim=-1)
+        weights_TK, expert_ids_TK = gates_TE.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return RoutingDecision(expert_ids=expert_ids_TK, weights=weights_TK, logits=clean_TE,
+                               probs=torch.softmax(clean_TE, dim=-1), noisy_logits=noisy_TE,
+                               noise_std=self.noise_std if noisy_TE is not None else None)
+
+    def load_loss(self, d: RoutingDecision) -> Tensor | None:
+        if d.noisy_logits is None:     # eval mode or no noise: the load loss is undefined
+            return None
+        return L.vmoe_load_loss(d.logits, d.noisy_logits, self.noise_std, self.top_k)
+
+
+class SwitchRouter(TopKRouter):
+    """Switch Transformer routing: top-1 of ``softmax(x W)``, gate not renormalised
+    (output ``p_{i*}(x) E_{i*}(x)``), aux loss ``1e-2 · E Σ f_i P_i``."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int = 1, **kwargs):
+        if top_k != 1:
+            raise ValueError(f"top_k: the switch router is top-1, got {top_k!r}")
+        kwargs.setdefault("renormalize", False)
+        super().__init__(dim, num_experts, 1, **kwargs)

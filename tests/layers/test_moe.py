@@ -1,0 +1,112 @@
+"""The MoE layer: equivalences, shapes, shared experts, user experts, argument errors."""
+import pytest
+import torch
+from torch import nn
+
+from moekit import MoE, MoEOutput
+
+
+@pytest.mark.parametrize("expert", ["mlp", "glu"])
+def test_one_expert_equals_dense_mlp(expert):
+    torch.manual_seed(0)
+    layer = MoE(8, 16, 1, top_k=1, expert=expert).eval()
+    x = torch.randn(4, 5, 8)
+    bank = layer.experts
+    if expert == "mlp":
+        dense = nn.Sequential(nn.Linear(8, 16, bias=False), nn.GELU(), nn.Linear(16, 8, bias=False))
+        with torch.no_grad():
+            dense[0].weight.copy_(bank.w1[0].t())
+            dense[2].weight.copy_(bank.w2[0].t())
+        ref = dense(x)
+    else:
+        g, u = (x @ bank.w_in[0]).chunk(2, -1)
+        ref = (torch.nn.functional.silu(g) * u) @ bank.w_out[0]
+    out = layer(x)
+    assert isinstance(out, MoEOutput)
+    torch.testing.assert_close(out.y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_any_leading_shape_and_dtype():
+    layer = MoE(8, 16, 4)
+    for shape in [(8,), (3, 8), (2, 3, 4, 8)]:
+        assert layer(torch.randn(*shape)).y.shape == shape
+    y = layer.to(torch.bfloat16)(torch.randn(5, 8, dtype=torch.bfloat16)).y
+    assert y.dtype == torch.bfloat16
+
+
+def test_aux_loss_is_zero_scalar_when_no_loss():
+    out = MoE(8, 16, 4, router="topk", w_switch=0.0)(torch.randn(5, 8))
+    assert out.aux_loss.shape == () and out.aux_loss.item() == 0.0
+    out = MoE(8, 16, 4, router="soft")(torch.randn(5, 8))
+    assert out.aux_loss is not None and out.aux_loss.item() == 0.0
+
+
+def test_aux_loss_is_weighted_sum_of_reported_parts():
+    torch.manual_seed(0)
+    layer = MoE(8, 16, 4, router="topk", w_switch=0.02, w_z=0.003).train()
+    out = layer(torch.randn(30, 8))
+    expected = 0.02 * out.metrics["switch_loss"] + 0.003 * out.metrics["z_loss"]
+    torch.testing.assert_close(out.aux_loss.detach(), expected)
+
+
+def test_shared_experts_added_to_every_token():
+    torch.manual_seed(0)
+    layer = MoE(8, 16, 4, num_shared_experts=2, shared_hidden_dim=4).eval()
+    base = MoE(8, 16, 4).eval()
+    base.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("shared")})
+    x = torch.randn(6, 8)
+    counts = torch.tensor([6])
+    torch.testing.assert_close(layer(x).y, base(x).y + layer.shared(x, counts))
+    assert layer.shared.hidden_dim == 8
+
+
+def test_user_module_experts_match_stacked_bank():
+    torch.manual_seed(0)
+    layer = MoE(8, 16, 3, top_k=2, expert="mlp").eval()
+    mods = []
+    for e in range(3):
+        m = nn.Sequential(nn.Linear(8, 16, bias=False), nn.GELU(), nn.Linear(16, 8, bias=False))
+        with torch.no_grad():
+            m[0].weight.copy_(layer.experts.w1[e].t())
+            m[2].weight.copy_(layer.experts.w2[e].t())
+        mods.append(m)
+    custom = MoE(8, 16, 3, top_k=2, expert=mods).eval()
+    custom.router.load_state_dict(layer.router.state_dict())
+    x = torch.randn(9, 8)
+    torch.testing.assert_close(custom(x).y, layer(x).y, rtol=1e-5, atol=1e-5)
+    factory = MoE(8, 16, 3, expert=lambda: nn.Linear(8, 8))
+    assert factory(x).y.shape == x.shape
+
+
+def test_set_capacity_factor_at_eval():
+    torch.manual_seed(0)
+    layer = MoE(8, 16, 4, top_k=1).eval()
+    x = torch.randn(40, 8)
+    layer.set_capacity_factor(0.25)
+    assert layer(x).metrics["dropped_tokens"].item() > 0
+    layer.set_capacity_factor(None)
+    assert layer(x).metrics["dropped_tokens"].item() == 0
+
+
+@pytest.mark.parametrize("kwargs,arg", [
+    (dict(top_k=5), "top_k"), (dict(top_k=0), "top_k"), (dict(router="magic"), "router"),
+    (dict(capacity_factor=0), "capacity_factor"), (dict(capacity_factor=-1.0), "capacity_factor"),
+    (dict(expert="transformer"), "expert"), (dict(dispatch="fast"), "dispatch"),
+    (dict(batch_priority=True), "batch_priority"), (dict(router="soft", capacity_factor=1.0), "capacity_factor"),
+    (dict(router=3), "router"),
+])
+def test_invalid_arguments_name_the_argument(kwargs, arg):
+    with pytest.raises((ValueError, TypeError), match=arg):
+        MoE(8, 16, 4, **kwargs)
+
+
+def test_invalid_inputs():
+    layer = MoE(8, 16, 4)
+    with pytest.raises(ValueError, match="dim"):
+        layer(torch.randn(3, 7))
+    with pytest.raises(TypeError, match="floating"):
+        layer(torch.ones(3, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="x"):
+        layer([[0.0] * 8])
+    with pytest.raises(ValueError, match="hidden_dim"):
+        MoE(8, 0, 4)
