@@ -65,3 +65,13 @@ def test_bad_shapes():
         grouped_mm(x, w, torch.tensor([4]))
     with pytest.raises(ValueError, match="grouped_mm"):
         grouped_mm(x[:, :3], w, c)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_fused_glu_gradcheck_and_matches_autograd(act):
+    from moekit.experts.bank import ACTIVATIONS, _GLU
+    h = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _GLU.apply(t, act), (h,))
+    y = _GLU.apply(h, act)
+    ref = ACTIVATIONS[act](h[:, :3]) * h[:, 3:]
+    torch.testing.assert_close(y, ref)

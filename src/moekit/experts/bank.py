@@ -35,6 +35,35 @@ def _check_dims(**dims: int) -> None:
             raise ValueError(f"{name}: must be a positive int, got {v!r}")
 
 
+class _GLU(torch.autograd.Function):
+    """``act(h[:, :H]) * h[:, H:]`` with a backward that writes both halves of ``dh`` into one buffer
+    (slicing + autograd would allocate two zero-padded halves and concatenate them)."""
+
+    @staticmethod
+    def forward(ctx, h_A2H: Tensor, act_name: str) -> Tensor:
+        gate, up = h_A2H.chunk(2, dim=-1)
+        ctx.save_for_backward(h_A2H)
+        ctx.act_name = act_name
+        return ACTIVATIONS[act_name](gate) * up
+
+    @staticmethod
+    def backward(ctx, dy_AH: Tensor):
+        (h_A2H,) = ctx.saved_tensors
+        gate, up = h_A2H.chunk(2, dim=-1)
+        H = gate.shape[-1]
+        dh = torch.empty_like(h_A2H)
+        if ctx.act_name == "silu":              # fused kernels: no autograd graph inside the backward
+            dh[:, :H] = torch.ops.aten.silu_backward(dy_AH * up, gate)
+            dh[:, H:] = dy_AH * F.silu(gate)
+        else:
+            with torch.enable_grad():
+                g = gate.detach().requires_grad_()
+                a = ACTIVATIONS[ctx.act_name](g)
+                (dh[:, :H],) = torch.autograd.grad(a, g, dy_AH * up)
+            dh[:, H:] = dy_AH * a.detach()
+        return dh, None
+
+
 def _row_bias(b_EH: Tensor, counts_E: Tensor, num_rows: int) -> Tensor:
     return torch.repeat_interleave(b_EH, counts_E, dim=0, output_size=num_rows)
 
@@ -119,6 +148,8 @@ class GLUExperts(ExpertBank):
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}"
 
     def _glu(self, h: Tensor) -> Tensor:
+        if h.dim() == 2:
+            return _GLU.apply(h, self.activation)
         gate, up = h.chunk(2, dim=-1)
         return self.act(gate) * up
 
