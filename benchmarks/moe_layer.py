@@ -56,7 +56,7 @@ def naive_loop_step(layer, x_TD):
             he = (F.silu(g) * u) @ bank.w_out[e]
         else:
             he = F.gelu(xe @ bank.w1[e]) @ bank.w2[e]
-        y = y.index_add(0, tok, he * d.weights[tok, slot, None].to(he.dtype))
+        y.index_add_(0, tok, he * d.weights[tok, slot, None].to(he.dtype))
     (y.sum() + d.aux_loss).backward()
 
 
@@ -77,7 +77,10 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--no-loop", action="store_true", help="skip the naive per-expert loop")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA not available; nothing to do")
@@ -96,7 +99,7 @@ def main(argv=None):
         bank = layer.experts
         w1 = (bank.w_in if args.expert == "glu" else bank.w1)[0].detach().clone().requires_grad_()
         w2 = (bank.w_out if args.expert == "glu" else bank.w2)[0].detach().clone().requires_grad_()
-        x_AD = torch.randn(T * K, D, device=device, dtype=dtype)
+        x_AD = torch.randn(T * K, D, device=device, dtype=dtype, requires_grad=True)  # MoE needs dx too
         variants = {"dense": lambda: dense_step(x_AD, w1, w2, args.expert), "moe": lambda: moe_step(layer, x_TD)}
         if not args.no_loop:
             variants["loop"] = lambda: naive_loop_step(layer, x_TD)
@@ -106,7 +109,7 @@ def main(argv=None):
         for _ in range(args.repeats):       # interleaved rounds: drift hits every variant alike
             for name, fn in variants.items():
                 layer.zero_grad(set_to_none=True)
-                w1.grad = w2.grad = None
+                w1.grad = w2.grad = x_AD.grad = None
                 times[name].append(timed(fn, device))
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         loop = f"{med['loop']:8.1f} {med['loop'] / med['dense']:10.2f}" if "loop" in med else f"{'-':>8} {'-':>10}"
