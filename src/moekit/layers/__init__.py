@@ -1,4 +1,6 @@
 """Layers: the sparse MoE layer and the paper-specific layers built on the same conventions."""
+from .fusion import SituationalFusion, affinity_penalty
 from .moe import MoE, routing_metrics
+from .multitask import MultiGateMoE
 
-__all__ = ["MoE", "routing_metrics"]
+__all__ = ["MoE", "MultiGateMoE", "SituationalFusion", "affinity_penalty", "routing_metrics"]

@@ -1,0 +1,89 @@
+"""Situational fusion of representation experts (Shen et al., ICCV 2019).
+
+Legend: B examples, N representations (experts), F_i feature dim of representation i, A actions.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..types import MoEOutput
+
+
+def affinity_penalty(mean_weights_N: Tensor, affinity_NN: Tensor, form: str = "pairwise") -> Tensor:
+    """Inter-task affinity regulariser on the batch-mean fusion weights ``w̄``.
+
+    ``"pairwise"``: ``Σ_{i≠j} w̄_i w̄_j A_ij`` — weight on two mutually redundant representations at once
+    is penalised. ``"mean"``: ``Σ_i w̄_i · mean_{j≠i} A_ij`` — weight on a representation that is redundant
+    with the others is penalised. (The paper's exact form is not pinned down; both are offered.)
+    """
+    N = mean_weights_N.shape[0]
+    if affinity_NN.shape != (N, N):
+        raise ValueError(f"affinity: expected shape ({N}, {N}), got {tuple(affinity_NN.shape)}")
+    off_NN = affinity_NN * (1 - torch.eye(N, device=affinity_NN.device, dtype=affinity_NN.dtype))
+    if form == "pairwise":
+        return mean_weights_N @ off_NN @ mean_weights_N
+    if form == "mean":
+        return (mean_weights_N * off_NN.sum(1) / max(N - 1, 1)).sum()
+    raise ValueError(f"form: expected 'pairwise' or 'mean', got {form!r}")
+
+
+class SituationalFusion(nn.Module):
+    """Mixture of policies over N frozen representations: ``π(a|o) = Σ_i w_i(o) π_i(a|o)`` with
+    ``w(o) = softmax(f(o))`` (action-level fusion), or one head on ``Σ_i w_i(o) P_i φ_i(o)``
+    (feature-level fusion, the baseline). ``f`` is a small MLP on the concatenated representations.
+
+    ``forward(features: list of (B, F_i)) -> MoEOutput(y = action probabilities (B, A), aux_loss =
+    β · affinity penalty, metrics)``.
+    """
+
+    def __init__(self, feature_dims: Sequence[int], num_actions: int, *, level: str = "action",
+                 hidden_dim: int = 64, affinity: Tensor | None = None, beta: float = 0.0,
+                 penalty_form: str = "pairwise"):
+        super().__init__()
+        if len(feature_dims) < 1 or any(int(f) < 1 for f in feature_dims):
+            raise ValueError(f"feature_dims: expected positive ints, got {list(feature_dims)!r}")
+        if level not in ("action", "feature"):
+            raise ValueError(f"level: expected 'action' or 'feature', got {level!r}")
+        if beta < 0:
+            raise ValueError(f"beta: must be >= 0, got {beta!r}")
+        N = len(feature_dims)
+        self.level, self.beta, self.penalty_form = level, float(beta), penalty_form
+        self.feature_dims = [int(f) for f in feature_dims]
+        self.fusion = nn.Sequential(nn.Linear(sum(self.feature_dims), hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, N))
+        if level == "action":
+            self.heads = nn.ModuleList(nn.Sequential(nn.Linear(f, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, num_actions))
+                                       for f in self.feature_dims)
+        else:
+            self.projections = nn.ModuleList(nn.Linear(f, hidden_dim) for f in self.feature_dims)
+            self.head = nn.Sequential(nn.ReLU(), nn.Linear(hidden_dim, num_actions))
+        if affinity is not None:
+            affinity = torch.as_tensor(affinity, dtype=torch.float32)
+            if affinity.shape != (N, N):
+                raise ValueError(f"affinity: expected shape ({N}, {N}), got {tuple(affinity.shape)}")
+        self.register_buffer("affinity", affinity)
+
+    def forward(self, features: Sequence[Tensor]) -> MoEOutput:
+        if len(features) != len(self.feature_dims):
+            raise ValueError(f"features: expected {len(self.feature_dims)} representations, got {len(features)}")
+        for i, (f, d) in enumerate(zip(features, self.feature_dims)):
+            if f.shape[-1] != d:
+                raise ValueError(f"features[{i}]: last dimension must be {d}, got {tuple(f.shape)}")
+        w_BN = torch.softmax(self.fusion(torch.cat(list(features), dim=-1)), dim=-1)
+        if self.level == "action":
+            probs_BNA = torch.stack([torch.softmax(h(f), -1) for h, f in zip(self.heads, features)], dim=1)
+            y_BA = torch.einsum("bn,bna->ba", w_BN, probs_BNA)
+        else:
+            z_BNH = torch.stack([p(f) for p, f in zip(self.projections, features)], dim=1)
+            y_BA = torch.softmax(self.head(torch.einsum("bn,bnh->bh", w_BN, z_BNH)), dim=-1)
+        w_mean_N = w_BN.mean(0)
+        aux = torch.zeros((), device=w_BN.device)
+        metrics = {"fusion_weights": w_mean_N.detach()}
+        if self.affinity is not None:
+            penalty = affinity_penalty(w_mean_N, self.affinity, self.penalty_form)
+            metrics["affinity_penalty"] = penalty.detach()
+            if self.beta > 0:
+                aux = aux + self.beta * penalty
+        return MoEOutput(y_BA, aux, metrics)

@@ -1,0 +1,48 @@
+"""Multi-gate Mixture-of-Experts for multi-task learning (Ma et al., KDD 2018).
+
+Legend: T tokens (examples), D input dim, H expert hidden dim, O expert output dim, E experts, M tasks.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..experts import build_experts
+from ..types import MoEOutput
+
+
+class MultiGateMoE(nn.Module):
+    """E shared experts, one softmax gate per task: ``f_m(x) = Σ_i softmax(x W_m)_i · E_i(x)``.
+
+    Every expert runs on every example (MMoE is dense); the experts are a stacked bank run as one
+    batched matmul. ``forward(x (..., D)) -> MoEOutput(y, aux_loss, metrics)`` with ``y`` of shape
+    ``(M, ..., D)`` — one representation per task, fed to that task's tower. ``aux_loss`` is zero
+    (MMoE has no balancing loss); metrics report each task's mean gate over experts and its entropy.
+    With ``num_tasks=1`` this is the one-gate MoE baseline of the paper (OMoE).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, num_tasks: int, *, expert: str = "mlp",
+                 activation: str = "relu"):
+        super().__init__()
+        if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
+            raise ValueError(f"num_tasks: must be a positive int, got {num_tasks!r}")
+        self.dim, self.num_experts, self.num_tasks = dim, num_experts, num_tasks
+        self.experts = build_experts(expert, num_experts, dim, hidden_dim, activation=activation)
+        self.gates = nn.Parameter(torch.randn(num_tasks, dim, num_experts) * dim ** -0.5)   # one gate per task
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise TypeError("x: expected a floating-point torch.Tensor")
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x: last dimension must be dim={self.dim}, got shape {tuple(x.shape)}")
+        x_TD = x.reshape(-1, self.dim)
+        y_ETD = self.experts.forward_dense(x_TD)                               # every expert, every example
+        gates_MTE = torch.softmax(torch.einsum("td,mde->mte", x_TD.float(), self.gates.float()), dim=-1)
+        y_MTD = torch.einsum("mte,etd->mtd", gates_MTE.to(y_ETD.dtype), y_ETD)
+        g = gates_MTE.detach()
+        metrics = {
+            "gate_mean": g.mean(1),                                            # (M, E)
+            "gate_entropy": -(g * g.clamp_min(1e-20).log()).sum(-1).mean(-1),   # (M,)
+        }
+        aux = torch.zeros((), device=x.device)
+        return MoEOutput(y_MTD.reshape(self.num_tasks, *x.shape), aux, metrics)
