@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from moekit import losses as L
+from moekit.layers.hierarchical import HierarchicalMoE
+
+
+def _randomise(m):
+    with torch.no_grad():
+        for p in (m.w_gate_primary, m.w_noise_primary, m.w_gate_secondary, m.w_noise_secondary):
+            p.normal_()
+
+
+def test_output_is_the_two_level_mixture():
+    torch.manual_seed(0)
+    m = HierarchicalMoE(6, 8, num_groups=3, experts_per_group=4, top_k_groups=2, top_k_experts=2).eval()
+    _randomise(m)
+    x = torch.randn(5, 6)
+    out = m(x)
+    # Explicit Σ_i Σ_j G_i G_ij E_ij(x) with renormalised top-k softmaxes at both levels.
+    all_ETD = m.experts.forward_dense(x)
+    ref = torch.zeros_like(x)
+    for t in range(5):
+        lp = x[t] @ m.w_gate_primary
+        v, gi = lp.topk(2)
+        gp = torch.softmax(v, -1)
+        for a in range(2):
+            ls = x[t] @ m.w_gate_secondary[gi[a]]
+            v2, gj = ls.topk(2)
+            gs = torch.softmax(v2, -1)
+            for b in range(2):
+                ref[t] += gp[a] * gs[b] * all_ETD[gi[a] * 4 + gj[b], t]
+    torch.testing.assert_close(out.y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_importance_and_load_losses_follow_the_paper():
+    torch.manual_seed(1)
+    m = HierarchicalMoE(6, 8, 2, 3, 1, 1, w_importance=0.1, w_load=0.2).eval()
+    _randomise(m)
+    x = torch.randn(40, 6)
+    out = m(x)
+    # Without noise (eval), Load_H_ij = count_primary_i * count_ij / count_primary_i = count_ij.
+    torch.testing.assert_close(out.metrics["group_load"].sum(), torch.tensor(40.0))
+    counts = out.metrics["tokens_per_expert"]
+    torch.testing.assert_close(out.metrics["load_loss"], L.cv_squared(counts))
+    torch.testing.assert_close(out.aux_loss.detach(), 0.1 * out.metrics["importance_loss"] + 0.2 * out.metrics["load_loss"])
+
+
+def test_train_gradients_reach_every_gate_matrix():
+    torch.manual_seed(2)
+    m = HierarchicalMoE(6, 8, 3, 4, 2, 2).train()
+    _randomise(m)
+    out = m(torch.randn(64, 6))
+    (out.y.square().mean() + out.aux_loss).backward()
+    for n, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+def test_fast_equals_reference_dispatch():
+    torch.manual_seed(3)
+    a = HierarchicalMoE(6, 8, 3, 4, 2, 2).eval()
+    _randomise(a)
+    b = HierarchicalMoE(6, 8, 3, 4, 2, 2, dispatch="reference").eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 9, 6)
+    torch.testing.assert_close(a(x).y, b(x).y, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="top_k"):
+        HierarchicalMoE(6, 8, 3, 4, top_k_groups=4)
+    with pytest.raises(ValueError, match="w_load"):
+        HierarchicalMoE(6, 8, 3, 4, w_load=-1)
