@@ -90,6 +90,7 @@ class Experiment:
     run: Callable[[RunContext], ExperimentResult]
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     quick_time: str = "<1 min"
+    default_seeds: int = 1    # seeds of a full run when --seeds is not given (quick mode may use fewer)
 
 
 def mean_std(values: MetricValue) -> tuple[float, float]:
