@@ -45,16 +45,18 @@ def routing_heatmap(table: Any, row_labels: Sequence[str], col_labels: Sequence[
         t = t / np.maximum(t.sum(1, keepdims=True), 1e-12)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(col_labels), 1.0 + 0.45 * len(row_labels)))
-    im = ax.imshow(t, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0 if normalize else None)
+    integer = normalize is None and bool(np.all(np.mod(t, 1) == 0))
+    vmin, vmax = (0.0, 1.0) if normalize else (float(np.nanmin(t)), float(np.nanmax(t)))
+    im = ax.imshow(t, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
     ax.set_xticks(range(len(col_labels)), labels=list(col_labels), rotation=45 if len(col_labels) > 6 else 0)
     ax.set_yticks(range(len(row_labels)), labels=list(row_labels))
     if annotate and t.size <= 400:
-        hi = np.nanmax(t) if t.size else 0.0
         for i in range(t.shape[0]):
             for j in range(t.shape[1]):
-                ax.text(j, i, f"{t[i, j]:.2f}" if normalize else f"{t[i, j]:.0f}", ha="center", va="center",
-                        fontsize=7, color="black" if t[i, j] > 0.6 * hi else "white")
-    label = {"col": "share of the column", "row": "share of the row", None: "count"}[normalize]
+                bright = (t[i, j] - vmin) > 0.6 * (vmax - vmin)
+                ax.text(j, i, f"{t[i, j]:.0f}" if integer else f"{t[i, j]:.2f}", ha="center", va="center",
+                        fontsize=7, color="black" if bright else "white")
+    label = {"col": "share of the column", "row": "share of the row", None: "count" if integer else "value"}[normalize]
     fig.colorbar(im, ax=ax, label=label)
     ax.set_title(title)
     fig.tight_layout()
