@@ -121,7 +121,7 @@ def lines(x: Sequence[float], series: Mapping[str, Any], title: str = "", xlabel
 
 
 def scatter_xy(points: Mapping[str, tuple[Any, Any]], title: str = "", xlabel: str = "", ylabel: str = "",
-               annotate: Mapping[str, Sequence[str]] | None = None) -> Any:
+               annotate: Mapping[str, Sequence[str]] | None = None, logx: bool = False) -> Any:
     """Scatter/frontier plot: ``{series: (xs, ys)}``, joined by a line in x order, optional point labels."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
@@ -132,6 +132,8 @@ def scatter_xy(points: Mapping[str, tuple[Any, Any]], title: str = "", xlabel: s
         if annotate and name in annotate:
             for xi, yi, s in zip(xa, ya, annotate[name]):
                 ax.annotate(s, (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    if logx:
+        ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
