@@ -49,7 +49,9 @@ def _run_parser(name: str, exp) -> argparse.ArgumentParser:
     g.add_argument("--seeds", type=_positive_int, default=None,
                    help=f"number of seeds, run as 0..N-1 (default {exp.default_seeds})")
     g.add_argument("--quick", action="store_true", help=f"reduced run ({exp.quick_time})")
-    g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads (default 1: the experiments' small matmuls gain little from more "
+                        "and slow down badly on a busy machine; the thread count can change the last digits)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     if exp.add_arguments is not None:
         exp.add_arguments(p.add_argument_group(f"{name} options"))
@@ -87,9 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     args = _run_parser(exp.name, exp).parse_args(argv[2:])
-    if args.threads is not None:
-        import torch
-        torch.set_num_threads(args.threads)
+    import torch
+    torch.set_num_threads(args.threads)
     out = args.out if args.out is not None else default_out_dir(exp.name)
     try:
         run_experiment(exp, args, out, seeds=args.seeds, quick=args.quick, show_progress=not args.no_progress,

@@ -88,6 +88,68 @@ def test_set_capacity_factor_at_eval():
     assert layer(x).metrics["dropped_tokens"].item() == 0
 
 
+def test_skipped_fraction_counts_tokens_that_lost_every_slot():
+    # Route every token to experts 0 and 1 (k=2) by zeroing the router and biasing the logits through
+    # the input: with E=4, T=8, k=2, c=0.5 the capacity is ceil(8*2*0.5/4) = 2 per expert, so experts 0
+    # and 1 each serve the first 2 tokens (first choices first): tokens 0-1 get both slots, tokens 2-7 none.
+    layer = MoE(4, 8, 4, top_k=2, router="topk", capacity_factor=0.5, router_options={"renormalize": False}).eval()
+    with torch.no_grad():
+        w = next(p for p in layer.router.parameters() if p.dim() == 2)   # (E, D) gate weight
+        w.zero_()
+        w[0, 0], w[1, 0] = 2.0, 1.0          # logits: expert 0 > expert 1 > experts 2, 3 for x[:, 0] > 0
+    x = torch.zeros(8, 4)
+    x[:, 0] = 1.0
+    m = layer(x).metrics
+    assert m["dropped_tokens"].item() == 12            # 16 assignments, 4 served
+    assert m["dropped_fraction"].item() == pytest.approx(12 / 16)
+    assert m["skipped_fraction"].item() == pytest.approx(6 / 8)
+
+
+@pytest.mark.parametrize("batch_priority", [False, True])
+@pytest.mark.parametrize("expert", ["mlp", "glu"])
+def test_capacity_layer_matches_dense_oracle(batch_priority, expert):
+    # y_t = sum_k keep[t,k] * w[t,k] * expert_{e[t,k]}(x_t), with every expert run densely on every token
+    # and keep[] from the (hand-tested) capacity rule: the layer must drop exactly those assignments.
+    from moekit.dispatch import capacity_mask, expert_capacity
+    torch.manual_seed(1)
+    layer = MoE(8, 16, 4, top_k=2, expert=expert, capacity_factor=0.4, batch_priority=batch_priority).eval()
+    x = torch.randn(30, 8, requires_grad=True)
+    d = layer.router(x)
+    C = expert_capacity(30, 2, 4, 0.4)
+    keep_TK = capacity_mask(d.expert_ids, 4, C, d.weights.max(-1).values if batch_priority else None)
+    assert (~keep_TK).any()
+    dense_ETD = layer.experts.forward_dense(x)
+    picked_TKD = dense_ETD[d.expert_ids, torch.arange(30)[:, None]]
+    y_ref = (keep_TK[..., None] * d.weights[..., None] * picked_TKD).sum(1)
+    y = layer(x).y
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    g, g_ref = torch.autograd.grad(y.square().sum(), x)[0], torch.autograd.grad(y_ref.square().sum(), x)[0]
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_set_batch_priority():
+    layer = MoE(8, 16, 4, top_k=1, capacity_factor=0.5)
+    layer.set_batch_priority(True)
+    assert layer.batch_priority
+    layer.set_batch_priority(False)
+    layer.set_capacity_factor(None)
+    with pytest.raises(ValueError, match="batch_priority"):
+        layer.set_batch_priority(True)
+    with pytest.raises(TypeError, match="batch_priority"):
+        layer.set_batch_priority(1)
+
+
+def test_vmoe_router_preset():
+    layer = MoE(8, 16, 4, top_k=2, router="vmoe")
+    r = layer.router
+    assert (r.w_importance, r.w_load, r.w_switch, r.w_z) == (0.005, 0.005, 0.0, 0.0)
+    assert r.noise_std == 0.25 and not r.renormalize
+    torch.manual_seed(0)
+    out = layer.train()(torch.randn(32, 8))
+    expected = 0.005 * out.metrics["importance_loss"] + 0.005 * out.metrics["load_loss"]
+    torch.testing.assert_close(out.aux_loss.detach(), expected)
+
+
 @pytest.mark.parametrize("kwargs,arg", [
     (dict(top_k=5), "top_k"), (dict(top_k=0), "top_k"), (dict(router="magic"), "router"),
     (dict(capacity_factor=0), "capacity_factor"), (dict(capacity_factor=-1.0), "capacity_factor"),

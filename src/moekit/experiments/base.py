@@ -103,3 +103,16 @@ def mean_std(values: MetricValue) -> tuple[float, float]:
     m = sum(vals) / len(vals)
     var = sum((v - m) ** 2 for v in vals) / len(vals)
     return m, math.sqrt(var)
+
+
+def make_context(experiment: Experiment, out_dir: Path | str, argv: Sequence[str] = (), seeds: int = 1,
+                 quick: bool = True) -> RunContext:
+    """A :class:`RunContext` for calling ``experiment.run`` from Python (notebooks, tests).
+
+    ``argv`` holds the experiment's own options as on the command line (``["--epochs", "3"]``);
+    unknown options raise ``SystemExit`` like the CLI.
+    """
+    parser = argparse.ArgumentParser(prog=f"moekit run {experiment.name}")
+    if experiment.add_arguments is not None:
+        experiment.add_arguments(parser)
+    return RunContext(parser.parse_args(list(argv)), Path(out_dir), seeds=seeds, quick=quick)

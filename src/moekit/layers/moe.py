@@ -24,8 +24,13 @@ def _cv(v: Tensor) -> Tensor:
 
 
 def routing_metrics(decision: RoutingDecision, tokens_per_expert_E: Tensor, dropped: int | Tensor,
-                    total: int) -> dict[str, Tensor]:
-    """Per-expert statistics and balance diagnostics for one forward pass (all detached)."""
+                    total: int, skipped: int | Tensor = 0, num_tokens: int | None = None) -> dict[str, Tensor]:
+    """Per-expert statistics and balance diagnostics for one forward pass (all detached).
+
+    ``dropped`` counts dropped (token, slot) assignments out of ``total``; ``skipped`` counts tokens
+    that lost *all* their assignments (the layer outputs 0 for them: only the residual carries them)
+    out of ``num_tokens``.
+    """
     probs_TE = decision.probs.detach()
     entropy = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
     gates_TE = (decision.importance_gates if decision.importance_gates is not None else probs_TE).detach()
@@ -35,6 +40,8 @@ def routing_metrics(decision: RoutingDecision, tokens_per_expert_E: Tensor, drop
         "tokens_per_expert": load_E,
         "dropped_tokens": dropped,
         "dropped_fraction": dropped / max(total, 1),
+        "skipped_fraction": torch.as_tensor(skipped, dtype=torch.float32, device=load_E.device)
+        / max(num_tokens if num_tokens is not None else total, 1),
         "router_entropy": entropy,
         "cv_importance": _cv(gates_TE.sum(0)),
         "cv_load": _cv(load_E),
@@ -150,6 +157,14 @@ class MoE(nn.Module):
             raise ValueError("capacity_factor: batch_priority needs a capacity; disable it first")
         self.capacity_factor = capacity_factor
 
+    def set_batch_priority(self, batch_priority: bool) -> None:
+        """Switch Batch Priority Routing on or off (it needs a capacity and a token-choice router)."""
+        if not isinstance(batch_priority, bool):
+            raise TypeError(f"batch_priority: expected a bool, got {type(batch_priority).__name__}")
+        if batch_priority and (self.capacity_factor is None or not self.token_choice):
+            raise ValueError("batch_priority: needs capacity_factor and a token-choice router")
+        self.batch_priority = batch_priority
+
     # ------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> MoEOutput:
         if not isinstance(x, Tensor):
@@ -161,15 +176,17 @@ class MoE(nn.Module):
         if self.soft:
             y, decision, load_E = self._soft_forward(x)
             dropped, total = 0, x.numel() // self.dim
+            skipped, num_tokens = 0, total
         else:
             x_TD = x.reshape(-1, self.dim)
-            y_TD, decision, load_E, dropped, total = self._sparse_forward(x_TD)
+            y_TD, decision, load_E, dropped, total, skipped = self._sparse_forward(x_TD)
+            num_tokens = x_TD.shape[0]
             y = y_TD.view(x.shape)
         if self.shared is not None:
             x_TD = x.reshape(-1, self.dim)
             counts = torch.tensor([x_TD.shape[0]], device=x.device)
             y = y + self.shared(x_TD, counts).view(x.shape)
-        metrics = routing_metrics(decision, load_E, dropped, total)
+        metrics = routing_metrics(decision, load_E, dropped, total, skipped, num_tokens)
         metrics.update(decision.metrics)
         return MoEOutput(y, decision.aux_loss, metrics)
 
@@ -179,18 +196,21 @@ class MoE(nn.Module):
         token_A, expert_A, weight_A = d.assignments()
         total = token_A.numel()
         dropped: int | Tensor = 0
+        skipped: int | Tensor = 0
         if self.capacity_factor is not None:                          # capacity: drop the overflow
             C = expert_capacity(T, self.top_k, self.num_experts, self.capacity_factor)
             priority_T = d.weights.detach().max(dim=-1).values if self.batch_priority else None
             keep_A = capacity_mask(d.expert_ids, self.num_experts, C, priority_T).t().reshape(-1)
             dropped = (~keep_A).sum()
+            skipped = T - keep_A.view(-1, T).any(dim=0).sum()         # tokens with no slot left
             token_A, expert_A, weight_A = token_A[keep_A], expert_A[keep_A], weight_A[keep_A]
         elif not self.token_choice:                                   # expert choice: tokens nobody took
             total = T
             dropped = T - torch.unique(token_A).numel()
+            skipped = dropped
         y_TD = DISPATCHERS[self.dispatch](x_TD, token_A, expert_A, weight_A, self.experts)  # dispatch+experts+combine
         load_E = torch.bincount(expert_A, minlength=self.num_experts)
-        return y_TD, d, load_E, dropped, total
+        return y_TD, d, load_E, dropped, total, skipped
 
     def _soft_forward(self, x: Tensor):
         router: SoftRouter = self.router  # type: ignore[assignment]

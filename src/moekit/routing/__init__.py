@@ -10,12 +10,13 @@ from .noisy_topk import NoisyTopKRouter
 from .sigmoid import SigmoidRouter
 from .soft import SoftRouter
 from .softmax import SoftmaxRouter
-from .topk import SwitchRouter, TopKRouter
+from .topk import SwitchRouter, TopKRouter, VMoERouter
 
 ROUTERS: dict[str, type[Router]] = {
     "softmax": SoftmaxRouter,
     "noisy_topk": NoisyTopKRouter,
     "topk": TopKRouter,
+    "vmoe": VMoERouter,
     "switch": SwitchRouter,
     "expert_choice": ExpertChoiceRouter,
     "soft": SoftRouter,
@@ -33,4 +34,4 @@ def build_router(name: str, dim: int, num_experts: int, top_k: int | None = None
 
 
 __all__ = ["ROUTERS", "Router", "RoutingDecision", "build_router", "SoftmaxRouter", "NoisyTopKRouter",
-           "TopKRouter", "SwitchRouter", "ExpertChoiceRouter", "SoftRouter", "SigmoidRouter"]
+           "TopKRouter", "VMoERouter", "SwitchRouter", "ExpertChoiceRouter", "SoftRouter", "SigmoidRouter"]

@@ -68,6 +68,19 @@ class TopKRouter(Router):
         return L.vmoe_load_loss(d.logits, d.noisy_logits, self.noise_std, self.top_k)
 
 
+class VMoERouter(TopKRouter):
+    """V-MoE routing (Riquelme et al. 2021): ``softmax(x W + ε)`` over all E experts with
+    ``ε ~ N(0, (1/E)²)`` in training, top-k gates *not* renormalised, and the V-MoE balancing losses
+    ``0.005 · CV(importance)² + 0.005 · load loss`` (no Switch loss)."""
+
+    default_weights = {"w_importance": 0.005, "w_load": 0.005, "w_switch": 0.0, "w_z": 0.0}
+
+    def __init__(self, dim: int, num_experts: int, top_k: int = 2, **kwargs):
+        kwargs.setdefault("renormalize", False)
+        kwargs.setdefault("noise_std", "1/E")
+        super().__init__(dim, num_experts, top_k, **kwargs)
+
+
 class SwitchRouter(TopKRouter):
     """Switch Transformer routing: top-1 of ``softmax(x W)``, gate not renormalised
     (output ``p_{i*}(x) E_{i*}(x)``), aux loss ``1e-2 · E Σ f_i P_i``."""
