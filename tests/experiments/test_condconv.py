@@ -2,7 +2,6 @@
 
 Legend: E experts, K classes.
 """
-import argparse
 
 import pytest
 import torch
@@ -11,35 +10,19 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
 from moekit.datasets.digits import load_digits_split  # noqa: E402
-from moekit.experiments.base import RunContext, mean_std  # noqa: E402
+from moekit.experiments.base import make_context, mean_std  # noqa: E402
 from moekit.experiments.condconv import (EXPERIMENT, class_spread, class_variance_share,  # noqa: E402
                                          shift_augment, train_one)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _ctx(out_dir, seeds=1, quick=True, argv=()):
-    parser = argparse.ArgumentParser()
-    EXPERIMENT.add_arguments(parser)
-    args = parser.parse_args(list(argv))
-    return RunContext(args, out_dir, seeds=seeds, quick=quick)
+    return make_context(EXPERIMENT, out_dir, argv, seeds=seeds, quick=quick)
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ctx = _ctx(tmp_path_factory.mktemp("condconv"))
-        return ctx, EXPERIMENT.run(ctx)
-    finally:
-        torch.set_num_threads(n)
+    ctx = _ctx(tmp_path_factory.mktemp("condconv"))
+    return ctx, EXPERIMENT.run(ctx)
 
 
 def test_contract_and_files(quick_run):

@@ -5,24 +5,13 @@ Legend: R seeds.
 import argparse
 
 import pytest
-import torch
 
-from moekit.experiments.base import ExperimentResult, RunContext, mean_std
+from moekit.experiments.base import ExperimentResult, RunContext, make_context, mean_std
 from moekit.experiments.deepmoe import EXPERIMENT, gated_name, plain_name
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_ctx(tmp_path, argv=(), seeds=1, quick=True):
-    p = argparse.ArgumentParser()
-    EXPERIMENT.add_arguments(p)
-    return RunContext(p.parse_args(list(argv)), tmp_path, seeds=seeds, quick=quick)
+    return make_context(EXPERIMENT, tmp_path, argv, seeds=seeds, quick=quick)
 
 
 def metric(res, name, key):

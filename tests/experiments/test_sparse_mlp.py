@@ -3,7 +3,6 @@ option errors.
 
 Legend: E experts, R seeds.
 """
-import argparse
 import math
 
 import pytest
@@ -13,25 +12,18 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from moekit.experiments import sparse_mlp as sm  # noqa: E402
-from moekit.experiments.base import RunContext, mean_std  # noqa: E402
+from moekit.experiments.base import make_context, mean_std  # noqa: E402
 from moekit.experiments.sparse_mlp import EXPERIMENT  # noqa: E402
 
 
 def _ctx(out_dir, seeds=1, quick=True, argv=()):
-    parser = argparse.ArgumentParser()
-    EXPERIMENT.add_arguments(parser)
-    return RunContext(parser.parse_args(list(argv)), out_dir, seeds=seeds, quick=quick)
+    return make_context(EXPERIMENT, out_dir, argv, seeds=seeds, quick=quick)
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)              # the machine is shared; one thread is also the fastest here
-    try:
-        ctx = _ctx(tmp_path_factory.mktemp("sparse_mlp"))
-        return ctx, EXPERIMENT.run(ctx)
-    finally:
-        torch.set_num_threads(threads)
+    ctx = _ctx(tmp_path_factory.mktemp("sparse_mlp"))
+    return ctx, EXPERIMENT.run(ctx)
 
 
 def _m(res, row, metric):
@@ -92,12 +84,7 @@ def test_same_seed_same_numbers():
     x_tr, y_tr, x_te, y_te = sm._digits(0)
     data = (x_tr[:192], y_tr[:192], x_te[:100], y_te[:100])
     kw = sm.build_models(opts)[sm.SPARSE]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        a, b = (sm.train_one(kw, data, 0, opts) for _ in range(2))
-    finally:
-        torch.set_num_threads(threads)
+    a, b = (sm.train_one(kw, data, 0, opts) for _ in range(2))
     assert a["test_acc"] == b["test_acc"] and a["cv_load"] == b["cv_load"]
     assert all(torch.equal(a["expert_ids"][k], b["expert_ids"][k]) for k in a["layers"])
 

@@ -5,29 +5,16 @@ Legend: c capacity ratio, E experts, k experts per token.
 import argparse
 
 import pytest
-import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from moekit.experiments.base import RunContext, mean_std  # noqa: E402
+from moekit.experiments.base import RunContext, make_context, mean_std  # noqa: E402
 from moekit.experiments.vmoe_bpr import EXPERIMENT  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one thread avoids oversubscribing the shared CPU (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _ctx(out_dir, seeds=1, quick=True, argv=()):
-    parser = argparse.ArgumentParser()
-    EXPERIMENT.add_arguments(parser)
-    args = parser.parse_args(list(argv))
-    return RunContext(args, out_dir, seeds=seeds, quick=quick)
+    return make_context(EXPERIMENT, out_dir, argv, seeds=seeds, quick=quick)
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,6 @@ from moekit.layers.condconv import (GROUPED_CONV_EFFICIENCY, CondConv2d, CondCon
 MODES = ("mix_kernels", "mix_outputs")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convs: one thread avoids oversubscribing the shared CPU (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 GEOMETRIES = [  # (C, O, kernel, stride, padding, dilation, groups, S)
     (4, 6, 3, 1, 1, 1, 1, 7),
     (4, 6, 3, 2, 1, 1, 2, 7),

@@ -9,14 +9,6 @@ from moekit.layers.condconv import CondConv2d, condconv_reference
 from moekit.models.cnn import CondConvNet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _conv_madds(c_in, c_out, pixels=64):
     return c_in * c_out * 9 * pixels
 

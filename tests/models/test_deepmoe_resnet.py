@@ -20,14 +20,6 @@ EMBEDDING = 16 * 8 * 9 + 4 * 16 * 8 * 9 + 32 * 16 * 9 + 32 * 10       # shallow 
 GATE_HEADS = 32 * (8 + 8 + 8 + 16 + 16 + 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _sparse_model(seed: int = 0, **kw) -> DeepMoEResNet:
     """A gated ×1 network whose gate heads give some always-zero and some sometimes-zero channels."""
     torch.manual_seed(seed)

@@ -14,15 +14,6 @@ from moekit.models.mixer import MixerBlock, MLPMixer, SparseMixerBlock, count_pa
 from moekit.types import MoEOutput
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest on the shared machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _ln(x, norm):
     return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
 

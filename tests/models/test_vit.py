@@ -12,15 +12,6 @@ from moekit.models.vit import ViT, resolve_moe_layers
 from moekit.types import MoEOutput
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one thread avoids oversubscribing the shared CPU (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(**kw):
     opts = dict(image_size=8, patch_size=2, in_channels=1, num_classes=5, dim=16, depth=4, heads=2, mlp_dim=32,
                 num_experts=4, top_k=2)

@@ -330,7 +330,7 @@ def run(ctx: RunContext) -> ExperimentResult:
     floor_c = math.sqrt((E - 1) / (n_test * S * opts["top_k"]))
     dm = models[DENSE_MATCHED]
     notes = [
-        f"Paper row: Lou et al. 2021 (arXiv 2109.02008) report that Sparse-MLP outperforms MLP-Mixer by 2.5 % "
+        "Paper row: Lou et al. 2021 (arXiv 2109.02008) report that Sparse-MLP outperforms MLP-Mixer by 2.5 % "
         "top-1 on ImageNet-1k with fewer parameters and less compute (REFERENCE §6). That is a claim about large "
         "models pretrained on ImageNet (S = 196 patches, C = 768 channels); it is quoted here as the paper's "
         "setting, not as a target for 8×8 digits. Our acc_gain_vs_dense = Sparse-MLP − MLP-Mixer (matched "

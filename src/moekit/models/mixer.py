@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-import torch
 from torch import Tensor, nn
 
 from ..experts.bank import ACTIVATIONS, ExpertBank, ModuleExperts

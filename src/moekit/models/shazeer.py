@@ -5,7 +5,6 @@ K experts per example, C classes.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
