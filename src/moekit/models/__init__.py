@@ -1,1 +1,20 @@
-"""Models from the papers, built from moekit's layers (kept apart from the library core)."""
+"""Models from the papers, built from moekit's layers (kept apart from the library core).
+
+| model | paper | module |
+|---|---|---|
+| ``ChenMoE``, ``ChenSingle``, ``make_chen_data`` | Chen et al. 2022 (cluster structure) | ``chen2022`` |
+| ``ShazeerMoEClassifier`` | Shazeer et al. 2017 (noisy top-k, balancing) | ``shazeer`` |
+| ``CondConvNet`` | Yang et al. 2019 (CondConv), Chen et al. 2020 (Dynamic Conv) | ``cnn`` |
+| ``DeepMoEResNet``, ``deepmoe_resnet`` | Wang et al. 2020 (DeepMoE) | ``deepmoe_resnet`` |
+| ``ViT`` | Riquelme et al. 2021 (V-MoE, Batch Priority Routing) | ``vit`` |
+| ``MLPMixer``, ``SparseMixerBlock`` | Lou et al. 2021 (Sparse-MLP) | ``mixer`` |
+"""
+from .chen2022 import ChenMoE, ChenSingle, make_chen_data
+from .cnn import CondConvNet
+from .deepmoe_resnet import DeepMoEResNet, deepmoe_resnet
+from .mixer import MixerBlock, MLPMixer, SparseMixerBlock, count_parameters
+from .shazeer import ShazeerMoEClassifier
+from .vit import ViT
+
+__all__ = ["ChenMoE", "ChenSingle", "CondConvNet", "DeepMoEResNet", "MLPMixer", "MixerBlock", "ShazeerMoEClassifier",
+           "SparseMixerBlock", "ViT", "count_parameters", "deepmoe_resnet", "make_chen_data"]
