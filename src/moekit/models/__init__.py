@@ -8,13 +8,15 @@
 | ``DeepMoEResNet``, ``deepmoe_resnet`` | Wang et al. 2020 (DeepMoE) | ``deepmoe_resnet`` |
 | ``ViT`` | Riquelme et al. 2021 (V-MoE, Batch Priority Routing) | ``vit`` |
 | ``MLPMixer``, ``SparseMixerBlock`` | Lou et al. 2021 (Sparse-MLP) | ``mixer`` |
+| ``PatchMoE``, ``PatchRouter``, ``SmallCNN`` | Chen et al. 2022 (rotate task) | ``patch_moe`` |
 """
 from .chen2022 import ChenMoE, ChenSingle, make_chen_data
 from .cnn import CondConvNet
 from .deepmoe_resnet import DeepMoEResNet, deepmoe_resnet
 from .mixer import MixerBlock, MLPMixer, SparseMixerBlock, count_parameters
+from .patch_moe import PatchMoE, PatchRouter, SmallCNN, patch_sum
 from .shazeer import ShazeerMoEClassifier
 from .vit import ViT
 
-__all__ = ["ChenMoE", "ChenSingle", "CondConvNet", "DeepMoEResNet", "MLPMixer", "MixerBlock", "ShazeerMoEClassifier",
-           "SparseMixerBlock", "ViT", "count_parameters", "deepmoe_resnet", "make_chen_data"]
+__all__ = ["ChenMoE", "ChenSingle", "CondConvNet", "DeepMoEResNet", "MLPMixer", "MixerBlock", "PatchMoE", "PatchRouter", "ShazeerMoEClassifier", "SmallCNN",
+           "SparseMixerBlock", "ViT", "count_parameters", "deepmoe_resnet", "make_chen_data", "patch_sum"]
