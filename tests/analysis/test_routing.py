@@ -41,3 +41,10 @@ def test_load_stats():
 def test_bad_input(ids, labels, msg):
     with pytest.raises((ValueError, TypeError), match=msg):
         routing_table(ids, labels, 2, 2)
+
+
+def test_markdown_tables():
+    from moekit.analysis.tables import markdown_table, routing_counts_markdown
+    assert markdown_table(["a", "b"], [[1, 2.5]]) == "| a | b |\n|---|---|\n| 1 | 2.5 |"
+    md = routing_counts_markdown([[3, 0], [1, 2]], ["x", "y"])
+    assert md.splitlines() == ["| expert | x | y | total |", "|---|---|---|---|", "| 1 | 3 | 0 | 3 |", "| 2 | 1 | 2 | 3 |"]

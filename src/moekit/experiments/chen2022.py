@@ -60,18 +60,10 @@ def _gens(seeds: range, stream: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(1000 * s + stream) for s in seeds]
 
 
-def _markdown_table(table_MK: torch.Tensor) -> str:
-    M, K = table_MK.shape
-    head = "| expert | " + " | ".join(f"cluster {k + 1}" for k in range(K)) + " | total |"
-    sep = "|---" * (K + 2) + "|"
-    rows = [f"| {m + 1} | " + " | ".join(str(int(v)) for v in table_MK[m]) + f" | {int(table_MK[m].sum())} |"
-            for m in range(M)]
-    return "\n".join([head, sep, *rows])
-
-
 def run(ctx: RunContext) -> ExperimentResult:
     from ..analysis.plots import curves, routing_heatmap
     from ..analysis.routing import dispatch_entropy, routing_table
+    from ..analysis.tables import routing_counts_markdown
 
     args = ctx.args
     setting = int(_opt(args, "setting", 1))
@@ -125,7 +117,7 @@ def run(ctx: RunContext) -> ExperimentResult:
                        "train_acc": accuracy_R(out_train.y, train.y_N).tolist(), "entropy": entropy}
             table_MK = routing_table(ids_RN[0], train.cluster_N, M, K)
             tables[f"{name}: training examples per expert (rows) and cluster (columns), seed 0"] = \
-                _markdown_table(torch.as_tensor(table_MK))
+                routing_counts_markdown(torch.as_tensor(table_MK).tolist(), [f"cluster {k + 1}" for k in range(K)])
             fig = routing_heatmap(torch.as_tensor(table_MK).float(), [f"expert {m + 1}" for m in range(M)],
                                   [f"cluster {k + 1}" for k in range(K)],
                                   f"{name}: share of each cluster per expert (seed 0)", normalize="col")

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..analysis.tables import markdown_table
 from ..models.deepmoe_resnet import DeepMoEResNet
 from .base import Experiment, ExperimentResult, Row, RunContext, mean_std
 
@@ -143,12 +144,6 @@ def evaluate(model: DeepMoEResNet, x: Tensor, y: Tensor, batch_size: int) -> dic
         res["zero_gates"] = float(zero_L.sum() / (N * chans.sum()))
         res["embedding_acc"] = 100.0 * emb_correct / N
     return res
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def _log_x_axis(ax: Any, xs: list[float]) -> None:
@@ -286,7 +281,7 @@ def run(ctx: RunContext) -> ExperimentResult:
     table_rows = [[name] + [f"{z:.2f}" for z in per_seed[name][0]["zero_L"]]
                   for name, kind, *_ in jobs if kind != "plain"]
     tables = {"Fraction of zero gates per gated conv on the test set (seed 0; columns: input channels at ×1)":
-              _table(["model"] + layer_names, table_rows)}
+              markdown_table(["model"] + layer_names, table_rows)}
 
     notes = [
         "Paper (REFERENCE §3, qualitative only, no numbers are given): the wide variant (double the channels, "

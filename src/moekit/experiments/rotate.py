@@ -233,21 +233,13 @@ def train(kind: str, train_data: TaskData, test_data: TaskData, num_classes: int
     return TrainResult(model, losses, test_acc)
 
 
-def _markdown_table(table_EK: Tensor) -> str:
-    E, K = table_EK.shape
-    head = "| expert | " + " | ".join(f"digit {k}" for k in range(K)) + " | total |"
-    sep = "|---" * (K + 2) + "|"
-    rows = [f"| {e + 1} | " + " | ".join(str(int(v)) for v in table_EK[e]) + f" | {int(table_EK[e].sum())} |"
-            for e in range(E)]
-    return "\n".join([head, sep, *rows])
-
-
 # ----------------------------------------------------------------------------------------------
 # the experiment
 # ----------------------------------------------------------------------------------------------
 def run(ctx: RunContext) -> ExperimentResult:
     from ..analysis.plots import curves, routing_heatmap
     from ..analysis.routing import dispatch_entropy, load_stats, routing_table
+    from ..analysis.tables import routing_counts_markdown
 
     o = _options(ctx.args)
     R = max(1, int(ctx.seeds))
@@ -290,7 +282,7 @@ def run(ctx: RunContext) -> ExperimentResult:
                     if seed == 0:
                         table_EK = routing_table(ids_tr, train_data.digit, E, NUM_DIGITS)
                         tables[f"MoE, {task}: training images per expert (rows) and digit (columns), seed 0"] = \
-                            _markdown_table(table_EK)
+                            routing_counts_markdown(table_EK.tolist(), [f"digit {k}" for k in range(NUM_DIGITS)])
                         fig = routing_heatmap(table_EK.float(), [f"expert {e + 1}" for e in range(E)],
                                               [str(k) for k in range(NUM_DIGITS)],
                                               f"MoE, {task} task: share of each digit per expert (seed 0)",

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .base import Experiment, ExperimentResult, Row, mean_std, RunContext
+from ..analysis.tables import markdown_table
+from .base import Experiment, ExperimentResult, Row, RunContext, mean_std
 
 
 class RunError(Exception):
@@ -149,12 +150,6 @@ def comparison_rows(result: ExperimentResult) -> list[tuple[str, str, str, str]]
     return out
 
 
-def _md_table(header: list[str], rows: Iterable[Iterable[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def report_markdown(exp: Experiment, result: ExperimentResult, run_info: dict[str, Any],
                     figures: list[str]) -> str:
     seeds = run_info["seeds"]
@@ -167,7 +162,7 @@ def report_markdown(exp: Experiment, result: ExperimentResult, run_info: dict[st
         f"- seeds: {seeds} (ours: mean ± std over seeds){' — quick mode' if run_info['quick'] else ''}",
         "",
         "## Paper vs ours",
-        _md_table(["model / setting", "metric", "paper", "ours"], comparison_rows(result)),
+        markdown_table(["model / setting", "metric", "paper", "ours"], comparison_rows(result)),
     ]
     if not result.paper:
         parts.append("\n*The paper reports no numbers for this configuration (see notes).*")

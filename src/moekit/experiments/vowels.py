@@ -31,6 +31,8 @@ from torch import Tensor, nn
 
 from ..datasets.vowels import SPEAKER_TYPES, VowelSplit, load_peterson_barney
 from ..layers.classic import MixtureOfLocalExperts
+from ..analysis.tables import markdown_table as _md_table
+from ..analysis.tables import routing_counts_markdown
 from .base import Experiment, ExperimentResult, Row, RunContext
 
 VOWELS = ("iy", "ih", "aa", "ah")
@@ -146,16 +148,8 @@ def _bp_predict(trained: dict, x_SND: Tensor) -> Tensor:
 # Reporting helpers
 # --------------------------------------------------------------------------------------------------
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def _counts_table(table_EK: Tensor, col_labels: tuple[str, ...]) -> str:
-    rows = [[f"expert {e}"] + [str(int(v)) for v in table_EK[e]] + [str(int(table_EK[e].sum()))]
-            for e in range(table_EK.shape[0])]
-    return _md_table(["argmax gate"] + list(col_labels) + ["total"], rows)
+    return routing_counts_markdown(table_EK.tolist(), list(col_labels), row_label="argmax-gate expert", first_expert=0)
 
 
 def _pct(correct_SN: Tensor) -> list[float]:

@@ -1,0 +1,19 @@
+"""Markdown tables for reports (the runner's paper-vs-ours table and the experiments' extra tables)."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Iterable[Any]]) -> str:
+    """A GitHub-flavoured markdown table; cells are formatted with ``str``."""
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def routing_counts_markdown(table_EK: Any, col_labels: Sequence[str], row_label: str = "expert",
+                            first_expert: int = 1) -> str:
+    """A routing table (rows: experts, columns: labels, counts) with a per-expert total column."""
+    rows = [[f"{first_expert + e}"] + [str(int(v)) for v in table_EK[e]] + [str(int(sum(table_EK[e])))]
+            for e in range(len(table_EK))]
+    return markdown_table([row_label, *col_labels, "total"], rows)
