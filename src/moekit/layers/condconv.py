@@ -60,6 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validation import positive_int as _positive_int
+
 MODES = ("auto", "mix_kernels", "mix_outputs")
 ROUTINGS = ("sigmoid", "softmax")
 
@@ -70,12 +72,6 @@ GROUPED_CONV_EFFICIENCY = 0.6
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: must be a positive int, got {value!r}")
-    return value
-
-
 def _pair(name: str, value: object, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each >= ``minimum``, as a pair."""
     vals = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value

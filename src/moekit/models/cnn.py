@@ -22,12 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.condconv import MODES, CondConv2d, CondConvRouter
-
-
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: must be a positive int, got {value!r}")
-    return value
+from .._validation import positive_int as _positive_int
 
 
 class _Block(nn.Module):

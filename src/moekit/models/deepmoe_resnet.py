@@ -28,12 +28,7 @@ from torch import Tensor, nn
 from ..layers.deepmoe import (DeepMoEOutput, GatedConv2d, MultiHeadGate, ShallowEmbedding, conv_macs,
                               embedding_loss)
 from ..types import MoEOutput, merge_outputs, zero_loss
-
-
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: must be a positive int, got {value!r}")
-    return value
+from .._validation import positive_int as _positive_int
 
 
 class GatedBasicBlock(nn.Module):

@@ -28,14 +28,9 @@ from torch import Tensor, nn
 from ..experts.bank import ACTIVATIONS, ExpertBank, ModuleExperts
 from ..layers.moe import MoE
 from ..types import MoEOutput, merge_outputs, zero_loss
+from .._validation import positive_int as _positive_int
 
 __all__ = ["MixerBlock", "SparseMixerBlock", "MLPMixer", "count_parameters", "sparse_block_indices"]
-
-
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: must be a positive int, got {value!r}")
-    return value
 
 
 def _check_activation(activation: object) -> str:

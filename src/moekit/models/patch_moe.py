@@ -33,14 +33,9 @@ from torch import Tensor, nn
 from .. import losses as L
 from ..routing.base import RoutingDecision
 from ..types import MoEOutput, detach_metrics
+from .._validation import positive_int as _positive_int
 
 GATES = ("softmax", "logit")
-
-
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: must be a positive int, got {value!r}")
-    return value
 
 
 def _check_images(x: object, channels: int, size: int) -> Tensor:

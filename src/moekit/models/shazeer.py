@@ -10,12 +10,7 @@ from torch import Tensor, nn
 
 from ..layers.moe import MoE
 from ..types import MoEOutput
-
-
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: must be a positive int, got {value!r}")
-    return value
+from .._validation import positive_int as _positive_int
 
 
 class ShazeerMoEClassifier(nn.Module):

@@ -30,15 +30,10 @@ from torch import Tensor, nn
 
 from ..layers.moe import MoE
 from ..types import MoEOutput, merge_outputs, zero_loss
+from .._validation import positive_int as _positive_int
 
 #: V-MoE's loss weights (importance and load, each)
 VMOE_LOSS_WEIGHT = 0.005
-
-
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: must be a positive int, got {value!r}")
-    return value
 
 
 def resolve_moe_layers(moe_layers: str | Sequence[int], depth: int, last_n: int | None = None) -> list[int]:
