@@ -27,6 +27,21 @@ def _np(a: Any) -> np.ndarray:
     return np.asarray(a, dtype=float)
 
 
+def _finish(fig: Any, ax: Any, title: str, xlabel: str, ylabel: str, logx: bool = False, logy: bool = False) -> Any:
+    """Axis labels, log scales, grid and legend shared by the line plots."""
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def routing_heatmap(table: Any, row_labels: Sequence[str], col_labels: Sequence[str], title: str = "",
                     normalize: str | None = "col", annotate: bool = True) -> Any:
     """Heat-map of a routing table (rows: experts, columns: labels).
@@ -86,15 +101,7 @@ def curves(series: Mapping[str, Any], title: str = "", xlabel: str = "step", yla
         (line,) = ax.plot(xs, mean, label=name if v.shape[0] == 1 else f"{name} (mean of {v.shape[0]})")
         if v.shape[0] > 1:
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title, xlabel, ylabel, logy=logy)
 
 
 def lines(x: Sequence[float], series: Mapping[str, Any], title: str = "", xlabel: str = "", ylabel: str = "",
@@ -109,15 +116,7 @@ def lines(x: Sequence[float], series: Mapping[str, Any], title: str = "", xlabel
             raise ValueError(f"series[{name!r}]: expected shape {xs.shape}, got {y.shape}")
         err = None if yerr is None or name not in yerr else _np(yerr[name])
         ax.errorbar(xs, y, yerr=err, marker="o" if markers else None, capsize=3, label=name)
-    if logx:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title, xlabel, ylabel, logx=logx)
 
 
 def scatter_xy(points: Mapping[str, tuple[Any, Any]], title: str = "", xlabel: str = "", ylabel: str = "",
@@ -132,12 +131,4 @@ def scatter_xy(points: Mapping[str, tuple[Any, Any]], title: str = "", xlabel: s
         if annotate and name in annotate:
             for xi, yi, s in zip(xa, ya, annotate[name]):
                 ax.annotate(s, (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    if logx:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title, xlabel, ylabel, logx=logx)
