@@ -2,7 +2,6 @@
 
 Legend: E experts, k experts per example.
 """
-import argparse
 
 import pytest
 import torch
@@ -10,16 +9,12 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from moekit.experiments.base import ExperimentResult, RunContext, mean_std  # noqa: E402
+from moekit.experiments.base import ExperimentResult, make_context, mean_std  # noqa: E402
 from moekit.experiments.load_balance import EXPERIMENT, setting_name  # noqa: E402
 
 
 def _ctx(out_dir, seeds=1, quick=True, argv=()):
-    parser = argparse.ArgumentParser()
-    EXPERIMENT.add_arguments(parser)
-    args = parser.parse_args(list(argv))
-    args.seeds, args.quick = seeds, quick
-    return RunContext(args, out_dir, seeds=seeds, quick=quick)
+    return make_context(EXPERIMENT, out_dir, argv, seeds=seeds, quick=quick)
 
 
 @pytest.fixture(scope="module")

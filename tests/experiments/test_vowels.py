@@ -2,25 +2,20 @@
 
 Legend: E experts, S seeds.
 """
-import argparse
 import math
 
 import pytest
 
 pytest.importorskip("matplotlib")
 
-from moekit.experiments.base import ExperimentResult, RunContext, mean_std  # noqa: E402
+from moekit.experiments.base import ExperimentResult, make_context, mean_std  # noqa: E402
 from moekit.experiments.vowels import EXPERIMENT  # noqa: E402
 
 ROWS = ["ME 4 experts", "ME 8 experts", "BP 6 hidden", "BP 12 hidden"]
 
 
 def _ctx(out_dir, seeds=2, quick=True, argv=()):
-    parser = argparse.ArgumentParser()
-    EXPERIMENT.add_arguments(parser)
-    args = parser.parse_args(list(argv))
-    args.seeds, args.quick = seeds, quick
-    return RunContext(args, out_dir, seeds=seeds, quick=quick)
+    return make_context(EXPERIMENT, out_dir, argv, seeds=seeds, quick=quick)
 
 
 @pytest.fixture(scope="module")
