@@ -67,11 +67,13 @@ def test_bad_shapes():
         grouped_mm(x[:, :3], w, c)
 
 
-@pytest.mark.parametrize("act", ["silu", "gelu"])
+@pytest.mark.parametrize("act", ["silu", "gelu", "identity", "relu"])
 def test_fused_glu_gradcheck_and_matches_autograd(act):
     from moekit.experts.bank import ACTIVATIONS, _GLU
     h = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: _GLU.apply(t, act), (h,))
+    h0 = h.detach().clone()
     y = _GLU.apply(h, act)
-    ref = ACTIVATIONS[act](h[:, :3]) * h[:, 3:]
+    torch.testing.assert_close(h.detach(), h0, rtol=0, atol=0)      # the input is never written to
+    ref = ACTIVATIONS[act](h0[:, :3]) * h0[:, 3:]
     torch.testing.assert_close(y, ref)

@@ -36,15 +36,18 @@ def _check_dims(**dims: int) -> None:
 
 
 class _GLU(torch.autograd.Function):
-    """``act(h[:, :H]) * h[:, H:]`` with a backward that writes both halves of ``dh`` into one buffer
-    (slicing + autograd would allocate two zero-padded halves and concatenate them)."""
+    """``act(h[:, :H]) * h[:, H:]`` with a backward that writes both halves of ``dh`` straight into one
+    buffer (slicing + autograd would allocate two zero-padded halves and add them; temporaries plus
+    copies would touch every byte twice more — these tensors are tens of MB, so memory traffic and
+    page faults, not arithmetic, set their cost)."""
 
     @staticmethod
     def forward(ctx, h_A2H: Tensor, act_name: str) -> Tensor:
         gate, up = h_A2H.chunk(2, dim=-1)
         ctx.save_for_backward(h_A2H)
         ctx.act_name = act_name
-        return ACTIVATIONS[act_name](gate) * up
+        a = ACTIVATIONS[act_name](gate)
+        return a * up if a is gate else a.mul_(up)      # in place only into a fresh activation output
 
     @staticmethod
     def backward(ctx, dy_AH: Tensor):
@@ -52,15 +55,18 @@ class _GLU(torch.autograd.Function):
         gate, up = h_A2H.chunk(2, dim=-1)
         H = gate.shape[-1]
         dh = torch.empty_like(h_A2H)
-        if ctx.act_name == "silu":              # fused kernels: no autograd graph inside the backward
-            dh[:, :H] = torch.ops.aten.silu_backward(dy_AH * up, gate)
-            dh[:, H:] = dy_AH * F.silu(gate)
+        dgate, dup = dh[:, :H], dh[:, H:]
+        if ctx.act_name == "silu":              # fused kernels writing into dh: no graph, no copies
+            torch.ops.aten.silu_backward.grad_input(dy_AH * up, gate, grad_input=dgate)
+            torch.ops.aten.silu.out(gate, out=dup)
+            dup.mul_(dy_AH)
         else:
             with torch.enable_grad():
                 g = gate.detach().requires_grad_()
                 a = ACTIVATIONS[ctx.act_name](g)
-                (dh[:, :H],) = torch.autograd.grad(a, g, dy_AH * up)
-            dh[:, H:] = dy_AH * a.detach()
+                (dg,) = torch.autograd.grad(a, g, dy_AH * up)
+            dgate.copy_(dg)
+            torch.mul(dy_AH, a.detach(), out=dup)
         return dh, None
 
 
