@@ -62,3 +62,10 @@ def test_bad_setting(tmp_path):
     ctx.args.setting = 3
     with pytest.raises(ValueError, match="setting"):
         EXPERIMENT.run(ctx)
+
+
+@pytest.mark.parametrize("argv, flag", [(["--n-train", "-5"], "--n-train"), (["--experts", "0"], "--experts"),
+                                        (["--sigma-p", "-1"], "--sigma-p"), (["--steps", "0"], "--steps")])
+def test_bad_options_name_the_flag(tmp_path, argv, flag):
+    with pytest.raises(ValueError, match=flag):
+        EXPERIMENT.run(make_ctx(tmp_path, argv=argv))

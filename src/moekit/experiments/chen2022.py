@@ -76,6 +76,13 @@ def run(ctx: RunContext) -> ExperimentResult:
     steps = _opt(args, "steps", None)
     moe_steps, single_steps = (500, 800) if steps is None else (int(steps), int(steps))
     M, gate, data_seed = int(_opt(args, "experts", 8)), _opt(args, "gate", "logit"), int(_opt(args, "data_seed", 0))
+    for flag, v in (("--clusters", K), ("--patches", P), ("--dim", D), ("--n-train", n_train), ("--n-test", n_test),
+                    ("--experts", M), ("--steps", moe_steps)):
+        if v < 1:
+            raise ValueError(f"{flag}: must be a positive integer, got {v}")
+    for flag, fv in (("--sigma-p", sigma_p), ("--gamma-max", gamma_max)):
+        if not fv >= 0:
+            raise ValueError(f"{flag}: must be >= 0, got {fv}")
     R = max(1, int(ctx.seeds))
     if ctx.quick:
         n_train, n_test = min(n_train, QUICK["n"]), min(n_test, QUICK["n"])
