@@ -188,11 +188,11 @@ def run(ctx: RunContext) -> ExperimentResult:
     from ..datasets.digits import NUM_CLASSES, load_digits_split
 
     args = ctx.args
-    experts = _int_list("experts", _opt(args, "experts", "1,2,4,8"))
+    experts = _int_list("--experts", _opt(args, "experts", "1,2,4,8"))
     if not experts:
         raise ValueError("experts: expected at least one expert count")
     dyn_text = _opt(args, "dynamic_experts", "4")
-    dynamic = _int_list("dynamic-experts", dyn_text) if str(dyn_text).strip() not in ("", "0", "none") else []
+    dynamic = _int_list("--dynamic-experts", dyn_text) if str(dyn_text).strip() not in ("", "0", "none") else []
     if any(e < 2 for e in dynamic):
         raise ValueError(f"dynamic-experts: DynamicConv needs >= 2 experts, got {dyn_text!r}")
     cfg = dict(epochs=int(_opt(args, "epochs", 20)), width=int(_opt(args, "width", 4)),
@@ -203,15 +203,15 @@ def run(ctx: RunContext) -> ExperimentResult:
                data_seed=int(_opt(args, "data_seed", 0)))
     for name in ("epochs", "width", "batch_size"):
         if cfg[name] < 1:
-            raise ValueError(f"{name.replace('_', '-')}: must be >= 1, got {cfg[name]}")
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {cfg[name]}")
     if not cfg["lr"] > 0:
-        raise ValueError(f"lr: must be > 0, got {cfg['lr']}")
+        raise ValueError(f"--lr: must be > 0, got {cfg['lr']}")
     if cfg["weight_decay"] < 0:
-        raise ValueError(f"weight-decay: must be >= 0, got {cfg['weight_decay']}")
+        raise ValueError(f"--weight-decay: must be >= 0, got {cfg['weight_decay']}")
     if not 0.0 <= cfg["anneal_fraction"] <= 1.0:
-        raise ValueError(f"anneal-fraction: expected a value in [0, 1], got {cfg['anneal_fraction']}")
+        raise ValueError(f"--anneal-fraction: expected a value in [0, 1], got {cfg['anneal_fraction']}")
     if cfg["mode"] not in ("auto", "mix_kernels", "mix_outputs"):
-        raise ValueError(f"mode: expected 'auto', 'mix_kernels' or 'mix_outputs', got {cfg['mode']!r}")
+        raise ValueError(f"--mode: expected 'auto', 'mix_kernels' or 'mix_outputs', got {cfg['mode']!r}")
     R = max(1, int(ctx.seeds))
     if ctx.quick:
         cfg["epochs"] = min(cfg["epochs"], QUICK["epochs"])

@@ -235,9 +235,9 @@ def _run(ctx: RunContext) -> ExperimentResult:
     expert_counts = list(getattr(a, "experts", [4, 8]))
     hidden_sizes = list(getattr(a, "hidden", [6, 12]))
     if epochs < 1:
-        raise ValueError(f"epochs: expected a positive int, got {epochs}")
+        raise ValueError(f"--epochs: expected a positive int, got {epochs}")
     if not 0.0 < criterion <= 1.0:
-        raise ValueError(f"criterion: expected a training accuracy in (0, 1], got {criterion}")
+        raise ValueError(f"--criterion: expected a training accuracy in (0, 1], got {criterion}")
     seeds = list(range(ctx.seeds))
 
     table = load_peterson_barney(vowels=VOWELS, features=("F1", "F2"))
