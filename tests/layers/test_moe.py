@@ -127,6 +127,33 @@ def test_capacity_layer_matches_dense_oracle(batch_priority, expert):
     torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch_priority", [False, True])
+def test_group_size_routes_each_group_on_its_own(batch_priority):
+    # capacity per group == running the layer on each group separately (router is deterministic in eval)
+    torch.manual_seed(2)
+    grouped = MoE(8, 16, 4, top_k=2, capacity_factor=0.5, batch_priority=batch_priority, group_size=10).eval()
+    whole = MoE(8, 16, 4, top_k=2, capacity_factor=0.5, batch_priority=batch_priority).eval()
+    whole.load_state_dict(grouped.state_dict())
+    x = torch.randn(30, 8)
+    out = grouped(x)
+    parts = [whole(x[i:i + 10]) for i in range(0, 30, 10)]
+    torch.testing.assert_close(out.y, torch.cat([p.y for p in parts]))
+    assert out.metrics["dropped_tokens"].item() == sum(p.metrics["dropped_tokens"].item() for p in parts) > 0
+    # one group of all tokens is the ungrouped layer
+    grouped.group_size = 30
+    torch.testing.assert_close(grouped(x).y, whole(x).y)
+
+
+def test_group_size_errors():
+    with pytest.raises(ValueError, match="group_size"):
+        MoE(8, 16, 4, capacity_factor=1.0, group_size=0)
+    with pytest.raises(ValueError, match="group_size"):
+        MoE(8, 16, 4, router="soft", group_size=4)
+    layer = MoE(8, 16, 4, capacity_factor=1.0, group_size=4)
+    with pytest.raises(ValueError, match="group_size"):
+        layer(torch.randn(6, 8))
+
+
 def test_set_batch_priority():
     layer = MoE(8, 16, 4, top_k=1, capacity_factor=0.5)
     layer.set_batch_priority(True)

@@ -68,6 +68,9 @@ class MoE(nn.Module):
             ``C = ceil(T·k·c/E)`` assignments, first choices before second choices; overflow is dropped
             (that slot contributes 0, the residual carries the token) and counted in metrics. For
             ``router="expert_choice"`` it is the router's capacity factor (default 2).
+        group_size: with a capacity, split the T tokens into consecutive groups of this many tokens and
+            give every expert ``C = ceil(group_size·k·c/E)`` slots *per group* (V-MoE / GShard route within
+            groups, e.g. the tokens of a few images); T must be a multiple of it. ``None`` = one group.
         batch_priority: Batch Priority Routing — serve tokens by descending top gate instead of token order.
         num_shared_experts / shared_hidden_dim: dense experts applied to every token, added to the output.
         w_importance, w_load, w_switch, w_z: loss coefficients (None = the router family's default).
@@ -77,7 +80,7 @@ class MoE(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int | None = None, *,
                  router: str | Router = "topk", expert: str | list[nn.Module] | Callable[[], nn.Module] = "glu",
-                 capacity_factor: float | None = None, batch_priority: bool = False,
+                 capacity_factor: float | None = None, batch_priority: bool = False, group_size: int | None = None,
                  num_shared_experts: int = 0, shared_hidden_dim: int | None = None,
                  activation: str | None = None, bias: bool = False, dispatch: str = "sorted",
                  router_options: dict[str, Any] | None = None, w_importance: float | None = None,
@@ -128,6 +131,12 @@ class MoE(nn.Module):
         if self.batch_priority and (capacity_factor is None or not self.token_choice):
             raise ValueError("batch_priority: needs capacity_factor and a token-choice router")
         self.capacity_factor = capacity_factor if self.token_choice else None
+        if group_size is not None:
+            if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+                raise ValueError(f"group_size: must be a positive int or None, got {group_size!r}")
+            if not self.token_choice:
+                raise ValueError("group_size: groups apply to capacity-limited token-choice routing")
+        self.group_size = group_size
 
         # --- experts ------------------------------------------------------------------------------
         expert_opts: dict[str, Any] = {}
@@ -145,7 +154,8 @@ class MoE(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
-                f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, dispatch={self.dispatch}")
+                f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, group_size={self.group_size}, "
+                f"dispatch={self.dispatch}")
 
     def set_capacity_factor(self, capacity_factor: float | None) -> None:
         """Change the capacity ratio, e.g. at evaluation time (V-MoE evaluates at several c)."""
@@ -198,9 +208,7 @@ class MoE(nn.Module):
         dropped: int | Tensor = 0
         skipped: int | Tensor = 0
         if self.capacity_factor is not None:                          # capacity: drop the overflow
-            C = expert_capacity(T, self.top_k, self.num_experts, self.capacity_factor)
-            priority_T = d.weights.detach().max(dim=-1).values if self.batch_priority else None
-            keep_A = capacity_mask(d.expert_ids, self.num_experts, C, priority_T).t().reshape(-1)
+            keep_A = self._capacity_keep(d).t().reshape(-1)
             dropped = (~keep_A).sum()
             skipped = T - keep_A.view(-1, T).any(dim=0).sum()         # tokens with no slot left
             token_A, expert_A, weight_A = token_A[keep_A], expert_A[keep_A], weight_A[keep_A]
@@ -211,6 +219,21 @@ class MoE(nn.Module):
         y_TD = DISPATCHERS[self.dispatch](x_TD, token_A, expert_A, weight_A, self.experts)  # dispatch+experts+combine
         load_E = torch.bincount(expert_A, minlength=self.num_experts)
         return y_TD, d, load_E, dropped, total, skipped
+
+    def _capacity_keep(self, d: RoutingDecision) -> Tensor:
+        """``keep_TK``: which assignments fit the per-expert capacity (per group with ``group_size``)."""
+        T, E = d.expert_ids.shape[0], self.num_experts
+        priority_T = d.weights.detach().max(dim=-1).values if self.batch_priority else None
+        if self.group_size is None:
+            return capacity_mask(d.expert_ids, E, expert_capacity(T, self.top_k, E, self.capacity_factor), priority_T)
+        S = self.group_size
+        if T % S:
+            raise ValueError(f"group_size: {T} tokens do not split into groups of {S}")
+        # (group, expert) pairs are independent queues: expert e of group g becomes queue g·E + e.
+        group_T = torch.arange(T, device=d.expert_ids.device) // S
+        queue_TK = d.expert_ids + (group_T * E)[:, None]
+        return capacity_mask(queue_TK, (T // S) * E, expert_capacity(S, self.top_k, E, self.capacity_factor),
+                             priority_T)
 
     def _soft_forward(self, x: Tensor):
         router: SoftRouter = self.router  # type: ignore[assignment]
