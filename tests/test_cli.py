@@ -153,3 +153,10 @@ def test_nan_metrics_become_null(tmp_path):
     run_experiment(exp, argparse.Namespace(), tmp_path, show_progress=False, print_results=False)
     res = json.loads((tmp_path / "results.json").read_text())  # strict JSON: no NaN tokens
     assert res["rows"][0]["metrics"]["m"] is None and res["config"]["x"] is None
+
+
+def test_result_row_and_mean():
+    res = ExperimentResult(rows=[Row("a", {"m": [1.0, 3.0], "s": 5.0})], paper=[], config={})
+    assert res.mean("a", "m") == 2.0 and res.mean("a", "s") == 5.0
+    with pytest.raises(KeyError, match="rows: \\['a'\\]"):
+        res.row("b")

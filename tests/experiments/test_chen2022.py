@@ -2,25 +2,14 @@
 
 Legend: R runs (seeds).
 """
-import argparse
-
 import pytest
 
-from moekit.experiments.base import ExperimentResult, RunContext, mean_std
+from moekit.experiments.base import ExperimentResult, make_context
 from moekit.experiments.chen2022 import EXPERIMENT, MODELS
 
 
 def make_ctx(tmp_path, seeds=2, quick=True, argv=()):
-    p = argparse.ArgumentParser()
-    EXPERIMENT.add_arguments(p)
-    args = p.parse_args(list(argv))
-    args.seeds, args.quick = seeds, quick
-    return RunContext(args, tmp_path, seeds=seeds, quick=quick)
-
-
-def metric(res, name, key):
-    row = next(r for r in res.rows if r.name == name)
-    return mean_std(row.metrics[key])[0]
+    return make_context(EXPERIMENT, tmp_path, argv, seeds=seeds, quick=quick)
 
 
 def test_quick_run_sane_bands(tmp_path):
@@ -34,12 +23,12 @@ def test_quick_run_sane_bands(tmp_path):
         assert ("entropy" in r.metrics) == r.name.startswith("MoE")
     # the paper's ordering, in bands that hold at n = 2000 (measured: single linear ≈ 69 %, MoE linear ≈ 92 %,
     # MoE cubic ≈ 100 % with entropy ≈ 0, MoE linear entropy ≈ 1.3; the cubic single overfits at this n)
-    assert 60 < metric(res, "single linear", "test_acc") < 75
-    assert metric(res, "MoE cubic", "test_acc") > 95
-    accs = [metric(res, name, "test_acc") for name in ("MoE cubic", "MoE linear", "single linear")]
+    assert 60 < res.mean("single linear", "test_acc") < 75
+    assert res.mean("MoE cubic", "test_acc") > 95
+    accs = [res.mean(name, "test_acc") for name in ("MoE cubic", "MoE linear", "single linear")]
     assert accs[0] > accs[1] > accs[2]
-    assert metric(res, "MoE cubic", "entropy") < 0.3 < 1.0 < metric(res, "MoE linear", "entropy") <= 1.3863
-    assert metric(res, "single cubic", "train_acc") > metric(res, "single linear", "train_acc")
+    assert res.mean("MoE cubic", "entropy") < 0.3 < 1.0 < res.mean("MoE linear", "entropy") <= 1.3863
+    assert res.mean("single cubic", "train_acc") > res.mean("single linear", "train_acc")
     assert set(ctx.figures) == {"routing_linear_moe.png", "routing_cubic_moe.png", "loss_single.png", "loss_moe.png"}
     assert all((tmp_path / "a" / f).exists() for f in ctx.figures)
     assert len(res.tables) == 2 and all(t.startswith("| expert |") for t in res.tables.values())

@@ -14,10 +14,6 @@ def make_ctx(tmp_path, argv=(), seeds=1, quick=True):
     return make_context(EXPERIMENT, tmp_path, argv, seeds=seeds, quick=quick)
 
 
-def metric(res, name, key):
-    return mean_std(next(r for r in res.rows if r.name == name).metrics[key])[0]
-
-
 def test_quick_run_sane_bands(tmp_path):
     ctx = make_ctx(tmp_path)
     res = EXPERIMENT.run(ctx)
@@ -28,21 +24,21 @@ def test_quick_run_sane_bands(tmp_path):
     assert any("wide" in n and "narrow" in n for n in res.notes)
     # measured in quick mode (4 + 1 epochs): plain ≈ 96–98 %, narrow ≈ 91 %, wide ≈ 96 %
     for name in names:
-        assert 75.0 < metric(res, name, "test_acc") <= 100.0
+        assert 75.0 < res.mean(name, "test_acc") <= 100.0
         assert len(next(r for r in res.rows if r.name == name).metrics["test_acc"]) == 1
-    assert metric(res, plain_name(1.0), "flops_vs_plain") == 1.0
-    assert metric(res, plain_name(1.0), "kmacs") == pytest.approx(193.344)
-    assert 3.8 < metric(res, plain_name(2.0), "flops_vs_plain") < 4.0
+    assert res.mean(plain_name(1.0), "flops_vs_plain") == 1.0
+    assert res.mean(plain_name(1.0), "kmacs") == pytest.approx(193.344)
+    assert 3.8 < res.mean(plain_name(2.0), "flops_vs_plain") < 4.0
     for v in ("narrow", "wide"):
         n = gated_name(v, 0.01)
-        assert 0.0 < metric(res, n, "zero_gates") < 1.0
-        assert metric(res, n, "flops_vs_dense") < 1.0
+        assert 0.0 < res.mean(n, "zero_gates") < 1.0
+        assert res.mean(n, "flops_vs_dense") < 1.0
         # per-image skipping beats skipping only channels that are off for the whole test set
-        assert metric(res, n, "flops_vs_dense") <= metric(res, n, "fullbatch_flops_vs_dense") <= 1.0
-        assert 0.0 <= metric(res, n, "embedding_acc") <= 100.0
+        assert res.mean(n, "flops_vs_dense") <= res.mean(n, "fullbatch_flops_vs_dense") <= 1.0
+        assert 0.0 <= res.mean(n, "embedding_acc") <= 100.0
     # the wide gated net executes fewer FLOPs than its dense version but more than the narrow one
-    assert metric(res, gated_name("narrow", 0.01), "kmacs") < metric(res, gated_name("wide", 0.01), "kmacs") \
-        < metric(res, plain_name(2.0), "kmacs")
+    assert res.mean(gated_name("narrow", 0.01), "kmacs") < res.mean(gated_name("wide", 0.01), "kmacs") \
+        < res.mean(plain_name(2.0), "kmacs")
     assert set(ctx.figures) == {"accuracy_vs_flops.png", "sparsity_vs_lambda.png"}
     assert all((tmp_path / f).stat().st_size > 0 for f in ctx.figures)
     (table,) = res.tables.values()

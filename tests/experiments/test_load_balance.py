@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from moekit.experiments.base import ExperimentResult, make_context, mean_std  # noqa: E402
+from moekit.experiments.base import ExperimentResult, make_context  # noqa: E402
 from moekit.experiments.load_balance import EXPERIMENT, setting_name  # noqa: E402
 
 
@@ -25,8 +25,7 @@ def quick_run(tmp_path_factory):
 
 
 def _metric(result: ExperimentResult, wi, wl, name):
-    row = {r.name: r for r in result.rows}[setting_name(wi, wl)]
-    return mean_std(row.metrics[name])[0]
+    return result.mean(setting_name(wi, wl), name)
 
 
 def test_contract_and_plots(quick_run):

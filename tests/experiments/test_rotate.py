@@ -10,17 +10,12 @@ import pytest
 import torch
 
 from moekit.analysis.routing import dispatch_entropy
-from moekit.experiments.base import ExperimentResult, make_context, mean_std
+from moekit.experiments.base import ExperimentResult, make_context
 from moekit.experiments.rotate import EXPERIMENT, MODELS, TASKS, load_tasks, rotate_task, row_name
 
 
 def make_ctx(tmp_path, seeds=1, quick=True, argv=()):
     return make_context(EXPERIMENT, tmp_path, argv, seeds=seeds, quick=quick)
-
-
-def metric(res, name, key):
-    row = next(r for r in res.rows if r.name == name)
-    return mean_std(row.metrics[key])[0]
 
 
 def test_rotate_task_data():
@@ -53,13 +48,13 @@ def test_quick_run_sane_bands(tmp_path):
     # measured in quick mode (5 epochs, seed 0): plain single ≈ 94 %, plain MoE ≈ 88 %, rotate 100 % for both;
     # dispatch entropy w.r.t. the digit ≈ 1.73 (plain) and ≈ 2.07 (rotate); class-blind would be ln 10 ≈ 2.30
     for model in MODELS:
-        assert metric(res, row_name(model, "rotate"), "test_acc") > 97
-        assert 60 < metric(res, row_name(model, "plain"), "test_acc") <= 100
-    assert metric(res, "MoE, plain", "entropy") < 2.1          # the router groups digits
+        assert res.mean(row_name(model, "rotate"), "test_acc") > 97
+        assert 60 < res.mean(row_name(model, "plain"), "test_acc") <= 100
+    assert res.mean("MoE, plain", "entropy") < 2.1          # the router groups digits
     for task in TASKS:
-        assert 0.5 < metric(res, f"MoE, {task}", "entropy") <= math.log(10) + 1e-9
-        assert metric(res, f"MoE, {task}", "experts_used") >= 2
-    assert 0 <= metric(res, "MoE, rotate", "entropy_rotation") <= math.log(2) + 1e-9
+        assert 0.5 < res.mean(f"MoE, {task}", "entropy") <= math.log(10) + 1e-9
+        assert res.mean(f"MoE, {task}", "experts_used") >= 2
+    assert 0 <= res.mean("MoE, rotate", "entropy_rotation") <= math.log(2) + 1e-9
     assert set(ctx.figures) == {"routing_plain.png", "routing_rotate.png", "loss.png", "test_acc.png"}
     assert all((tmp_path / "a" / f).exists() for f in ctx.figures)
     assert len(res.tables) == 2 and all(t.startswith("| expert |") for t in res.tables.values())
@@ -69,7 +64,7 @@ def test_quick_run_sane_bands(tmp_path):
     assert counts.sum() == 1347
     ids = torch.repeat_interleave(torch.arange(counts.numel()) // 10, counts.reshape(-1))
     labels = torch.repeat_interleave(torch.arange(counts.numel()) % 10, counts.reshape(-1))
-    assert dispatch_entropy(ids, labels, counts.shape[0], 10) == pytest.approx(metric(res, "MoE, plain", "entropy"))
+    assert dispatch_entropy(ids, labels, counts.shape[0], 10) == pytest.approx(res.mean("MoE, plain", "entropy"))
     assert res.config["quick"] and res.config["epochs"] == 5 and res.config["seeds"] == 1
 
 

@@ -12,7 +12,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from moekit.experiments import sparse_mlp as sm  # noqa: E402
-from moekit.experiments.base import make_context, mean_std  # noqa: E402
+from moekit.experiments.base import make_context  # noqa: E402
 from moekit.experiments.sparse_mlp import EXPERIMENT  # noqa: E402
 
 
@@ -24,10 +24,6 @@ def _ctx(out_dir, seeds=1, quick=True, argv=()):
 def quick_run(tmp_path_factory):
     ctx = _ctx(tmp_path_factory.mktemp("sparse_mlp"))
     return ctx, EXPERIMENT.run(ctx)
-
-
-def _m(res, row, metric):
-    return mean_std({r.name: r for r in res.rows}[row].metrics[metric])[0]
 
 
 def test_contract_and_plots(quick_run):
@@ -51,17 +47,17 @@ def test_contract_and_plots(quick_run):
 def test_sane_bands(quick_run):
     _, res = quick_run
     for row in (sm.DENSE_MATCHED, sm.SPARSE):
-        assert 75.0 < _m(res, row, "test_acc") <= 100.0                      # digits is easy even after 4 epochs
-    gain = _m(res, sm.SPARSE, "acc_gain_vs_dense")
-    assert math.isclose(gain, _m(res, sm.SPARSE, "test_acc") - _m(res, sm.DENSE_MATCHED, "test_acc"), abs_tol=1e-9)
+        assert 75.0 < res.mean(row, "test_acc") <= 100.0                      # digits is easy even after 4 epochs
+    gain = res.mean(sm.SPARSE, "acc_gain_vs_dense")
+    assert math.isclose(gain, res.mean(sm.SPARSE, "test_acc") - res.mean(sm.DENSE_MATCHED, "test_acc"), abs_tol=1e-9)
     # matched active parameters (within 2 %), while the Sparse-MLP holds far more parameters in total
-    a_s, a_d = _m(res, sm.SPARSE, "active_params"), _m(res, sm.DENSE_MATCHED, "active_params")
+    a_s, a_d = res.mean(sm.SPARSE, "active_params"), res.mean(sm.DENSE_MATCHED, "active_params")
     assert abs(a_s - a_d) / a_s < 0.02
-    assert _m(res, sm.SPARSE, "total_params") > 1.8 * a_s
-    assert _m(res, sm.DENSE_MATCHED, "total_params") == a_d
+    assert res.mean(sm.SPARSE, "total_params") > 1.8 * a_s
+    assert res.mean(sm.DENSE_MATCHED, "total_params") == a_d
     # expert load: between perfect balance and total collapse onto one expert (sqrt(E - 1) = 1.73 for E = 4)
     for k in ("cv_load_moe_s", "cv_load_moe_c", "train_cv_load_moe_s", "train_cv_load_moe_c"):
-        assert 0.0 < _m(res, sm.SPARSE, k) < 1.2, k
+        assert 0.0 < res.mean(sm.SPARSE, k) < 1.2, k
 
 
 def test_matched_widths_are_closest():

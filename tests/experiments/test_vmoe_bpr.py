@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from moekit.experiments.base import RunContext, make_context, mean_std  # noqa: E402
+from moekit.experiments.base import RunContext, make_context  # noqa: E402
 from moekit.experiments.vmoe_bpr import EXPERIMENT  # noqa: E402
 
 
@@ -21,10 +21,6 @@ def _ctx(out_dir, seeds=1, quick=True, argv=()):
 def quick_run(tmp_path_factory):
     ctx = _ctx(tmp_path_factory.mktemp("vmoe_bpr"))
     return ctx, EXPERIMENT.run(ctx)
-
-
-def _m(res, name, metric):
-    return mean_std({r.name: r for r in res.rows}[name].metrics[metric])[0]
 
 
 def test_contract_and_plots(quick_run):
@@ -46,19 +42,19 @@ def test_contract_and_plots(quick_run):
 
 def test_sane_bands(quick_run):
     _, res = quick_run
-    full = _m(res, "V-MoE, no capacity limit", "accuracy")
+    full = res.mean("V-MoE, no capacity limit", "accuracy")
     assert full > 75.0                                       # a short run, but it learns the digits
-    assert _m(res, "V-MoE, no capacity limit", "dropped_fraction") == 0.0
+    assert res.mean("V-MoE, no capacity limit", "dropped_fraction") == 0.0
     for c in (0.1, 0.25, 1.0):
         for mode in ("vanilla", "BPR"):
-            drop = _m(res, f"{mode} c={c:g}", "dropped_fraction")
+            drop = res.mean(f"{mode} c={c:g}", "dropped_fraction")
             assert max(0.0, 1 - c) - 0.02 <= drop <= max(0.0, 1 - c) + 0.25   # E·C ≈ T·k·c slots
-            assert 0.0 <= _m(res, f"{mode} c={c:g}", "tokens_skipped") <= drop + 1e-6
+            assert 0.0 <= res.mean(f"{mode} c={c:g}", "tokens_skipped") <= drop + 1e-6
     # near c = 1 little is lost; at c = 0.1 most assignments are dropped and accuracy suffers
-    assert abs(_m(res, "vanilla c=1", "accuracy") - full) < 4.0
-    assert _m(res, "vanilla c=0.1", "accuracy") < full - 3.0
+    assert abs(res.mean("vanilla c=1", "accuracy") - full) < 4.0
+    assert res.mean("vanilla c=0.1", "accuracy") < full - 3.0
     # the paper's claim, on average over the two small capacities: BPR loses less than vanilla routing
-    gain = sum(_m(res, f"BPR c={c:g}", "accuracy") - _m(res, f"vanilla c={c:g}", "accuracy") for c in (0.1, 0.25))
+    gain = sum(res.mean(f"BPR c={c:g}", "accuracy") - res.mean(f"vanilla c={c:g}", "accuracy") for c in (0.1, 0.25))
     assert gain > 0.0
 
 

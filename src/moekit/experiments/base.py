@@ -39,6 +39,17 @@ class ExperimentResult:
     tables: dict[str, str] = field(default_factory=dict)   # title -> markdown table
     notes: list[str] = field(default_factory=list)         # free-text lines for the report
 
+    def row(self, name: str) -> Row:
+        """Our row called ``name`` (KeyError listing the row names otherwise)."""
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(f"no row {name!r}; rows: {[r.name for r in self.rows]}")
+
+    def mean(self, name: str, metric: str) -> float:
+        """Mean over seeds of ``metric`` in our row ``name``."""
+        return mean_std(self.row(name).metrics[metric])[0]
+
 
 class RunContext:
     """What an experiment gets from the runner: options, seeds, output dir, progress, plotting."""

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -283,7 +282,7 @@ def run_experiment(exp: Experiment, args: argparse.Namespace, out_dir: Path | st
     # results.json last: its presence marks a complete run
     atomic_write_text(out / "results.json", json.dumps(results_json(exp, result, run_info), indent=2) + "\n")
     if print_results:
-        print_table(exp, result, wall, out, console=console if console is not None else None)
+        print_table(exp, result, wall, out, console=console)
     return result, out
 
 
@@ -295,6 +294,3 @@ def list_lines(experiments: dict[str, Experiment]) -> list[str]:
 
 __all__ = ["RunError", "atomic_write_text", "comparison_rows", "default_out_dir", "list_lines", "prepare_out_dir",
            "report_markdown", "results_json", "run_experiment"]
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use: moekit run NAME")

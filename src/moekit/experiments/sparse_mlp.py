@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Experiment, ExperimentResult, Row, RunContext
+from .base import Experiment, ExperimentResult, Row, RunContext, mean_std
 
 FULL_EPOCHS, QUICK_EPOCHS = 30, 4
 QUICK_SEEDS = 1
@@ -245,10 +245,6 @@ def train_one(kwargs: dict[str, Any], data: tuple[Tensor, Tensor, Tensor, Tensor
     return res
 
 
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
 def run(ctx: RunContext) -> ExperimentResult:
     opts = _options(ctx)                     # validate options before any work
     from ..analysis.plots import curves, routing_heatmap
@@ -278,10 +274,10 @@ def run(ctx: RunContext) -> ExperimentResult:
                                            for r, d in zip(rs, results[DENSE_MATCHED])]
             for kind in ("moe_s", "moe_c"):
                 ks = [k for k in rs[0]["layers"] if k.endswith(kind)]
-                metrics[f"cv_load_{kind}"] = [_mean([r["cv_load"][k] for k in ks]) for r in rs]
-                metrics[f"train_cv_load_{kind}"] = [_mean([r["train_cv_load"][k] for k in ks]) for r in rs]
+                metrics[f"cv_load_{kind}"] = [mean_std([r["cv_load"][k] for k in ks])[0] for r in rs]
+                metrics[f"train_cv_load_{kind}"] = [mean_std([r["train_cv_load"][k] for k in ks])[0] for r in rs]
             if opts["capacity_factor"] is not None:
-                metrics["dropped_fraction"] = [_mean(list(r["dropped_fraction"].values())) for r in rs]
+                metrics["dropped_fraction"] = [mean_std(list(r["dropped_fraction"].values()))[0] for r in rs]
         rows.append(Row(name, metrics))
     paper = [Row(PAPER_ROW, {"acc_gain_vs_dense": 2.5})]
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Experiment, ExperimentResult, Row, RunContext
+from .base import Experiment, ExperimentResult, Row, RunContext, mean_std
 
 DEFAULT_RATIOS = "0.1,0.25,0.5,0.75,1.0,1.5"
 FULL_EPOCHS, QUICK_EPOCHS = 30, 8
@@ -241,8 +241,7 @@ def run(ctx: RunContext) -> ExperimentResult:
 
     # ---- pivot table --------------------------------------------------------------------------------
     def ms(name: str, metric: str) -> tuple[float, float]:
-        t = torch.tensor(per_seed(name, metric), dtype=torch.float64)
-        return float(t.mean()), float(t.std(unbiased=False))
+        return mean_std(per_seed(name, metric))
 
     table = ["| c | vanilla acc % | BPR acc % | BPR − vanilla | dropped assignments | tokens skipped (van. / BPR) |",
              "|---|---|---|---|---|---|"]
