@@ -1,54 +1,87 @@
-"""The `moekit` command and the runner: outputs, one-line errors, atomic results, reproducibility."""
+"""The `moekit` command and the runner: outputs, exit codes, never losing a result, typed options."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
+from dataclasses import dataclass
+from typing import Literal
 
 import pytest
 import torch
 
 import moekit.experiments as registry
-from moekit.cli import EXIT_INTERRUPTED, EXIT_USAGE, main
-from moekit.experiments.base import Experiment, ExperimentResult, Row, RunContext
+from moekit.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, main
+from moekit.experiments.base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict
+from moekit.experiments.options import OptionError, option
 from moekit.experiments.runner import comparison_rows, run_experiment
 
 
+@dataclass(frozen=True)
+class ToyConfig:
+    scale: float = option(1.0, "multiplies every value", gt=0)
+    steps: int = option(3, "steps", ge=1, quick=1)
+    mode: Literal["a", "b"] = option("a", "a mode")
+    sizes: tuple[int, ...] = option((2, 4), "sizes", ge=1, nonempty=True)
+    limit: int | None = option(None, "optional limit; none = no limit", ge=0)
+    fast: bool = option(False, "a switch")
+
+    def check(self) -> None:
+        if self.limit is not None and self.limit > self.steps:
+            raise OptionError("--limit", f"must be <= --steps ({self.steps}), got {self.limit}")
+
+
 def _toy_run(ctx: RunContext) -> ExperimentResult:
-    """A seconds-long experiment: fit a line with noise; per-seed metrics from a seeded generator."""
-    scale = float(getattr(ctx.args, "scale", 1.0))
-    if scale <= 0:
-        raise ValueError(f"--scale: must be > 0, got {scale}")
+    """A seconds-long experiment: per-seed metrics from a seeded generator."""
+    c = ctx.config
     accs = []
     for s in ctx.track(range(ctx.seeds), total=ctx.seeds, description="toy"):
         g = torch.Generator().manual_seed(s)
-        accs.append(float(torch.rand((), generator=g)) * scale)
+        accs.append(float(torch.rand((), generator=g)) * c.scale)
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots()
     ax.plot(accs)
     ctx.savefig(fig, "curve.png")
-    return ExperimentResult(rows=[Row("model", {"acc": accs, "n": 3.0})], paper=[Row("model", {"acc": 0.5}, {"acc": 0.1}),
-                                                                             Row("paper-only", {"acc": 0.9})],
-                            config={"scale": scale, "quick": ctx.quick}, tables={"extra": "| a |\n|---|\n| 1 |"},
-                            notes=["a note"])
-
-
-def _add(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scale", type=float, default=1.0)
+    src = Source("Nobody 2099", "Table 1", "recalled")
+    return ExperimentResult(rows=[Row("model", {"acc": accs, "n": 3.0})],
+                            paper=[Row("model", {"acc": 0.5}, {"acc": 0.1}, source=src), Row("paper-only", {"acc": 0.9})],
+                            config={"scale": c.scale, "steps": c.steps, "quick": ctx.quick},
+                            tables={"extra": "| a |\n|---|\n| 1 |"}, notes=["a note"],
+                            verdicts=[Verdict("toys work", "partly", "one of two toys")])
 
 
 TOY = Experiment(name="toy", paper="Nobody 2099", summary="a toy", est_time="1 s", run=_toy_run,
-                 add_arguments=_add, default_seeds=3)
+                 config=ToyConfig, default_seeds=3, quick_seeds=1)
+
+
+def _legacy_run(ctx: RunContext) -> ExperimentResult:
+    return ExperimentResult(rows=[Row("m", {"x": float(getattr(ctx.args, "x", 1.0))})], paper=[], config={})
+
+
+def _legacy_add(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--x", type=float, default=1.0)
 
 
 def _interrupting_run(ctx: RunContext) -> ExperimentResult:
     raise KeyboardInterrupt
 
 
+def _failing_run(ctx: RunContext) -> ExperimentResult:
+    raise ValueError("a bug inside the run")
+
+
 @pytest.fixture
 def toy_registry(monkeypatch):
-    exps = {"toy": TOY, "boom": Experiment("boom", "x", "interrupts", "1 s", _interrupting_run)}
+    exps = {"toy": TOY, "boom": Experiment("boom", "x", "interrupts", "1 s", _interrupting_run),
+            "bug": Experiment("bug", "x", "fails", "1 s", _failing_run),
+            "legacy": Experiment("legacy", "x", "old path", "1 s", _legacy_run, add_arguments=_legacy_add)}
     monkeypatch.setattr(registry, "available", lambda: exps)
     return exps
+
+
+def _run(tmp_path, *args):
+    return main(["run", *args, "--no-progress"])
 
 
 def test_list_names_every_experiment(capsys):
@@ -60,85 +93,166 @@ def test_list_names_every_experiment(capsys):
 
 def test_run_writes_results_report_and_plots(toy_registry, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", "toy", "--out", str(out), "--no-progress", "--scale", "2"]) == 0
+    assert _run(tmp_path, "toy", "--out", str(out), "--scale", "2") == 0
     res = json.loads((out / "results.json").read_text())
     assert res["experiment"] == "toy"
-    assert res["config"] == {"scale": 2.0, "quick": False}
+    assert res["config"] == {"scale": 2.0, "steps": 3, "quick": False}
     assert res["run"]["seeds"] == 3  # the experiment's default
     row = res["rows"][0]
     accs = [float(torch.rand((), generator=torch.Generator().manual_seed(s))) * 2 for s in range(3)]
     assert row["name"] == "model" and row["per_seed"]["acc"] == pytest.approx(accs)
     assert row["metrics"]["acc"] == pytest.approx(sum(accs) / 3)
-    assert res["paper"][0] == {"name": "model", "metrics": {"acc": 0.5}, "std": {"acc": 0.1}}
+    assert res["paper"][0] == {"name": "model", "metrics": {"acc": 0.5}, "std": {"acc": 0.1},
+                               "source": {"paper": "Nobody 2099", "where": "Table 1", "status": "recalled"}}
+    assert res["verdicts"] == [{"claim": "toys work", "verdict": "partly", "reason": "one of two toys"}]
     report = (out / "report.md").read_text()
     assert "| model | acc | 0.500 ± 0.100 |" in report and "![curve.png](curve.png)" in report
     assert "### extra" in report and "a note" in report
+    assert "| toys work | **partly** | one of two toys |" in report
+    assert "Nobody 2099, Table 1 (recalled, not checked against the paper)" in report
     assert (out / "curve.png").stat().st_size > 0
-    printed = capsys.readouterr().out
-    assert "paper vs ours" in printed and "paper-only" in printed
+    captured = capsys.readouterr()
+    assert "paper vs ours" in captured.out and "paper-only" in captured.out and "results:" in captured.out
+    assert "[partly] toys work" in captured.out
+    assert "paper vs ours" not in captured.err
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]     # no temporary folder left behind
+
+
+def test_files_get_normal_modes(toy_registry, tmp_path):
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        assert _run(tmp_path, "toy", "--out", str(out)) == 0
+    finally:
+        os.umask(old)
+    for name in ("results.json", "report.md", "curve.png"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+
+
+def test_quick_uses_quick_values_and_seeds(toy_registry, tmp_path):
+    out = tmp_path / "q"
+    assert _run(tmp_path, "toy", "--out", str(out), "--quick") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["steps"] == 1 and res["run"]["seeds"] == 1
+    assert _run(tmp_path, "toy", "--out", str(tmp_path / "q2"), "--quick", "--steps", "2", "--seeds", "2") == 0
+    res = json.loads((tmp_path / "q2" / "results.json").read_text())
+    assert res["config"]["steps"] == 2 and res["run"]["seeds"] == 2
 
 
 def test_same_seed_same_numbers(toy_registry, tmp_path):
     for d in ("a", "b"):
-        assert main(["run", "toy", "--out", str(tmp_path / d), "--no-progress", "--seeds", "2"]) == 0
+        assert _run(tmp_path, "toy", "--out", str(tmp_path / d), "--seeds", "2") == 0
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("a", "b"))
     assert a["rows"] == b["rows"]
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["run", "nope"], "unknown experiment 'nope'"),
-    (["run", "toy", "--seeds", "-1"], "--seeds"),
-    (["run", "toy", "--seeds", "0"], "--seeds"),
-    (["run", "toy", "--scale", "-1"], "--scale"),
-    (["run", "toy", "--bogus"], "unrecognized arguments"),
+    (["toy", "--scale", "-1"], "--scale: must be > 0, got -1"),
+    (["toy", "--scale", "nan"], "--scale: must be a finite number"),
+    (["toy", "--scale", "inf"], "--scale: must be a finite number"),
+    (["toy", "--scale", "x"], "--scale: expected a number, got 'x'"),
+    (["toy", "--steps", "0"], "--steps: must be >= 1, got 0"),
+    (["toy", "--steps", "1.5"], "--steps: expected an integer"),
+    (["toy", "--sizes", "2", "0"], "--sizes: must be >= 1, got 0"),
+    (["toy", "--sizes", ""], "--sizes: expected at least one value"),
+    (["toy", "--limit", "5"], "--limit: must be <= --steps (3), got 5"),
+    (["toy", "--mode", "c"], "--mode"),
+    (["toy", "--seeds", "0"], "--seeds"),
+    (["toy", "--bogus"], "unrecognized arguments"),
+    (["nope"], "unknown experiment 'nope'"),
 ])
-def test_bad_options_give_one_line_error(toy_registry, tmp_path, capsys, argv, fragment):
-    with pytest.raises(SystemExit) if "--seeds" in argv or "--bogus" in argv else _no_raise():
-        rc = main(argv + ["--out", str(tmp_path / "x"), "--no-progress"])
-        assert rc == EXIT_USAGE
+def test_usage_errors_exit_2_in_one_line_and_create_nothing(toy_registry, tmp_path, capsys, argv, fragment):
+    out = tmp_path / "x" / "y"
+    try:
+        rc = main(["run", *argv, "--out", str(out), "--no-progress"])
+    except SystemExit as e:          # argparse's own errors
+        rc = e.code
+    assert rc == EXIT_USAGE
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "x" / "results.json").exists()
+    assert not (tmp_path / "x").exists()
 
 
-class _no_raise:
-    def __enter__(self):
-        return self
+def test_typed_values_reach_the_run(toy_registry, tmp_path):
+    ctx_seen = {}
 
-    def __exit__(self, *exc):
-        return False
+    def run(ctx):
+        ctx_seen["config"] = ctx.config
+        return _toy_run(ctx)
+    toy_registry["toy"] = Experiment("toy", "x", "y", "1 s", run, config=ToyConfig)
+    assert _run(tmp_path, "toy", "--out", str(tmp_path / "o"), "--sizes", "1,3", "5", "--limit", "2",
+                "--fast", "--mode", "b") == 0
+    c = ctx_seen["config"]
+    assert c == ToyConfig(sizes=(1, 3, 5), limit=2, fast=True, mode="b")
 
 
-def test_argparse_errors_exit_with_usage_status(toy_registry, tmp_path):
+def test_help_shows_defaults_and_exits_0(toy_registry, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["run", "toy", "--seeds", "-3", "--out", str(tmp_path)])
-    assert e.value.code == EXIT_USAGE
+        main(["run", "toy", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "(default 3; --quick: 1)" in out and "(default 1)" in out and "(default 2,4)" in out
+    assert main(["run", "--help"]) == 0
+    assert "toy" in capsys.readouterr().out
+    assert main(["run"]) == EXIT_USAGE
+
+
+def test_non_empty_out_is_refused_and_kept(toy_registry, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert _run(tmp_path, "toy", "--out", str(out)) == 0
+    before = (out / "results.json").read_text()
+    assert _run(tmp_path, "toy", "--out", str(out), "--scale", "3") == EXIT_USAGE
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+    assert _run(tmp_path, "toy", "--out", str(out), "--scale", "3", "--overwrite") == 0
+    assert json.loads((out / "results.json").read_text())["config"]["scale"] == 3.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _run(tmp_path, "toy", "--out", str(empty)) == 0
+
+
+@pytest.mark.parametrize("name, code", [("boom", EXIT_INTERRUPTED), ("bug", EXIT_FAILED)])
+def test_failed_or_interrupted_rerun_keeps_the_old_result(toy_registry, tmp_path, capsys, name, code):
+    out = tmp_path / "r"
+    assert _run(tmp_path, "toy", "--out", str(out)) == 0
+    files = sorted(p.name for p in out.iterdir())
+    before = (out / "results.json").read_text()
+    toy_registry["toy"] = toy_registry[name]
+    assert _run(tmp_path, "toy", "--out", str(out), "--overwrite") == code
+    assert (out / "results.json").read_text() == before and sorted(p.name for p in out.iterdir()) == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]   # the temporary folder is gone
+    err = capsys.readouterr().err
+    if name == "bug":
+        assert "Traceback" in err and "a bug inside the run" in err
+
+
+def test_failed_first_run_creates_no_folder(toy_registry, tmp_path, capsys):
+    assert _run(tmp_path, "bug", "--out", str(tmp_path / "new")) == EXIT_FAILED
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unwritable_out(toy_registry, tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("not a dir")
-    assert main(["run", "toy", "--out", str(f), "--no-progress"]) == EXIT_USAGE
+    assert _run(tmp_path, "toy", "--out", str(f)) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "--out" in err and len(err.strip().splitlines()) == 1
+    assert _run(tmp_path, "toy", "--out", str(f / "sub")) == EXIT_USAGE
 
 
-def test_interrupt_leaves_no_results(toy_registry, tmp_path, capsys):
-    out = tmp_path / "r"
-    assert main(["run", "toy", "--out", str(out), "--no-progress"]) == 0
-    assert (out / "results.json").exists()
-    # an interrupted re-run into the same directory removes the stale result and writes nothing
-    toy_registry["toy"] = Experiment("toy", "x", "interrupts", "1 s", _interrupting_run)
-    assert main(["run", "toy", "--out", str(out), "--no-progress"]) == EXIT_INTERRUPTED
-    assert not (out / "results.json").exists() and not (out / "report.md").exists()
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+def test_old_add_arguments_path_still_runs(toy_registry, tmp_path):
+    assert _run(tmp_path, "legacy", "--out", str(tmp_path / "l"), "--x", "4") == 0
+    res = json.loads((tmp_path / "l" / "results.json").read_text())
+    assert res["rows"][0]["metrics"]["x"] == 4.0
 
 
 def test_runner_rejects_bad_seeds(tmp_path):
     from moekit.experiments.runner import RunError
     with pytest.raises(RunError, match="--seeds"):
-        run_experiment(TOY, argparse.Namespace(), tmp_path, seeds=0, show_progress=False)
+        run_experiment(TOY, argparse.Namespace(), tmp_path / "o", seeds=0, show_progress=False)
 
 
 def test_comparison_rows_keep_paper_only_rows():
@@ -150,8 +264,8 @@ def test_nan_metrics_become_null(tmp_path):
     def run(ctx):
         return ExperimentResult(rows=[Row("a", {"m": float("nan")})], paper=[], config={"x": float("inf")})
     exp = Experiment("nan", "x", "y", "1 s", run)
-    run_experiment(exp, argparse.Namespace(), tmp_path, show_progress=False, print_results=False)
-    res = json.loads((tmp_path / "results.json").read_text())  # strict JSON: no NaN tokens
+    run_experiment(exp, argparse.Namespace(), tmp_path / "o", show_progress=False, print_results=False)
+    res = json.loads((tmp_path / "o" / "results.json").read_text())  # strict JSON: no NaN tokens
     assert res["rows"][0]["metrics"]["m"] is None and res["config"]["x"] is None
 
 
@@ -160,3 +274,12 @@ def test_result_row_and_mean():
     assert res.mean("a", "m") == 2.0 and res.mean("a", "s") == 5.0
     with pytest.raises(KeyError, match="rows: \\['a'\\]"):
         res.row("b")
+
+
+def test_verdict_and_source_are_checked():
+    with pytest.raises(ValueError, match="verdict"):
+        Verdict("c", "maybe", "r")
+    with pytest.raises(ValueError, match="one line"):
+        Verdict("c", "partly", "two\nlines")
+    with pytest.raises(ValueError, match="status"):
+        Source("p", "Table 1", "guessed")

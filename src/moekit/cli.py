@@ -1,15 +1,21 @@
 """The ``moekit`` command: ``moekit list`` and ``moekit run NAME [options]``.
 
-Usage errors (unknown experiment, bad option values, an unwritable --out) print one line and exit
-with status 2; an interrupted run exits with 130 and leaves no results.json behind.
+Exit status: 0 done (also ``--help``); 2 usage error (unknown experiment, a bad option value, an
+``--out`` that holds something without ``--overwrite``), printed in one line that names the flag, before
+any folder is created; 1 the run itself failed (its traceback is printed); 130 interrupted. The results
+table goes to stdout, progress and errors to stderr. A failed or interrupted run leaves ``--out`` as it
+was (see :mod:`moekit.experiments.runner`).
 """
 from __future__ import annotations
 
 import argparse
 import shlex
 import sys
+import traceback
 from typing import Sequence
 
+EXIT_OK = 0
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -45,67 +51,94 @@ def _top_parser() -> argparse.ArgumentParser:
 def _run_parser(name: str, exp) -> argparse.ArgumentParser:
     p = _Parser(prog=f"moekit run {name}", description=f"{exp.paper}: {exp.summary}")
     g = p.add_argument_group("run options")
-    g.add_argument("--out", default=None, help="output directory (default runs/NAME-<timestamp>)")
+    g.add_argument("--out", default=None, help="output directory; must not exist or be empty unless --overwrite "
+                                               "(default runs/NAME-<timestamp>)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out, but only once the new run is complete")
+    quick_seeds = f", --quick: {exp.quick_seeds}" if exp.quick_seeds is not None else ""
     g.add_argument("--seeds", type=_positive_int, default=None,
-                   help=f"number of seeds, run as 0..N-1 (default {exp.default_seeds})")
+                   help=f"number of seeds, run as 0..N-1 (default {exp.default_seeds}{quick_seeds})")
     g.add_argument("--quick", action="store_true", help=f"reduced run ({exp.quick_time})")
     g.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (default 1: the experiments' small matmuls gain little from more "
                         "and slow down badly on a busy machine; the thread count can change the last digits)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    if exp.add_arguments is not None:
-        exp.add_arguments(p.add_argument_group(f"{name} options"))
+    exp.add_flags(p.add_argument_group(f"{name} options"))
     return p
+
+
+def _run_usage(lines: list[str]) -> str:
+    return "usage: moekit run NAME [--out DIR] [--seeds N] [--quick] [options]\n\nexperiments:\n" + \
+        "".join(f"  {line}\n" for line in lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
     if not argv:
-        top.print_help()
+        top.print_help(sys.stderr)
         return EXIT_USAGE
-    ns, rest = top.parse_known_args(argv[:2] if argv[0] == "run" else argv)
     prog = "moekit"
+    if argv[0] == "run":
+        name = argv[1] if len(argv) > 1 else None
+        command = "run"
+    else:
+        ns, rest = top.parse_known_args(argv)   # --help / --version exit here (status 0)
+        command = ns.command
+        if command != "list" or rest:
+            top.error(f"unrecognized arguments: {' '.join(rest or argv)}")
 
     from .experiments import available, get
+    from .experiments.options import OptionError
     from .experiments.runner import RunError, default_out_dir, list_lines, run_experiment
 
-    if ns.command == "list":
-        if rest:
-            top.error(f"unrecognized arguments: {' '.join(rest)}")
+    if command == "list":
         for line in list_lines(available()):
             print(line)
-        return 0
+        return EXIT_OK
 
-    # run
-    if not ns.name or ns.name in ("-h", "--help"):
-        print("usage: moekit run NAME [--out DIR] [--seeds N] [--quick] [options]\n\nexperiments:")
-        for line in list_lines(available()):
-            print("  " + line)
-        return 0 if ns.name else EXIT_USAGE
+    if name in ("-h", "--help"):
+        print(_run_usage(list_lines(available())), end="")
+        return EXIT_OK
+    if name is None or name.startswith("-"):
+        print(_run_usage(list_lines(available())), end="", file=sys.stderr)
+        print(f"{prog} run: error: expected an experiment name first", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        exp = get(ns.name)
+        exp = get(name)
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    args = _run_parser(exp.name, exp).parse_args(argv[2:])
-    import torch
-    torch.set_num_threads(args.threads)
+    parser = _run_parser(exp.name, exp)
+    args = parser.parse_args(argv[2:])          # usage errors exit 2, --help exits 0
     out = args.out if args.out is not None else default_out_dir(exp.name)
     try:
+        config = exp.make_config(args, quick=args.quick)   # every option checked before any folder exists
+        from .experiments.runner import check_out_dir
+        check_out_dir(out, overwrite=args.overwrite)
+    except (OptionError, RunError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    import torch
+    torch.set_num_threads(args.threads)
+    try:
         run_experiment(exp, args, out, seeds=args.seeds, quick=args.quick, show_progress=not args.no_progress,
-                       command="moekit " + shlex.join(argv))
+                       command="moekit " + shlex.join(argv), overwrite=args.overwrite, config=config)
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; no results written", file=sys.stderr)
+        print(f"\n{prog}: interrupted; {out} left as it was", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (RunError, ValueError, TypeError) as e:
-        # option validation inside an experiment raises ValueError/TypeError naming the option
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    except RunError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ImportError as e:
+        traceback.print_exc()
         print(f"{prog}: error: {e} (install the extras: pip install 'moekit[experiments]')", file=sys.stderr)
-        return EXIT_USAGE
-    return 0
+        return EXIT_FAILED
+    except Exception:
+        traceback.print_exc()
+        print(f"{prog}: error: the run failed (traceback above); {out} left as it was", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,3 +30,25 @@ def test_curves_lines_scatter(tmp_path):
     _save(plots.scatter_xy({"s": ([3, 1, 2], [1, 2, 3])}, annotate={"s": ["a", "b", "c"]}), tmp_path, "s.png")
     with pytest.raises(ValueError, match="series"):
         plots.lines([1, 2, 3], {"x": [1, 2]})
+
+
+@pytest.mark.parametrize("labels", [[f"cluster {k}" for k in range(4)], ["men", "women", "children"],
+                                    ["[i] iy", "[ɪ] ih", "[a] aa", "[ʌ] ah"], [f"digit {k}" for k in range(10)]])
+def test_heatmap_tick_labels_do_not_overlap(labels):
+    fig = plots.routing_heatmap(np.ones((4, len(labels))), [f"expert {e}" for e in range(4)], labels)
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in fig.axes[0].get_xticklabels()]
+    for a, b in zip(boxes, boxes[1:]):
+        assert not a.overlaps(b), labels
+
+
+def test_curves_mark_early_stops_and_scatter_has_error_bars(tmp_path):
+    runs = np.array([[1.0, 0.5, np.nan], [1.2, 0.4, 0.3]])
+    fig = plots.curves({"a": runs}, "t", "step", "loss", stops={"a": [1, -1]})
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "a: early stop (1 of 2)" in labels
+    marker = next(ln for ln in fig.axes[0].lines if ln.get_marker() == "x")
+    assert list(marker.get_xdata()) == [1] and list(marker.get_ydata()) == [0.5]
+    fig = plots.scatter_xy({"s": ([3, 1], [1, 2])}, yerr={"s": [0.1, 0.2]})
+    assert fig.axes[0].containers and fig.axes[0].containers[0].has_yerr
+    _save(fig, tmp_path, "e.png")

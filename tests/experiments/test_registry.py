@@ -22,9 +22,11 @@ def test_experiment_metadata_and_options(name):
     assert exp.name == name and exp.paper and exp.summary and exp.est_time
     assert exp.default_seeds >= 1
     p = argparse.ArgumentParser()
-    if exp.add_arguments is not None:
-        exp.add_arguments(p)
-    p.parse_args([])  # every option has a default
+    exp.add_flags(p)
+    args = p.parse_args([])  # every option has a default
+    if exp.config is not None:   # the defaults and the quick values pass the config's own checks
+        exp.make_config(args, quick=False)
+        exp.make_config(args, quick=True)
     module = exp.run.__module__.rsplit(".", 1)[-1]
     assert (TEST_DIR / f"test_{module}.py").exists(), f"{name}: no tests/experiments/test_{module}.py"
 

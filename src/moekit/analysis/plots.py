@@ -42,6 +42,18 @@ def _finish(fig: Any, ax: Any, title: str, xlabel: str, ylabel: str, logx: bool 
     return fig
 
 
+def _xticklabels(ax: Any, labels: list[str]) -> bool:
+    """Column tick labels that never run together: horizontal when they fit side by side (measured on
+    the finished layout), else vertical. Returns whether they were turned."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels()]
+    if any(a.x1 + 2 > b.x0 for a, b in zip(boxes, boxes[1:])):
+        ax.set_xticks(range(len(labels)), labels=labels, rotation=90)
+        return True
+    return False
+
+
 def routing_heatmap(table: Any, row_labels: Sequence[str], col_labels: Sequence[str], title: str = "",
                     normalize: str | None = "col", annotate: bool = True) -> Any:
     """Heat-map of a routing table (rows: experts, columns: labels).
@@ -63,7 +75,7 @@ def routing_heatmap(table: Any, row_labels: Sequence[str], col_labels: Sequence[
     integer = normalize is None and bool(np.all(np.mod(t, 1) == 0))
     vmin, vmax = (0.0, 1.0) if normalize else (float(np.nanmin(t)), float(np.nanmax(t)))
     im = ax.imshow(t, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
-    ax.set_xticks(range(len(col_labels)), labels=list(col_labels), rotation=45 if len(col_labels) > 6 else 0)
+    ax.set_xticks(range(len(col_labels)), labels=list(col_labels))
     ax.set_yticks(range(len(row_labels)), labels=list(row_labels))
     if annotate and t.size <= 400:
         for i in range(t.shape[0]):
@@ -75,14 +87,18 @@ def routing_heatmap(table: Any, row_labels: Sequence[str], col_labels: Sequence[
     fig.colorbar(im, ax=ax, label=label)
     ax.set_title(title)
     fig.tight_layout()
+    if _xticklabels(ax, list(col_labels)):
+        fig.tight_layout()
     return fig
 
 
 def curves(series: Mapping[str, Any], title: str = "", xlabel: str = "step", ylabel: str = "",
-           logy: bool = False, x: Any | None = None) -> Any:
+           logy: bool = False, x: Any | None = None, stops: Mapping[str, Sequence[int]] | None = None) -> Any:
     """Training curves. Each value is ``(S,)`` or ``(R, S)`` (R runs/seeds: mean line, min–max band).
 
-    NaN entries (a run that stopped early) are ignored in the mean and band.
+    NaN entries (a run that stopped early) are ignored in the mean and band. ``stops[name]`` gives the
+    step at which each run of that series stopped early (-1 = it did not): each stop is marked with an
+    ``x`` at that run's last loss, so a curve that goes on is visibly the mean of the remaining runs.
     """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -101,6 +117,11 @@ def curves(series: Mapping[str, Any], title: str = "", xlabel: str = "step", yla
         (line,) = ax.plot(xs, mean, label=name if v.shape[0] == 1 else f"{name} (mean of {v.shape[0]})")
         if v.shape[0] > 1:
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+        if stops and name in stops:
+            pts = [(xs[s], v[r, s]) for r, s in enumerate(stops[name]) if 0 <= s < v.shape[1]]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "x", color=line.get_color(), markersize=7,
+                        label=f"{name}: early stop ({len(pts)} of {v.shape[0]})")
     return _finish(fig, ax, title, xlabel, ylabel, logy=logy)
 
 
@@ -120,14 +141,18 @@ def lines(x: Sequence[float], series: Mapping[str, Any], title: str = "", xlabel
 
 
 def scatter_xy(points: Mapping[str, tuple[Any, Any]], title: str = "", xlabel: str = "", ylabel: str = "",
-               annotate: Mapping[str, Sequence[str]] | None = None, logx: bool = False) -> Any:
-    """Scatter/frontier plot: ``{series: (xs, ys)}``, joined by a line in x order, optional point labels."""
+               annotate: Mapping[str, Sequence[str]] | None = None, logx: bool = False,
+               yerr: Mapping[str, Any] | None = None, xerr: Mapping[str, Any] | None = None) -> Any:
+    """Scatter/frontier plot: ``{series: (xs, ys)}``, joined by a line in x order, optional point labels
+    and error bars (``yerr``/``xerr``: per series, one value per point, e.g. the std over seeds)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     for name, (xs, ys) in points.items():
         xa, ya = _np(xs), _np(ys)
         order = np.argsort(xa)
-        ax.plot(xa[order], ya[order], marker="o", label=name)
+        ye = None if yerr is None or name not in yerr else _np(yerr[name])[order]
+        xe = None if xerr is None or name not in xerr else _np(xerr[name])[order]
+        ax.errorbar(xa[order], ya[order], yerr=ye, xerr=xe, marker="o", capsize=3, label=name)
         if annotate and name in annotate:
             for xi, yi, s in zip(xa, ya, annotate[name]):
                 ax.annotate(s, (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)

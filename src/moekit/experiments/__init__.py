@@ -1,16 +1,18 @@
 """Paper reproductions behind ``moekit run``.
 
 Every module in this package that defines ``EXPERIMENT = Experiment(...)`` is an experiment; the
-registry finds them by scanning the package, so adding a reproduction means adding one file.
+registry finds them by scanning the package, so adding a reproduction means adding one file
+(how to write one: docs/experiments.md).
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
 
-from .base import Experiment, ExperimentResult, Row, RunContext, mean_std
+from .base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict, mean_std
+from .options import OptionError, option
 
-_NOT_EXPERIMENTS = {"base", "runner"}
+_NOT_EXPERIMENTS = {"base", "options", "runner", "train"}
 
 
 def available() -> dict[str, Experiment]:
@@ -36,4 +38,5 @@ def get(name: str) -> Experiment:
     return exps[name]
 
 
-__all__ = ["Experiment", "ExperimentResult", "Row", "RunContext", "available", "get", "mean_std"]
+__all__ = ["Experiment", "ExperimentResult", "OptionError", "Row", "RunContext", "Source", "Verdict", "available", "get",
+           "mean_std", "option"]

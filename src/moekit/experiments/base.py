@@ -1,12 +1,18 @@
-"""The contract every ``moekit run`` experiment follows.
+"""The contract every ``moekit run`` experiment follows (a guide: docs/experiments.md).
 
 An experiment is a module in ``moekit.experiments`` that defines a module-level
-``EXPERIMENT = Experiment(...)``; the registry discovers it automatically.
+``EXPERIMENT = Experiment(...)``; the registry discovers it automatically. Its options are a typed
+config dataclass (``Experiment(config=Config)``, fields declared with
+:func:`moekit.experiments.options.option`): flags, help and validation derive from it and the run
+gets the validated config as ``ctx.config``.
 
 ``Experiment.run(ctx)`` trains/evaluates and returns an :class:`ExperimentResult`:
   * ``rows``  – our numbers, one :class:`Row` per model/setting. A metric value is either one float
     or a list of per-seed floats; the runner reports mean ± std over seeds.
-  * ``paper`` – the published numbers in the same shape (a metric may carry ``std``).
+  * ``paper`` – the published numbers in the same shape (a metric may carry ``std``), each row with
+    its :class:`Source` (paper, table/figure, checked or recalled).
+  * ``verdicts`` – one :class:`Verdict` per claim of the paper: reproduced / partly / not reproduced,
+    with the reason in one line, decided from the measured numbers.
   * ``config`` – every setting that determines the numbers (so a run can be repeated).
   * ``tables`` – extra markdown tables for the report (e.g. an expert-by-cluster routing table).
 Plots are written with ``ctx.savefig(fig, "name.png")`` so the runner can inline them in the report.
@@ -24,11 +30,49 @@ T = TypeVar("T")
 MetricValue = float | Sequence[float]
 
 
+SOURCE_STATUS = {"paper": "checked against the paper's text", "code": "checked against the official code",
+                 "recalled": "recalled, not checked against the paper"}
+VERDICTS = ("reproduced", "partly", "not reproduced")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a paper number comes from: the paper, the table/figure, and how it was obtained
+    (``status``: ``"paper"`` checked against the paper's text, ``"code"`` checked against the
+    authors' official code or its README, ``"recalled"`` not checked). docs/papers.md lists them all."""
+    paper: str
+    where: str
+    status: str
+
+    def __post_init__(self) -> None:
+        if self.status not in SOURCE_STATUS:
+            raise ValueError(f"status: expected one of {sorted(SOURCE_STATUS)}, got {self.status!r}")
+
+    def __str__(self) -> str:
+        return f"{self.paper}, {self.where} ({SOURCE_STATUS[self.status]})"
+
+
 @dataclass
 class Row:
     name: str
     metrics: dict[str, MetricValue]
     std: dict[str, float] = field(default_factory=dict)  # only for paper rows with a published std
+    source: Source | None = None                         # paper rows: where the numbers come from
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One claim of the paper and whether our run reproduces it (``verdict`` in :data:`VERDICTS`),
+    with the measured reason in one line."""
+    claim: str
+    verdict: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict: expected one of {VERDICTS}, got {self.verdict!r}")
+        if "\n" in self.reason:
+            raise ValueError("reason: must be one line")
 
 
 @dataclass
@@ -38,6 +82,7 @@ class ExperimentResult:
     config: dict[str, Any]
     tables: dict[str, str] = field(default_factory=dict)   # title -> markdown table
     notes: list[str] = field(default_factory=list)         # free-text lines for the report
+    verdicts: list[Verdict] = field(default_factory=list)  # one per claim of the paper
 
     def row(self, name: str) -> Row:
         """Our row called ``name`` (KeyError listing the row names otherwise)."""
@@ -56,8 +101,9 @@ class RunContext:
 
     def __init__(self, args: argparse.Namespace, out_dir: Path, seeds: int = 1, quick: bool = False,
                  progress: Callable[[Iterable[Any], int | None, str], Iterable[Any]] | None = None,
-                 log: Callable[[str], None] | None = None):
-        self.args = args
+                 log: Callable[[str], None] | None = None, config: Any = None):
+        self.args = args          # the parsed flags (experiments on the old add_arguments path read these)
+        self.config = config      # the validated config dataclass (experiments with Experiment(config=...))
         self.out_dir = Path(out_dir)
         self.seeds = seeds
         self.quick = quick
@@ -99,9 +145,35 @@ class Experiment:
     summary: str              # what it shows, one line
     est_time: str             # rough full-run wall time on 2 CPU cores, e.g. "~3 min"
     run: Callable[[RunContext], ExperimentResult]
-    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None  # old path: prefer ``config``
     quick_time: str = "<1 min"
-    default_seeds: int = 1    # seeds of a full run when --seeds is not given (quick mode may use fewer)
+    default_seeds: int = 1    # seeds of a full run when --seeds is not given
+    config: type | None = None  # the options dataclass (flags, help and validation derive from it)
+    quick_seeds: int | None = None  # seeds of a --quick run when --seeds is not given (None: default_seeds)
+
+    def __post_init__(self) -> None:
+        if self.config is not None and self.add_arguments is not None:
+            raise ValueError(f"experiment {self.name!r}: give config or add_arguments, not both")
+
+    def seeds_for(self, quick: bool) -> int:
+        """Seeds of a run when --seeds is not given."""
+        return self.quick_seeds if quick and self.quick_seeds is not None else self.default_seeds
+
+    def add_flags(self, parser: argparse.ArgumentParser | Any) -> None:
+        """The experiment's own flags (from its config, or the old ``add_arguments``)."""
+        if self.config is not None:
+            from .options import add_flags
+            add_flags(parser, self.config)
+        elif self.add_arguments is not None:
+            self.add_arguments(parser)
+
+    def make_config(self, args: argparse.Namespace | dict[str, Any] | None = None, quick: bool = False) -> Any:
+        """The validated config from parsed flags (``None`` for an experiment on the old path).
+        Raises :class:`~moekit.experiments.options.OptionError` naming the flag."""
+        if self.config is None:
+            return None
+        from .options import config_from_namespace
+        return config_from_namespace(self.config, args, quick=quick)
 
 
 def mean_std(values: MetricValue) -> tuple[float, float]:
@@ -117,13 +189,17 @@ def mean_std(values: MetricValue) -> tuple[float, float]:
 
 
 def make_context(experiment: Experiment, out_dir: Path | str, argv: Sequence[str] = (), seeds: int = 1,
-                 quick: bool = True) -> RunContext:
+                 quick: bool = True, **options: Any) -> RunContext:
     """A :class:`RunContext` for calling ``experiment.run`` from Python (notebooks, tests).
 
     ``argv`` holds the experiment's own options as on the command line (``["--epochs", "3"]``);
-    unknown options raise ``SystemExit`` like the CLI.
+    ``options`` gives typed values by field name (``epochs=3``). Unknown flags raise ``SystemExit``
+    like the CLI; bad values raise :class:`~moekit.experiments.options.OptionError` naming the flag.
     """
     parser = argparse.ArgumentParser(prog=f"moekit run {experiment.name}")
-    if experiment.add_arguments is not None:
-        experiment.add_arguments(parser)
-    return RunContext(parser.parse_args(list(argv)), Path(out_dir), seeds=seeds, quick=quick)
+    experiment.add_flags(parser)
+    args = parser.parse_args(list(argv))
+    for k, v in options.items():
+        setattr(args, k, v)
+    config = experiment.make_config(args, quick=quick)
+    return RunContext(args, Path(out_dir), seeds=seeds, quick=quick, config=config)

@@ -1,8 +1,9 @@
 """Run an experiment and write its results: ``results.json``, ``report.md`` and the plots.
 
-The experiment writes plots into the run directory while it runs; ``results.json`` and ``report.md``
-are written only once it has finished, each atomically (a temporary file in the same directory, then
-``os.replace``), so an interrupted or failed run never leaves a half-written or stale result.
+A run never deletes or overwrites a complete result: it writes everything into a fresh temporary folder
+beside ``--out`` and only when the run has finished swaps it into place (an existing ``--out`` is refused
+unless ``overwrite=True``, and is then kept until the new result is complete). An interrupted or failed
+run leaves ``--out`` as it was. Files get the usual modes (``0666`` minus the umask).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import json
 import math
 import os
 import platform
+import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +29,7 @@ class RunError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------
-# output directory and atomic writes
+# output directory and writes
 # ---------------------------------------------------------------------------------------------------
 
 def default_out_dir(name: str, root: Path | str = "runs") -> Path:
@@ -34,28 +37,68 @@ def default_out_dir(name: str, root: Path | str = "runs") -> Path:
     return Path(root) / f"{name}-{stamp}"
 
 
-def prepare_out_dir(out: Path | str) -> Path:
-    """Create ``out`` (and parents) and check that it is writable; RunError otherwise."""
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_out_dir(out: Path | str, overwrite: bool = False) -> Path:
+    """Check, without creating anything, that ``out`` can receive a run; RunError naming --out otherwise.
+
+    ``out`` must not exist, or be an empty directory, or (with ``overwrite``) be a directory; its
+    nearest existing parent must be a writable directory."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out: {out} exists and is not a directory")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise RunError(f"--out: {out} exists and is not a directory")
+        if any(out.iterdir()) and not overwrite:
+            raise RunError(f"--out: {out} is not empty (it may hold an earlier result); choose another "
+                           "directory or pass --overwrite to replace it once the new run is complete")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise RunError(f"--out: cannot create {out}: {parent} is not a writable directory")
+    return out
+
+
+def prepare_out_dir(out: Path | str, overwrite: bool = False) -> Path:
+    """Check ``out`` (:func:`check_out_dir`), create its parents and return a fresh temporary folder
+    beside it for the run to write into (see :func:`finish_out_dir`)."""
+    out = check_out_dir(out, overwrite)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.absolute().parent, prefix=f".{out.name}.running-"))
+        os.chmod(tmp, 0o777 & ~_umask())
     except OSError as e:
-        raise RunError(f"--out: cannot write to {out} ({e.strerror or e})") from None
+        raise RunError(f"--out: cannot write beside {out} ({e.strerror or e})") from None
+    return tmp
+
+
+def finish_out_dir(tmp: Path, out: Path | str) -> Path:
+    """Move the complete run in ``tmp`` to ``out``; an earlier ``out`` is replaced only now."""
+    out = Path(out)
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.absolute().parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / "previous")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either the old file or the complete new one."""
+    """Write ``text`` to ``path`` so that readers see either the old file or the complete new one
+    (mode ``0666`` minus the umask)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -100,6 +143,8 @@ def _row_json(row: Row) -> dict[str, Any]:
         out["std"] = std
     if per_seed:
         out["per_seed"] = per_seed
+    if row.source is not None:
+        out["source"] = {"paper": row.source.paper, "where": row.source.where, "status": row.source.status}
     return out
 
 
@@ -108,6 +153,7 @@ def results_json(exp: Experiment, result: ExperimentResult, run_info: dict[str, 
         "experiment": exp.name,
         "paper_citation": exp.paper,
         "config": result.config,
+        "verdicts": [{"claim": v.claim, "verdict": v.verdict, "reason": v.reason} for v in result.verdicts],
         "rows": [_row_json(r) for r in result.rows],
         "paper": [_row_json(r) for r in result.paper],
         "run": run_info,
@@ -159,12 +205,18 @@ def report_markdown(exp: Experiment, result: ExperimentResult, run_info: dict[st
         f"- finished: {run_info['finished']} — wall time {run_info['wall_time_s']:.1f} s "
         f"({run_info['threads']} torch threads, {run_info['platform']})",
         f"- seeds: {seeds} (ours: mean ± std over seeds){' — quick mode' if run_info['quick'] else ''}",
-        "",
-        "## Paper vs ours",
-        markdown_table(["model / setting", "metric", "paper", "ours"], comparison_rows(result)),
     ]
+    if result.verdicts:
+        parts += ["", "## Claims", "", markdown_table(["claim", "verdict", "why"],
+                                                      [[v.claim, f"**{v.verdict}**", v.reason] for v in result.verdicts])]
+    parts += ["", "## Paper vs ours", "",
+              markdown_table(["model / setting", "metric", "paper", "ours"], comparison_rows(result))]
     if not result.paper:
         parts.append("\n*The paper reports no numbers for this configuration (see notes).*")
+    sources = [(r.name, str(r.source)) for r in result.paper if r.source is not None]
+    if sources:
+        parts += ["", "Sources of the paper numbers (all of them: docs/papers.md):", ""]
+        parts += [f"- {name}: {src}" for name, src in sources]
     for title, table in result.tables.items():
         parts += ["", f"### {title}", "", table]
     if result.notes:
@@ -175,27 +227,23 @@ def report_markdown(exp: Experiment, result: ExperimentResult, run_info: dict[st
     return "\n".join(parts)
 
 
-def print_table(exp: Experiment, result: ExperimentResult, wall: float, out_dir: Path, console: Any = None) -> None:
+def print_table(exp: Experiment, result: ExperimentResult, wall: float, out_dir: Path, file: Any = None) -> None:
+    """The paper-vs-ours table, the verdicts and where the results are, as plain text (stdout by default)."""
+    file = sys.stdout if file is None else file
     rows = comparison_rows(result)
-    title = f"{exp.name}: paper vs ours ({wall:.1f} s)"
-    if console is not None:
-        from rich.table import Table
-        t = Table(title=title)
-        for h in ("model / setting", "metric", "paper", "ours"):
-            t.add_column(h, justify="left" if h in ("model / setting", "metric") else "right")
-        prev = None
-        for name, m, p, o in rows:
-            t.add_row(name if name != prev else "", m, p, o)
-            prev = name
-        console.print(t)
-        console.print(f"results: {out_dir / 'results.json'}  report: {out_dir / 'report.md'}")
-        return
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(("model / setting", "metric", "paper", "ours"))]
-    print(title)
-    for r in [("model / setting", "metric", "paper", "ours"), *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    print(f"results: {out_dir / 'results.json'}  report: {out_dir / 'report.md'}")
+    head = ("model / setting", "metric", "paper", "ours")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    print(f"{exp.name}: paper vs ours ({wall:.1f} s)", file=file)
+    prev = None
+    for r in [head, *rows]:
+        cells = (r[0] if r[0] != prev or r is head else "", *r[1:])
+        prev = r[0]
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip(), file=file)
+    if result.verdicts:
+        print("claims:", file=file)
+        for v in result.verdicts:
+            print(f"  [{v.verdict}] {v.claim}: {v.reason}", file=file)
+    print(f"results: {out_dir / 'results.json'}  report: {out_dir / 'report.md'}", file=file)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,53 +284,65 @@ def _make_progress(console: Any) -> tuple[Callable[..., Iterator[Any]] | None, A
 # the run
 # ---------------------------------------------------------------------------------------------------
 
-def run_experiment(exp: Experiment, args: argparse.Namespace, out_dir: Path | str, seeds: int | None = None,
+def run_experiment(exp: Experiment, args: argparse.Namespace | None, out_dir: Path | str, seeds: int | None = None,
                    quick: bool = False, show_progress: bool = True, print_results: bool = True,
-                   command: str | None = None) -> tuple[ExperimentResult, Path]:
-    """Run ``exp`` and write ``results.json``, ``report.md`` and its plots into ``out_dir``."""
+                   command: str | None = None, overwrite: bool = False, config: Any = None
+                   ) -> tuple[ExperimentResult, Path]:
+    """Run ``exp`` and write ``results.json``, ``report.md`` and its plots into ``out_dir``.
+
+    ``config``: the validated options (built from ``args`` when not given; an
+    :class:`~moekit.experiments.options.OptionError` is raised before anything is created).
+    ``out_dir`` must not hold anything unless ``overwrite``; the run writes into a temporary folder that
+    replaces ``out_dir`` only once it is complete."""
     import torch
     from .. import __version__
 
+    args = argparse.Namespace() if args is None else args
     if seeds is None:
-        seeds = exp.default_seeds
+        seeds = exp.seeds_for(quick)
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise RunError(f"--seeds: must be a positive integer, got {seeds!r}")
-    out = prepare_out_dir(out_dir)
-    for stale in ("results.json", "report.md"):  # a re-used directory must not show an older result
-        (out / stale).unlink(missing_ok=True)
-
-    console = _rich_console() if show_progress else None
-    track, progress = _make_progress(console)
-    ctx = RunContext(args, out, seeds=seeds, quick=quick, progress=track,
-                     log=(console.log if console is not None else None))
-    t0 = time.perf_counter()
-    if progress is not None:
-        with progress:
+    if config is None:
+        config = exp.make_config(args, quick=quick)
+    tmp = prepare_out_dir(out_dir, overwrite=overwrite)
+    try:
+        console = _rich_console() if show_progress else None
+        track, progress = _make_progress(console)
+        ctx = RunContext(args, tmp, seeds=seeds, quick=quick, progress=track,
+                         log=(console.log if console is not None else None), config=config)
+        t0 = time.perf_counter()
+        if progress is not None:
+            with progress:
+                result = exp.run(ctx)
+        else:
             result = exp.run(ctx)
-    else:
-        result = exp.run(ctx)
-    wall = time.perf_counter() - t0
-    if not isinstance(result, ExperimentResult):
-        raise TypeError(f"experiment {exp.name!r}: run() must return an ExperimentResult, got {type(result).__name__}")
-
-    run_info = {
-        "command": command or f"moekit run {exp.name}",
-        "seeds": seeds,
-        "quick": bool(quick),
-        "wall_time_s": round(wall, 2),
-        "threads": torch.get_num_threads(),
-        "finished": _dt.datetime.now().isoformat(timespec="seconds"),
-        "moekit": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": f"{platform.system()} {platform.machine()}",
-        "figures": list(ctx.figures),
-    }
-    atomic_write_text(out / "report.md", report_markdown(exp, result, run_info, ctx.figures))
-    # results.json last: its presence marks a complete run
-    atomic_write_text(out / "results.json", json.dumps(results_json(exp, result, run_info), indent=2) + "\n")
+        wall = time.perf_counter() - t0
+        if not isinstance(result, ExperimentResult):
+            raise TypeError(f"experiment {exp.name!r}: run() must return an ExperimentResult, "
+                            f"got {type(result).__name__}")
+        run_info = {
+            "command": command or f"moekit run {exp.name}",
+            "seeds": seeds,
+            "quick": bool(quick),
+            "wall_time_s": round(wall, 2),
+            "threads": torch.get_num_threads(),
+            "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+            "moekit": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "platform": f"{platform.system()} {platform.machine()}",
+            "figures": list(ctx.figures),
+        }
+        for name in ctx.figures:
+            os.chmod(tmp / name, 0o666 & ~_umask())
+        atomic_write_text(tmp / "report.md", report_markdown(exp, result, run_info, ctx.figures))
+        atomic_write_text(tmp / "results.json", json.dumps(results_json(exp, result, run_info), indent=2) + "\n")
+        out = finish_out_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if print_results:
-        print_table(exp, result, wall, out, console=console)
+        print_table(exp, result, wall, out)
     return result, out
 
 
@@ -292,5 +352,5 @@ def list_lines(experiments: dict[str, Experiment]) -> list[str]:
             for name, e in experiments.items()]
 
 
-__all__ = ["RunError", "atomic_write_text", "comparison_rows", "default_out_dir", "list_lines", "prepare_out_dir",
-           "report_markdown", "results_json", "run_experiment"]
+__all__ = ["RunError", "atomic_write_text", "check_out_dir", "comparison_rows", "default_out_dir", "finish_out_dir",
+           "list_lines", "prepare_out_dir", "print_table", "report_markdown", "results_json", "run_experiment"]
