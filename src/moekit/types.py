@@ -4,12 +4,15 @@ A routed layer returns ``MoEOutput(y, aux_loss, metrics)``:
   * ``y``        – the layer output, same leading shape as the input;
   * ``aux_loss`` – a *weighted* scalar tensor (``zeros(())`` when no loss applies, never None);
   * ``metrics``  – a flat ``dict[str, Tensor]`` of detached values for logging: unweighted losses
-    and per-expert statistics.
+    and per-expert statistics;
+  * ``stats``    – for routed layers built on the core router, the differentiable
+    :class:`~moekit.stats.RoutingStats` the aux loss was formed from (None elsewhere): add them over
+    micro-batches and form one loss with ``router.balance_losses(total)``.
 The training step is the one place where ``task_loss + aux_loss`` is formed.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -19,6 +22,7 @@ class MoEOutput(NamedTuple):
     y: Tensor
     aux_loss: Tensor
     metrics: dict[str, Tensor]
+    stats: Any = None          # moekit.stats.RoutingStats for routed layers
 
 
 def zero_loss(ref: Tensor) -> Tensor:

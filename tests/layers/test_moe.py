@@ -83,9 +83,9 @@ def test_set_capacity_factor_at_eval():
     layer = MoE(8, 16, 4, top_k=1).eval()
     x = torch.randn(40, 8)
     layer.set_capacity_factor(0.25)
-    assert layer(x).metrics["dropped_tokens"].item() > 0
+    assert layer(x).metrics["dropped_assignments"].item() > 0
     layer.set_capacity_factor(None)
-    assert layer(x).metrics["dropped_tokens"].item() == 0
+    assert layer(x).metrics["dropped_assignments"].item() == 0
 
 
 def test_skipped_fraction_counts_tokens_that_lost_every_slot():
@@ -100,9 +100,10 @@ def test_skipped_fraction_counts_tokens_that_lost_every_slot():
     x = torch.zeros(8, 4)
     x[:, 0] = 1.0
     m = layer(x).metrics
-    assert m["dropped_tokens"].item() == 12            # 16 assignments, 4 served
+    assert m["dropped_assignments"].item() == 12            # 16 assignments, 4 served
     assert m["dropped_fraction"].item() == pytest.approx(12 / 16)
     assert m["skipped_fraction"].item() == pytest.approx(6 / 8)
+    assert m["skipped_tokens"].item() == 6
 
 
 @pytest.mark.parametrize("batch_priority", [False, True])
@@ -116,7 +117,8 @@ def test_capacity_layer_matches_dense_oracle(batch_priority, expert):
     x = torch.randn(30, 8, requires_grad=True)
     d = layer.router(x)
     C = expert_capacity(30, 2, 4, 0.4)
-    keep_TK = capacity_mask(d.expert_ids, 4, C, d.weights.max(-1).values if batch_priority else None)
+    # BPR serves tokens by the raw top-1 router probability (not the renormalised combine weight)
+    keep_TK = capacity_mask(d.expert_ids, 4, C, d.probs.max(-1).values if batch_priority else None)
     assert (~keep_TK).any()
     dense_ETD = layer.experts.forward_dense(x)
     picked_TKD = dense_ETD[d.expert_ids, torch.arange(30)[:, None]]
@@ -138,7 +140,7 @@ def test_group_size_routes_each_group_on_its_own(batch_priority):
     out = grouped(x)
     parts = [whole(x[i:i + 10]) for i in range(0, 30, 10)]
     torch.testing.assert_close(out.y, torch.cat([p.y for p in parts]))
-    assert out.metrics["dropped_tokens"].item() == sum(p.metrics["dropped_tokens"].item() for p in parts) > 0
+    assert out.metrics["dropped_assignments"].item() == sum(p.metrics["dropped_assignments"].item() for p in parts) > 0
     # one group of all tokens is the ungrouped layer
     grouped.group_size = 30
     torch.testing.assert_close(grouped(x).y, whole(x).y)
@@ -148,7 +150,7 @@ def test_group_size_errors():
     with pytest.raises(ValueError, match="group_size"):
         MoE(8, 16, 4, capacity_factor=1.0, group_size=0)
     with pytest.raises(ValueError, match="group_size"):
-        MoE(8, 16, 4, router="soft", group_size=4)
+        MoE(8, 16, 4, router="expert_choice", group_size=4)
     layer = MoE(8, 16, 4, capacity_factor=1.0, group_size=4)
     with pytest.raises(ValueError, match="group_size"):
         layer(torch.randn(6, 8))

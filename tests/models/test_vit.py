@@ -168,7 +168,7 @@ def test_set_capacity_factor_changes_dropped_fraction():
     assert fractions[2] <= fractions[3] <= fractions[4]
     assert fractions[4] >= 0.74 and fractions[3] >= 0.49
     # the overall fraction is the pooled per-block fraction
-    per_block = [out.metrics[f"moe{i}/dropped_tokens"] for i in range(2)]
+    per_block = [out.metrics[f"moe{i}/dropped_assignments"] for i in range(2)]
     assert float(out.metrics["dropped_fraction"]) == pytest.approx(float(sum(per_block)) / (2 * 8 * 17 * 2))
 
 

@@ -178,7 +178,7 @@ def evaluate(model, x_test: Tensor, y_test: Tensor, group: int) -> dict[str, Any
             correct += int((out.y.argmax(-1) == y_test[i:i + group]).sum())
             for j in range(len(model.moe_layers)):           # kept + dropped = all T·k assignments
                 kept = float(out.metrics[f"moe{j}/tokens_per_expert"].sum())
-                lost = float(out.metrics[f"moe{j}/dropped_tokens"])
+                lost = float(out.metrics[f"moe{j}/dropped_assignments"])
                 dropped, routed = dropped + lost, routed + kept + lost
     finally:
         for h in hooks:

@@ -71,7 +71,17 @@ class _GLU(torch.autograd.Function):
 
 
 def _row_bias(b_EH: Tensor, counts_E: Tensor, num_rows: int) -> Tensor:
-    return torch.repeat_interleave(b_EH, counts_E, dim=0, output_size=num_rows)
+    """Each row's expert bias (rows sorted by expert); padding rows past ``counts_E.sum()`` get 0."""
+    group_R = torch.bucketize(torch.arange(num_rows, device=counts_E.device), torch.cumsum(counts_E, 0), right=True)
+    return torch.cat([b_EH, b_EH.new_zeros(1, b_EH.shape[-1])])[group_R]
+
+
+def compute_dtype(x: Tensor, param: Tensor) -> torch.dtype:
+    """The dtype experts compute in: autocast's for the input's device when autocast is on, else the
+    parameters' (the layer has checked that the input matches them)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return param.dtype
 
 
 class ExpertBank(nn.Module):
@@ -111,19 +121,22 @@ class MLPExperts(ExpertBank):
                 f"activation={self.activation}, bias={self.b1 is not None}")
 
     def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
-        h_AH = grouped_mm(x_AD, self.w1, counts_E)
+        dt = compute_dtype(x_AD, self.w1)
+        x_AD = x_AD.to(dt)
+        h_AH = grouped_mm(x_AD, self.w1.to(dt), counts_E)
         if self.b1 is not None:
-            h_AH = h_AH + _row_bias(self.b1, counts_E, x_AD.shape[0])
-        y_AD = grouped_mm(self.act(h_AH), self.w2, counts_E)
+            h_AH = h_AH + _row_bias(self.b1.to(dt), counts_E, x_AD.shape[0])
+        y_AD = grouped_mm(self.act(h_AH), self.w2.to(dt), counts_E)
         if self.b2 is not None:
-            y_AD = y_AD + _row_bias(self.b2, counts_E, x_AD.shape[0])
+            y_AD = y_AD + _row_bias(self.b2.to(dt), counts_E, x_AD.shape[0])
         return y_AD
 
     def forward_dense(self, x_TD: Tensor) -> Tensor:
-        h_ETH = torch.einsum("td,edh->eth", x_TD, self.w1)
+        x_TD = x_TD.to(compute_dtype(x_TD, self.w1))
+        h_ETH = torch.einsum("td,edh->eth", x_TD, self.w1.to(x_TD.dtype))
         if self.b1 is not None:
             h_ETH = h_ETH + self.b1[:, None]
-        y_ETD = torch.einsum("eth,ehd->etd", self.act(h_ETH), self.w2)
+        y_ETD = torch.einsum("eth,ehd->etd", self.act(h_ETH), self.w2.to(x_TD.dtype))
         if self.b2 is not None:
             y_ETD = y_ETD + self.b2[:, None]
         return y_ETD
@@ -160,11 +173,14 @@ class GLUExperts(ExpertBank):
         return self.act(gate) * up
 
     def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
-        return grouped_mm(self._glu(grouped_mm(x_AD, self.w_in, counts_E)), self.w_out, counts_E)
+        dt = compute_dtype(x_AD, self.w_in)
+        h_A2H = grouped_mm(x_AD.to(dt), self.w_in.to(dt), counts_E)
+        return grouped_mm(self._glu(h_A2H), self.w_out.to(dt), counts_E)
 
     def forward_dense(self, x_TD: Tensor) -> Tensor:
-        h_ET2H = torch.einsum("td,edh->eth", x_TD, self.w_in)
-        return torch.einsum("eth,ehd->etd", self._glu(h_ET2H), self.w_out)
+        dt = compute_dtype(x_TD, self.w_in)
+        h_ET2H = torch.einsum("td,edh->eth", x_TD.to(dt), self.w_in.to(dt))
+        return torch.einsum("eth,ehd->etd", self._glu(h_ET2H), self.w_out.to(dt))
 
 
 class ModuleExperts(ExpertBank):
@@ -178,8 +194,13 @@ class ModuleExperts(ExpertBank):
         self.num_experts, self.dim = len(experts), dim
 
     def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
-        chunks = torch.split(x_AD, counts_E.tolist(), dim=0)
-        return torch.cat([expert(c) for expert, c in zip(self.experts, chunks)], dim=0)
+        sizes = counts_E.tolist()                   # host read: per-module experts need concrete sizes
+        chunks = torch.split(x_AD, sizes + [x_AD.shape[0] - sum(sizes)], dim=0)
+        outs = [expert(c) for expert, c in zip(self.experts, chunks[:-1])]
+        pad = chunks[-1].shape[0]
+        if pad:                                     # padding rows (not executed): zeros
+            outs.append(outs[0].new_zeros(pad, *outs[0].shape[1:]) if outs else chunks[-1] * 0)
+        return torch.cat(outs, dim=0)
 
     def forward_dense(self, x_TD: Tensor) -> Tensor:
         return torch.stack([expert(x_TD) for expert in self.experts], dim=0)

@@ -45,23 +45,28 @@ def _offsets(counts_E: Tensor) -> Tensor:
 
 
 def _group_positions(counts_E: Tensor, num_rows: int) -> tuple[Tensor, Tensor, int]:
-    """For rows sorted by group: (group id of each row, position inside its group, max group size)."""
+    """For rows sorted by group: (group id of each row, position inside its group, max group size).
+    Rows past ``counts_E.sum()`` (padding) get group id E and position 0."""
     E = counts_E.shape[0]
-    group_A = torch.repeat_interleave(torch.arange(E, device=counts_E.device), counts_E, output_size=num_rows)
-    starts_E = torch.cumsum(counts_E, 0) - counts_E
-    pos_A = torch.arange(num_rows, device=counts_E.device) - starts_E[group_A]
-    max_count = int(counts_E.max()) if E > 0 and num_rows > 0 else 0
-    return group_A, pos_A, max_count
+    ends_E = torch.cumsum(counts_E, 0)
+    rows_R = torch.arange(num_rows, device=counts_E.device)
+    group_R = torch.bucketize(rows_R, ends_E, right=True)                    # in [0, E]
+    starts_E1 = torch.cat([ends_E - counts_E, ends_E.new_zeros(1)])
+    pos_R = torch.where(group_R < E, rows_R - starts_E1[group_R], torch.zeros_like(rows_R))
+    max_count = int(counts_E.max()) if E > 0 and num_rows > 0 else 0        # host read: fallback path only
+    return group_R, pos_R, max(max_count, 1)
 
 
 def _pad(x_AD: Tensor, group_A: Tensor, pos_A: Tensor, E: int, M: int) -> Tensor:
-    out_EMD = x_AD.new_zeros(E, M, x_AD.shape[-1])
+    """(E, M, D) buffer holding each group's rows (zeros past its count); padding rows are left out."""
+    out_EMD = x_AD.new_zeros(E + 1, M, x_AD.shape[-1])
     out_EMD[group_A, pos_A] = x_AD
-    return out_EMD
+    return out_EMD[:E]
 
 
 def _mm_kernel(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
-    """y[rows of e] = x[rows of e] @ w[e] (no autograd)."""
+    """y[rows of e] = x[rows of e] @ w[e] (no autograd). Rows past ``counts_E.sum()`` are not computed:
+    the native kernel leaves them undefined, the fallback zero."""
     if x_AD.shape[0] == 0:
         return x_AD.new_zeros(0, w_EDH.shape[-1])
     if native_supported(x_AD, w_EDH):
@@ -69,11 +74,12 @@ def _mm_kernel(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
     E = w_EDH.shape[0]
     group_A, pos_A, M = _group_positions(counts_E, x_AD.shape[0])
     y_EMH = torch.bmm(_pad(x_AD, group_A, pos_A, E, M), w_EDH)
+    y_EMH = torch.cat([y_EMH, y_EMH.new_zeros(1, M, y_EMH.shape[-1])])     # padding rows read zeros
     return y_EMH[group_A, pos_A]
 
 
 def _wgrad_kernel(x_AD: Tensor, dy_AH: Tensor, counts_E: Tensor) -> Tensor:
-    """dw[e] = x[rows of e]^T @ dy[rows of e] (no autograd)."""
+    """dw[e] = x[rows of e]^T @ dy[rows of e] (no autograd); padding rows are left out."""
     E = counts_E.shape[0]
     xt_DA = x_AD.t()
     if x_AD.shape[0] > 0 and native_supported(x_AD, dy_AH):
@@ -112,6 +118,8 @@ def grouped_mm(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
 
 
 def grouped_mm_reference(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
-    """Obviously-right per-expert loop; tests use it as the oracle."""
-    chunks = torch.split(x_AD, counts_E.tolist(), dim=0)
-    return torch.cat([c @ w_EDH[e] for e, c in enumerate(chunks)], dim=0)
+    """Obviously-right per-expert loop; tests use it as the oracle (padding rows: zeros)."""
+    sizes = counts_E.tolist()
+    chunks = torch.split(x_AD, sizes + [x_AD.shape[0] - sum(sizes)], dim=0)
+    out = [c @ w_EDH[e] for e, c in enumerate(chunks[:-1])]
+    return torch.cat(out + [x_AD.new_zeros(chunks[-1].shape[0], w_EDH.shape[-1])], dim=0)

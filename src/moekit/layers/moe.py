@@ -1,7 +1,7 @@
-"""The sparse Mixture-of-Experts layer: router → dispatch → experts → combine.
+"""The sparse Mixture-of-Experts layer: router → capacity → dispatch → experts → combine.
 
 Legend: T tokens, D model dim, H expert hidden dim, E experts, K experts per token, A assignments,
-G groups (sequences, soft routing), N tokens per group, S slots per expert.
+R rows handed to the experts, G routing groups, N tokens per group, S slots per expert, Z = E·S slots.
 """
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..dispatch import DISPATCHERS, capacity_mask, expert_capacity
+from ..dispatch import DISPATCHERS, Assignments, TokenDispatcher, capacity_keep, expert_capacity, expert_counts
+from ..dispatch.capacity import _check_multiple
 from ..experts import ExpertBank, build_experts
 from ..routing import ROUTERS, Router, RoutingDecision, build_router
-from ..routing.soft import SoftRouter
 from ..types import MoEOutput
+
 
 def _cv(v: Tensor) -> Tensor:
     v = v.float()
@@ -23,79 +24,119 @@ def _cv(v: Tensor) -> Tensor:
     return v.std(unbiased=False) / (v.mean() + 1e-10)
 
 
-def routing_metrics(decision: RoutingDecision, tokens_per_expert_E: Tensor, dropped: int | Tensor,
-                    total: int, skipped: int | Tensor = 0, num_tokens: int | None = None) -> dict[str, Tensor]:
-    """Per-expert statistics and balance diagnostics for one forward pass (all detached).
+def routing_metrics(decision: RoutingDecision, tokens_per_expert_E: Tensor, dropped: int | Tensor = 0,
+                    total: int | Tensor = 0, skipped: int | Tensor = 0, num_tokens: int | Tensor | None = None,
+                    mask_T: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-expert statistics and balance diagnostics for one forward pass (all detached, no host sync).
 
-    ``dropped`` counts dropped (token, slot) assignments out of ``total``; ``skipped`` counts tokens
-    that lost *all* their assignments (the layer outputs 0 for them: only the residual carries them)
-    out of ``num_tokens``.
+    ``tokens_per_expert_E``: executed assignments per expert (for soft routing: slots per expert,
+    reported as ``slots_per_expert``). ``dropped`` counts dropped (token, expert) assignments out of
+    ``total``; ``skipped`` counts tokens that lost *all* their assignments (the layer outputs 0 for
+    them: only the residual carries them) out of ``num_tokens`` real tokens.
     """
     probs_TE = decision.probs.detach()
-    entropy = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1).mean()
-    gates_TE = (decision.importance_gates if decision.importance_gates is not None else probs_TE).detach()
-    load_E = tokens_per_expert_E.float()
-    dropped = torch.as_tensor(dropped, dtype=torch.float32, device=load_E.device)
-    return {
-        "tokens_per_expert": load_E,
-        "dropped_tokens": dropped,
-        "dropped_fraction": dropped / max(total, 1),
-        "skipped_fraction": torch.as_tensor(skipped, dtype=torch.float32, device=load_E.device)
-        / max(num_tokens if num_tokens is not None else total, 1),
-        "router_entropy": entropy,
-        "cv_importance": _cv(gates_TE.sum(0)),
+    device = probs_TE.device
+    ent_T = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1)
+    if mask_T is None:
+        n_real = torch.tensor(float(probs_TE.shape[0]), device=device) if num_tokens is None else \
+            torch.as_tensor(num_tokens, dtype=torch.float32, device=device)
+        entropy = ent_T.sum() / n_real.clamp_min(1)
+    else:
+        m_T = mask_T.to(ent_T.dtype)
+        n_real = m_T.sum().float()
+        entropy = (ent_T * m_T).sum() / n_real.clamp_min(1)
+    load_E = tokens_per_expert_E.detach().float()
+    dropped = torch.as_tensor(dropped, dtype=torch.float32, device=device)
+    total = torch.as_tensor(total, dtype=torch.float32, device=device)
+    skipped = torch.as_tensor(skipped, dtype=torch.float32, device=device)
+    imp_E = decision.stats.importance.detach().sum(0) if decision.stats is not None else \
+        (decision.importance_gates if decision.importance_gates is not None else probs_TE).detach().sum(0)
+    metrics = {
+        "slots_per_expert" if decision.kind == "soft" else "tokens_per_expert": load_E,
+        "dropped_assignments": dropped,
+        "dropped_fraction": dropped / total.clamp_min(1),
+        "skipped_tokens": skipped,
+        "skipped_fraction": skipped / n_real.clamp_min(1),
+        "router_entropy": entropy.float(),
+        "cv_importance": _cv(imp_E),
         "cv_load": _cv(load_E),
-        "max_over_mean_load": load_E.max() / (load_E.mean() + 1e-10),
+        "max_over_mean_load": load_E.max() / (load_E.mean() + 1e-10) if load_E.numel() else load_E.sum(),
         "experts_used": (load_E > 0).sum().float(),
     }
+    return metrics
+
+
+def _positive_int(name: str, v: Any) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name}: must be a positive int, got {v!r}")
 
 
 class MoE(nn.Module):
     """Sparse MoE layer, drop-in for an MLP block: ``MoE(dim, hidden_dim, num_experts, top_k)(x)``.
 
-    ``forward(x)`` takes ``x`` of shape (..., dim) and returns ``MoEOutput(y, aux_loss, metrics)``:
-    ``y`` has x's shape; ``aux_loss`` is the router's weighted balancing loss (a zero scalar when no
-    loss applies); ``metrics`` holds detached per-expert statistics and the unweighted losses.
+    ``forward(x, mask=None, *, generator=None)`` takes ``x`` of shape (..., dim) and returns
+    ``MoEOutput(y, aux_loss, metrics, stats)``: ``y`` has x's shape; ``aux_loss`` is the router's
+    weighted balancing loss (a zero scalar when no loss applies); ``metrics`` holds detached per-expert
+    statistics and the unweighted losses; ``stats`` the (differentiable) routing statistics the loss
+    was formed from — add them over micro-batches and form the loss once with
+    ``layer.router.balance_losses(stats)`` for global-batch balancing.
 
     Args:
         router: a name from :data:`moekit.routing.ROUTERS` (``"topk"``, ``"noisy_topk"``, ``"switch"``,
-            ``"softmax"``, ``"expert_choice"``, ``"soft"``, ``"sigmoid"``) or a :class:`Router` instance.
+            ``"vmoe"``, ``"softmax"``, ``"expert_choice"``, ``"soft"``, ``"sigmoid"``) or a :class:`Router`.
         expert: ``"glu"`` (SwiGLU), ``"mlp"`` (Linear–act–Linear), a list of E ``nn.Module`` or a
             factory returning one (slower per-expert path).
-        top_k: experts per token (default 2; the dense softmax router uses all E; soft and expert-choice
-            routing take none).
+        top_k: experts per token (default: the router family's; the dense softmax router uses all E;
+            soft and expert-choice routing take none).
         capacity_factor: ``None`` = dropless. With a number c, each expert takes at most
-            ``C = ceil(T·k·c/E)`` assignments, first choices before second choices; overflow is dropped
-            (that slot contributes 0, the residual carries the token) and counted in metrics. For
-            ``router="expert_choice"`` it is the router's capacity factor (default 2).
-        group_size: with a capacity, split the T tokens into consecutive groups of this many tokens and
-            give every expert ``C = ceil(group_size·k·c/E)`` slots *per group* (V-MoE / GShard route within
-            groups, e.g. the tokens of a few images); T must be a multiple of it. ``None`` = one group.
-        batch_priority: Batch Priority Routing — serve tokens by descending top gate instead of token order.
+            ``C = ceil(S·k·c/E)`` assignments per routing group of S real tokens, first choices before
+            second choices; overflow is dropped (that slot contributes 0, the residual carries the
+            token) and counted in metrics. For ``router="expert_choice"`` it is the router's own
+            capacity factor (default 2).
+        capacity_multiple_of: round C up to a multiple of this (V-MoE uses 4; default 1 = no rounding).
+        group_size: route in groups of this many consecutive tokens (T must be a multiple): capacity
+            *and* the balancing losses are per group, the losses averaged over groups (V-MoE / GShard).
+            ``None`` = the whole batch is one group; for ``router="soft"`` it is the number of tokens that
+            share slots (default: the sequence length ``x.shape[-2]`` for inputs with 3+ dims).
+        batch_priority: Batch Priority Routing — serve tokens by descending raw top-1 router
+            probability instead of token order (needs a capacity).
         num_shared_experts / shared_hidden_dim: dense experts applied to every token, added to the output.
         w_importance, w_load, w_switch, w_z: loss coefficients (None = the router family's default).
-        router_options: extra keywords for the router (e.g. ``{"noise_std": "1/E", "renormalize": False}``).
-        dispatch: ``"sorted"`` (grouped matmuls, default) or ``"reference"`` (dense oracle, for tests).
+        router_options: extra keywords for the router (e.g. ``{"noise_std": "1/E", "renormalize": False}``);
+            unknown names raise a ``ValueError`` listing the valid ones.
+        dispatch: ``"sorted"`` (local grouped-matmul dispatcher, default), ``"reference"`` (dense oracle,
+            for tests) or a :class:`~moekit.dispatch.TokenDispatcher` instance (e.g. all-to-all).
+        balance_group: a ``torch.distributed`` process group: the routing statistics are summed over it
+            before the losses are formed (global-batch balancing). ``None`` = per batch.
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int | None = None, *,
                  router: str | Router = "topk", expert: str | list[nn.Module] | Callable[[], nn.Module] = "glu",
-                 capacity_factor: float | None = None, batch_priority: bool = False, group_size: int | None = None,
-                 num_shared_experts: int = 0, shared_hidden_dim: int | None = None,
-                 activation: str | None = None, bias: bool = False, dispatch: str = "sorted",
+                 capacity_factor: float | None = None, capacity_multiple_of: int = 1, batch_priority: bool = False,
+                 group_size: int | None = None, num_shared_experts: int = 0, shared_hidden_dim: int | None = None,
+                 activation: str | None = None, bias: bool = False, dispatch: str | TokenDispatcher = "sorted",
                  router_options: dict[str, Any] | None = None, w_importance: float | None = None,
-                 w_load: float | None = None, w_switch: float | None = None, w_z: float | None = None):
+                 w_load: float | None = None, w_switch: float | None = None, w_z: float | None = None,
+                 balance_group=None):
         super().__init__()
         for name, v in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: must be a positive int, got {v!r}")
-        if dispatch not in DISPATCHERS:
-            raise ValueError(f"dispatch: unknown {dispatch!r}; choose one of {sorted(DISPATCHERS)}")
+            _positive_int(name, v)
+        if isinstance(dispatch, str):
+            if dispatch not in DISPATCHERS:
+                raise ValueError(f"dispatch: unknown {dispatch!r}; choose one of {sorted(DISPATCHERS)} or a "
+                                 "TokenDispatcher instance")
+            self.dispatcher: TokenDispatcher = DISPATCHERS[dispatch]()
+        elif isinstance(dispatch, TokenDispatcher):
+            self.dispatcher = dispatch
+        else:
+            raise TypeError(f"dispatch: expected a name {sorted(DISPATCHERS)} or a TokenDispatcher, got "
+                            f"{type(dispatch).__name__}")
         if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
             raise ValueError(f"num_shared_experts: must be a non-negative int, got {num_shared_experts!r}")
+        _check_multiple(capacity_multiple_of)
         self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
-        self.dispatch = dispatch
-        self.batch_priority = bool(batch_priority)
+        self.capacity_multiple_of = capacity_multiple_of
+        self.balance_group = balance_group
 
         # --- router -------------------------------------------------------------------------------
         options = dict(router_options or {})
@@ -112,7 +153,7 @@ class MoE(nn.Module):
         elif isinstance(router, str):
             if router not in ROUTERS:
                 raise ValueError(f"router: unknown router {router!r}; choose one of {sorted(ROUTERS)}")
-            if router == "expert_choice" and capacity_factor is not None:
+            if ROUTERS[router].kind == "expert_choice" and capacity_factor is not None:
                 options.setdefault("capacity_factor", capacity_factor)
             # top_k=None leaves each family its own default (2 for top-k families, 1 for switch).
             self.router = build_router(router, dim, num_experts, top_k, **options)
@@ -120,23 +161,19 @@ class MoE(nn.Module):
             raise TypeError(f"router: expected a router name {sorted(ROUTERS)} or a Router, got "
                             f"{type(router).__name__}")
         self.top_k = self.router.top_k
-        self.soft = isinstance(self.router, SoftRouter)
-        self.token_choice = not self.soft and type(self.router).__name__ != "ExpertChoiceRouter"
+        self.kind = self.router.kind                      # declared by the router, never by class name
 
-        # --- capacity -----------------------------------------------------------------------------
-        if capacity_factor is not None:
-            expert_capacity(1, 1, 1, capacity_factor)            # validates the value
-            if self.soft or type(self.router).__name__ == "SoftmaxRouter":
-                raise ValueError("capacity_factor: soft and dense softmax routing drop nothing; use None")
-        if self.batch_priority and (capacity_factor is None or not self.token_choice):
-            raise ValueError("batch_priority: needs capacity_factor and a token-choice router")
-        self.capacity_factor = capacity_factor if self.token_choice else None
+        # --- capacity and groups --------------------------------------------------------------------
+        self.batch_priority = False
+        self.capacity_factor: float | None = None
+        if capacity_factor is not None and self.kind != "expert_choice":
+            self.set_capacity_factor(capacity_factor)
         if group_size is not None:
-            if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
-                raise ValueError(f"group_size: must be a positive int or None, got {group_size!r}")
-            if not self.token_choice:
-                raise ValueError("group_size: groups apply to capacity-limited token-choice routing")
+            _positive_int("group_size", group_size)
+            if self.kind == "expert_choice":
+                raise ValueError("group_size: expert-choice routing picks tokens from the whole batch; use None")
         self.group_size = group_size
+        self.set_batch_priority(bool(batch_priority))
 
         # --- experts ------------------------------------------------------------------------------
         expert_opts: dict[str, Any] = {}
@@ -152,17 +189,26 @@ class MoE(nn.Module):
             shared_h = (shared_hidden_dim or hidden_dim) * num_shared_experts
             self.shared = build_experts(kind, 1, dim, shared_h, **expert_opts)
 
+    @property
+    def token_choice(self) -> bool:
+        return self.kind == "token_choice"
+
+    @property
+    def soft(self) -> bool:
+        return self.kind == "soft"
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
-                f"top_k={self.top_k}, capacity_factor={self.capacity_factor}, group_size={self.group_size}, "
-                f"dispatch={self.dispatch}")
+                f"top_k={self.top_k}, kind={self.kind}, capacity_factor={self.capacity_factor}, "
+                f"group_size={self.group_size}, dispatcher={type(self.dispatcher).__name__}")
 
     def set_capacity_factor(self, capacity_factor: float | None) -> None:
         """Change the capacity ratio, e.g. at evaluation time (V-MoE evaluates at several c)."""
         if capacity_factor is not None:
-            expert_capacity(1, 1, 1, capacity_factor)
-            if not self.token_choice:
-                raise ValueError("capacity_factor: only token-choice routers take a capacity here")
+            expert_capacity(1, 1, 1, capacity_factor)            # validates the value
+            if not self.router.supports_capacity:
+                raise ValueError(f"capacity_factor: {type(self.router).__name__} ({self.kind} routing) drops "
+                                 "nothing and takes no capacity; use None")
         elif self.batch_priority:
             raise ValueError("capacity_factor: batch_priority needs a capacity; disable it first")
         self.capacity_factor = capacity_factor
@@ -176,81 +222,128 @@ class MoE(nn.Module):
         self.batch_priority = batch_priority
 
     # ------------------------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> MoEOutput:
+    def _check_input(self, x: Tensor, mask: Tensor | None) -> Tensor | None:
         if not isinstance(x, Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"x: last dimension must be dim={self.dim}, got shape {tuple(x.shape)}")
-        if self.soft:
-            y, decision, load_E = self._soft_forward(x)
-            dropped, total = 0, x.numel() // self.dim
-            skipped, num_tokens = 0, total
+        param = next(self.experts.parameters(), None)
+        if param is not None and x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x: dtype {x.dtype} does not match the layer's parameters ({param.dtype}); cast "
+                            "the input or the layer (layer.to(dtype)), or run under torch.autocast")
+        if mask is None:
+            return None
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask: expected a bool tensor broadcastable to {tuple(x.shape[:-1])}, got "
+                            f"{type(mask).__name__}")
+        try:
+            mask = torch.broadcast_to(mask, x.shape[:-1])
+        except RuntimeError:
+            raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to x.shape[:-1] = "
+                             f"{tuple(x.shape[:-1])}") from None
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected dtype torch.bool (True = real token), got {mask.dtype}")
+        return mask.reshape(-1).to(x.device)
+
+    def _group_size(self, x: Tensor) -> int | None:
+        if self.kind == "soft" and self.group_size is None:
+            return x.shape[-2] if x.dim() > 2 else None       # soft: the tokens of one sequence share slots
+        return self.group_size
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, *,
+                generator: torch.Generator | None = None) -> MoEOutput:
+        mask_T = self._check_input(x, mask)
+        x_TD = x.reshape(-1, self.dim)
+        group_size = self._group_size(x)
+        d = self.router(x_TD, mask_T, generator=generator, group_size=group_size,     # router
+                        stats_group=self.balance_group)
+        if d.kind == "soft":
+            y_TD, metrics = self._soft(x_TD, d, mask_T)
         else:
-            x_TD = x.reshape(-1, self.dim)
-            y_TD, decision, load_E, dropped, total, skipped = self._sparse_forward(x_TD)
-            num_tokens = x_TD.shape[0]
-            y = y_TD.view(x.shape)
+            y_TD, metrics = self._sparse(x_TD, d, mask_T, group_size)
+        if mask_T is not None:                                        # masked tokens: output exactly 0
+            y_TD = torch.where(mask_T[:, None], y_TD, torch.zeros_like(y_TD))
         if self.shared is not None:
-            x_TD = x.reshape(-1, self.dim)
-            counts = torch.tensor([x_TD.shape[0]], device=x.device)
-            y = y + self.shared(x_TD, counts).view(x.shape)
-        metrics = routing_metrics(decision, load_E, dropped, total, skipped, num_tokens)
-        metrics.update(decision.metrics)
-        return MoEOutput(y, decision.aux_loss, metrics)
+            counts = torch.full((1,), x_TD.shape[0], dtype=torch.long, device=x.device)
+            shared_TD = self.shared(x_TD, counts)
+            if mask_T is not None:
+                shared_TD = torch.where(mask_T[:, None], shared_TD, torch.zeros_like(shared_TD))
+            y_TD = y_TD + shared_TD
+        metrics.update(d.metrics)
+        return MoEOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]), d.aux_loss, metrics, d.stats)
 
-    def _sparse_forward(self, x_TD: Tensor):
-        T = x_TD.shape[0]
-        d = self.router(x_TD)                                         # router
-        token_A, expert_A, weight_A = d.assignments()
-        total = token_A.numel()
-        dropped: int | Tensor = 0
-        skipped: int | Tensor = 0
-        if self.capacity_factor is not None:                          # capacity: drop the overflow
-            keep_A = self._capacity_keep(d).t().reshape(-1)
-            dropped = (~keep_A).sum()
-            skipped = T - keep_A.view(-1, T).any(dim=0).sum()         # tokens with no slot left
-            token_A, expert_A, weight_A = token_A[keep_A], expert_A[keep_A], weight_A[keep_A]
-        elif not self.token_choice:                                   # expert choice: tokens nobody took
-            total = T
-            dropped = T - torch.unique(token_A).numel()
-            skipped = dropped
-        y_TD = DISPATCHERS[self.dispatch](x_TD, token_A, expert_A, weight_A, self.experts)  # dispatch+experts+combine
-        load_E = torch.bincount(expert_A, minlength=self.num_experts)
-        return y_TD, d, load_E, dropped, total, skipped
-
-    def _capacity_keep(self, d: RoutingDecision) -> Tensor:
-        """``keep_TK``: which assignments fit the per-expert capacity (per group with ``group_size``)."""
-        T, E = d.expert_ids.shape[0], self.num_experts
-        priority_T = d.weights.detach().max(dim=-1).values if self.batch_priority else None
-        if self.group_size is None:
-            return capacity_mask(d.expert_ids, E, expert_capacity(T, self.top_k, E, self.capacity_factor), priority_T)
-        S = self.group_size
-        if T % S:
-            raise ValueError(f"group_size: {T} tokens do not split into groups of {S}")
-        # (group, expert) pairs are independent queues: expert e of group g becomes queue g·E + e.
-        group_T = torch.arange(T, device=d.expert_ids.device) // S
-        queue_TK = d.expert_ids + (group_T * E)[:, None]
-        return capacity_mask(queue_TK, (T // S) * E, expert_capacity(S, self.top_k, E, self.capacity_factor),
-                             priority_T)
-
-    def _soft_forward(self, x: Tensor):
-        router: SoftRouter = self.router  # type: ignore[assignment]
-        E, S, D = self.num_experts, router.slots_per_expert, self.dim
-        x_GND = x.reshape(1, -1, D) if x.dim() <= 2 else x.reshape(-1, x.shape[-2], D)
-        G, N = x_GND.shape[:2]
-        d = router(x_GND.reshape(-1, D))       # routing summary + (zero) aux loss, for metrics
-        dispatch_GNZ, combine_GNZ, _ = router.slot_weights(x_GND)   # Z = E·S slots
-        slots_GZD = torch.einsum("gnz,gnd->gzd", dispatch_GNZ.to(x.dtype), x_GND)
-        # Rows grouped by expert: (E, G, S, D) -> (E·G·S, D), G·S rows per expert.
-        rows = slots_GZD.view(G, E, S, D).permute(1, 0, 2, 3).reshape(E * G * S, D)
-        counts_E = torch.full((E,), G * S, dtype=torch.long, device=x.device)
-        if self.dispatch == "reference":
-            out_EGSD = self.experts.forward_dense(rows)[torch.arange(E).repeat_interleave(G * S),
-                                                         torch.arange(E * G * S)].view(E, G, S, D)
+    def _sparse(self, x_TD: Tensor, d: RoutingDecision, mask_T: Tensor | None, group_size: int | None):
+        T, E = x_TD.shape[0], self.num_experts
+        if d.kind == "expert_choice":          # experts picked real tokens only: nothing to drop
+            token_A, expert_A, weight_A = d.assignments()
+            a = Assignments(token_A, expert_A, weight_A, T, E, may_skip=False)
+            picked_T = torch.zeros(T, dtype=torch.bool, device=x_TD.device).index_fill(0, token_A, True)
+            real_T = picked_T.new_ones(T) if mask_T is None else mask_T
+            skipped = (real_T & ~picked_T).sum()
+            dropped, total = 0, token_A.numel()
         else:
-            out_EGSD = self.experts(rows, counts_E).view(E, G, S, D)
-        out_GZD = out_EGSD.permute(1, 0, 2, 3).reshape(G, E * S, D)
-        y_GND = torch.einsum("gnz,gzd->gnd", combine_GNZ.to(x.dtype), out_GZD)
-        return y_GND.reshape(x.shape), d, counts_E
+            ids_TK = d.expert_ids
+            K = ids_TK.shape[-1]
+            keep_TK = None
+            if self.capacity_factor is not None:                      # capacity: drop the overflow
+                keep_TK = capacity_keep(ids_TK, E, self.capacity_factor, mask_T=mask_T, group_size=group_size,
+                                        priority_T=self._priority(d) if self.batch_priority else None,
+                                        multiple_of=self.capacity_multiple_of)
+            elif mask_T is not None:                                  # padding: never routed
+                keep_TK = mask_T[:, None].expand(T, K)
+            if keep_TK is not None:
+                ids_TK = torch.where(keep_TK, ids_TK, torch.full_like(ids_TK, E))   # id E = not executed
+            # Slot-major flat order (all first choices, then all second choices, ...).
+            token_A = torch.arange(T, device=x_TD.device).expand(K, T).reshape(-1)
+            a = Assignments(token_A, ids_TK.t().reshape(-1), d.weights.t().reshape(-1), T, E,
+                            may_skip=keep_TK is not None)
+            n_real = T if mask_T is None else mask_T.sum()
+            total = n_real * K
+            if keep_TK is None:
+                dropped, skipped = 0, 0
+            else:
+                dropped = total - keep_TK.sum()
+                real_T = torch.ones(T, dtype=torch.bool, device=x_TD.device) if mask_T is None else mask_T
+                skipped = (real_T & ~keep_TK.any(dim=-1)).sum()
+        rows_RD, counts_E, state = self.dispatcher.dispatch(x_TD, a)            # dispatch
+        out_RD = self.dispatcher.compute(self.experts, rows_RD, counts_E, state)  # experts
+        y_TD = self.dispatcher.combine(out_RD, state)                         # combine
+        load_E = expert_counts(a.expert_A, E)
+        metrics = routing_metrics(d, load_E, dropped, total, skipped, T, mask_T)
+        return y_TD, metrics
+
+    @staticmethod
+    def _priority(d: RoutingDecision) -> Tensor:
+        """Batch Priority Routing key: the router's raw top-1 gate (V-MoE sorts by it), whatever the
+        renormalisation of the combine weights."""
+        if d.priority is not None:
+            return d.priority
+        return d.probs.detach().max(dim=-1).values
+
+    def _soft(self, x_TD: Tensor, d: RoutingDecision, mask_T: Tensor | None):
+        """Soft MoE: slots (mixtures of a group's tokens) go through the dispatcher as rows already
+        grouped by expert; the outputs are mixed back into tokens by the combine weights."""
+        E, S, D = self.num_experts, self.router.slots_per_expert, self.dim
+        dispatch_GNZ, combine_GNZ = d.slot_dispatch, d.slot_combine
+        G, N = dispatch_GNZ.shape[:2]
+        x_GND = x_TD.reshape(G, N, D)
+        param = next(self.experts.parameters(), None)
+        cdt = x_TD.dtype if param is None else (torch.get_autocast_dtype(x_TD.device.type)
+                                                if torch.is_autocast_enabled(x_TD.device.type) else param.dtype)
+        slots_GZD = torch.einsum("gnz,gnd->gzd", dispatch_GNZ.to(cdt), x_GND.to(cdt))
+        # Rows grouped by expert: (G, E, S, D) -> (E, G, S, D) -> (E·G·S, D), G·S rows per expert.
+        rows = slots_GZD.view(G, E, S, D).permute(1, 0, 2, 3).reshape(E * G * S, D)
+        R = rows.shape[0]
+        a = Assignments(torch.arange(R, device=x_TD.device),
+                        torch.arange(E, device=x_TD.device).repeat_interleave(G * S),
+                        torch.ones(R, dtype=rows.dtype, device=x_TD.device), R, E)
+        rows_RD, counts_E, state = self.dispatcher.dispatch(rows, a)
+        out_RD = self.dispatcher.compute(self.experts, rows_RD, counts_E, state)
+        out_ZD = self.dispatcher.combine(out_RD, state)
+        out_GZD = out_ZD.view(E, G, S, -1).permute(1, 0, 2, 3).reshape(G, E * S, -1)
+        y_GND = torch.einsum("gnz,gzd->gnd", combine_GNZ.to(out_GZD.dtype), out_GZD)
+        slots_E = torch.full((E,), G * S, dtype=torch.float32, device=x_TD.device)
+        metrics = routing_metrics(d, slots_E, 0, 0, 0, x_TD.shape[0], mask_T)
+        return y_GND.reshape(x_TD.shape[0], -1), metrics

@@ -265,7 +265,7 @@ class ViT(nn.Module):
             return MoEOutput(logits_BL, zero_loss(logits_BL), {})
         aux, metrics = merge_outputs(outputs, prefix="moe")
         routed = x_BND.shape[0] * x_BND.shape[1] * self.top_k * len(outputs)    # T·k per MoE block
-        dropped = sum(o.metrics["dropped_tokens"] for o in outputs)
+        dropped = sum(o.metrics["dropped_assignments"] for o in outputs)
         metrics["dropped_fraction"] = (dropped / routed).detach()
         return MoEOutput(logits_BL, aux, metrics)
 

@@ -4,6 +4,10 @@
 """
 from __future__ import annotations
 
+import inspect
+
+from torch import nn
+
 from .base import Router, RoutingDecision
 from .expert_choice import ExpertChoiceRouter
 from .noisy_topk import NoisyTopKRouter
@@ -24,14 +28,32 @@ ROUTERS: dict[str, type[Router]] = {
 }
 
 
+def router_options(cls: type[Router]) -> list[str]:
+    """The keyword options a router class accepts (its own and its bases' keyword-only arguments)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is nn.Module or klass is object:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in (
+                    "self", "dim", "num_experts", "top_k"):
+                names.add(p.name)
+    return sorted(names)
+
+
 def build_router(name: str, dim: int, num_experts: int, top_k: int | None = None, **options) -> Router:
     if not isinstance(name, str) or name not in ROUTERS:
         raise ValueError(f"router: unknown router {name!r}; choose one of {sorted(ROUTERS)}")
     cls = ROUTERS[name]
+    valid = router_options(cls)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"router_options: unknown option(s) {unknown} for router {name!r}; valid options: {valid}")
     if top_k is None:
         return cls(dim, num_experts, **options)
     return cls(dim, num_experts, top_k, **options)
 
 
-__all__ = ["ROUTERS", "Router", "RoutingDecision", "build_router", "SoftmaxRouter", "NoisyTopKRouter",
+__all__ = ["router_options", "ROUTERS", "Router", "RoutingDecision", "build_router", "SoftmaxRouter", "NoisyTopKRouter",
            "TopKRouter", "VMoERouter", "SwitchRouter", "ExpertChoiceRouter", "SoftRouter", "SigmoidRouter"]

@@ -30,19 +30,32 @@ class ExpertChoiceRouter(Router):
             raise ValueError(f"top_k: expert_choice routing has no per-token k; leave top_k=None, got {top_k!r}")
         super().__init__(dim, num_experts, 1, **kwargs)
 
+    kind = "expert_choice"
+    supports_capacity = False     # the capacity factor is the router's own (``capacity_factor``)
+
     def capacity(self, num_tokens: int) -> int:
+        """``C = ceil(T · c / E)`` capped at T (0 for an empty batch)."""
+        if num_tokens <= 0:
+            return 0
         return max(1, min(num_tokens, math.ceil(num_tokens * self.capacity_factor / self.num_experts)))
 
-    def route(self, x_TD: Tensor) -> RoutingDecision:
+    def route(self, x_TD: Tensor, *, mask_T: Tensor | None = None, generator: torch.Generator | None = None,
+              group_size: int | None = None) -> RoutingDecision:
+        if group_size is not None:
+            raise ValueError("group_size: expert-choice routing picks tokens from the whole batch; use None")
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         T, E = probs_TE.shape
-        C = self.capacity(T)
-        weight_EC, token_EC = probs_TE.t().topk(C, dim=-1)
+        # C from the real tokens only (a host read: expert choice needs a concrete C for topk).
+        C = self.capacity(T if mask_T is None else int(mask_T.sum()))
+        scores_TE = probs_TE if mask_T is None else probs_TE.masked_fill(~mask_T[:, None], -1.0)
+        _, token_EC = scores_TE.t().topk(C, dim=-1)           # masked tokens (score -1) are never picked
+        weight_EC = probs_TE.t().gather(1, token_EC)
         expert_EC = torch.arange(E, device=x_TD.device)[:, None].expand(E, C)
         dense_TE = torch.zeros_like(probs_TE).index_put((token_EC.reshape(-1), expert_EC.reshape(-1)),
                                                        weight_EC.reshape(-1))
         return RoutingDecision(
+            kind="expert_choice",
             expert_ids=torch.arange(E, device=x_TD.device).expand(T, E), weights=dense_TE,
             logits=logits_TE, probs=probs_TE,
             assign_token=token_EC.reshape(-1), assign_expert=expert_EC.reshape(-1),

@@ -31,20 +31,21 @@ class NoisyTopKRouter(Router):
         self.noise = nn.Linear(dim, num_experts, bias=False)
         nn.init.zeros_(self.noise.weight)
 
-    def route(self, x_TD: Tensor) -> RoutingDecision:
+    def route(self, x_TD: Tensor, *, mask_T: Tensor | None = None, generator: torch.Generator | None = None,
+              group_size: int | None = None) -> RoutingDecision:
         clean_TE = self.logits(x_TD)
         noisy_TE, std_TE = None, None
         if self.training:
-            std_TE = F.softplus(x_TD.float() @ self.noise.weight.float().t()) + self.noise_eps
-            noisy_TE = clean_TE + torch.randn_like(clean_TE) * std_TE
+            std_TE = F.softplus(self.linear(x_TD, self.noise.weight)) + self.noise_eps
+            noisy_TE = clean_TE + self.randn_like(clean_TE, generator) * std_TE
         h_TE = clean_TE if noisy_TE is None else noisy_TE
         top_vals_TK, expert_ids_TK = h_TE.topk(self.top_k, dim=-1)
         weights_TK = torch.softmax(top_vals_TK, dim=-1)
         gates_TE = torch.zeros_like(h_TE).scatter(1, expert_ids_TK, weights_TK)
         return RoutingDecision(expert_ids=expert_ids_TK, weights=weights_TK, logits=clean_TE,
                                probs=torch.softmax(clean_TE, dim=-1), noisy_logits=noisy_TE,
-                               noise_std=std_TE, importance_gates=gates_TE)
+                               noise_std=std_TE, importance_gates=gates_TE, priority=weights_TK[:, 0].detach())
 
-    def load_loss(self, d: RoutingDecision) -> Tensor:
+    def load_per_token(self, d: RoutingDecision) -> Tensor:
         noisy = d.logits if d.noisy_logits is None else d.noisy_logits
-        return L.shazeer_load_loss(d.logits, noisy, d.noise_std, self.top_k)
+        return L.shazeer_load_per_token(d.logits, noisy, d.noise_std, self.top_k)

@@ -27,16 +27,19 @@ class SigmoidRouter(Router):
         self.scale = float(scale)
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
 
-    def route(self, x_TD: Tensor) -> RoutingDecision:
+    def route(self, x_TD: Tensor, *, mask_T: Tensor | None = None, generator: torch.Generator | None = None,
+              group_size: int | None = None) -> RoutingDecision:
         logits_TE = self.logits(x_TD)
         scores_TE = torch.sigmoid(logits_TE)
-        _, expert_ids_TK = (scores_TE.detach() + self.expert_bias).topk(self.top_k, dim=-1)
+        _, expert_ids_TK = (scores_TE.detach() + self.expert_bias.to(scores_TE.dtype)).topk(self.top_k, dim=-1)
         weights_TK = scores_TE.gather(1, expert_ids_TK)
+        priority_T = weights_TK.detach().max(dim=-1).values
         if self.normalize:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         weights_TK = weights_TK * self.scale
         probs_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
-        return RoutingDecision(expert_ids=expert_ids_TK, weights=weights_TK, logits=logits_TE, probs=probs_TE)
+        return RoutingDecision(expert_ids=expert_ids_TK, weights=weights_TK, logits=logits_TE, probs=probs_TE,
+                               priority=priority_T)
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: Tensor, rate: float | None = None) -> None:

@@ -35,27 +35,45 @@ class SoftRouter(Router):
         nn.init.normal_(self.gate.weight, std=dim ** -0.5)
         self.logit_scale = nn.Parameter(torch.ones(())) if normalize else None
 
+    kind = "soft"
+    supports_capacity = False
+
     def slot_logits(self, x_GND: Tensor) -> Tensor:
-        w_ESD = self.gate.weight.float()
-        x = x_GND.float()
-        if self.normalize:
-            x = F.normalize(x, dim=-1)
-            w_ESD = F.normalize(w_ESD, dim=-1) * self.logit_scale
-        logits = x @ w_ESD.t()
-        if self.check_finite and not bool(torch.isfinite(logits).all()):
-            raise FloatingPointError("SoftRouter: slot logits contain NaN/Inf; refusing to route")
-        return logits
+        w_ZD = self.gate.weight
+        dtype = self.routing_dtype(x_GND)
+        with torch.autocast(x_GND.device.type, enabled=False):
+            x = x_GND.to(dtype)
+            w_ZD = w_ZD.to(dtype)
+            if self.normalize:
+                x = F.normalize(x, dim=-1)
+                w_ZD = F.normalize(w_ZD, dim=-1) * self.logit_scale.to(dtype)
+            logits = x @ w_ZD.t()
+        return self.assert_finite(logits)
 
-    def slot_weights(self, x_GND: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(dispatch_GN_ES, combine_GN_ES, logits_GN_ES)``; dispatch sums to 1 over N, combine over ES."""
+    def slot_weights(self, x_GND: Tensor, mask_GN: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(dispatch_GN_ES, combine_GN_ES, logits_GN_ES)``; dispatch sums to 1 over the real tokens of a
+        group, combine over ES; masked tokens get zero dispatch and combine weight."""
         logits = self.slot_logits(x_GND)
-        return torch.softmax(logits, dim=-2), torch.softmax(logits, dim=-1), logits
+        if mask_GN is None:
+            return torch.softmax(logits, dim=-2), torch.softmax(logits, dim=-1), logits
+        m = mask_GN[..., None]
+        dispatch = torch.softmax(logits.masked_fill(~m, float("-inf")), dim=-2)
+        dispatch = torch.where(m, dispatch, torch.zeros_like(dispatch))      # all-masked group: 0, not NaN
+        combine = torch.where(m, torch.softmax(logits, dim=-1), torch.zeros_like(logits))
+        return dispatch, combine, logits
 
-    def route(self, x_TD: Tensor) -> RoutingDecision:
-        """Routing summary with all T tokens as one group (per-expert view of the slot weights)."""
-        _, combine_TES, logits_TES = self.slot_weights(x_TD[None])
-        T, E, S = x_TD.shape[0], self.num_experts, self.slots_per_expert
-        weights_TE = combine_TES[0].reshape(T, E, S).sum(-1)
-        logits_TE = torch.logsumexp(logits_TES[0].reshape(T, E, S), dim=-1)
-        return RoutingDecision(expert_ids=torch.arange(E, device=x_TD.device).expand(T, E), weights=weights_TE,
-                               logits=logits_TE, probs=weights_TE)
+    def route(self, x_TD: Tensor, *, mask_T: Tensor | None = None, generator: torch.Generator | None = None,
+              group_size: int | None = None) -> RoutingDecision:
+        """Slots per group of ``group_size`` tokens (None: all T tokens form one group)."""
+        T, D = x_TD.shape
+        E, S = self.num_experts, self.slots_per_expert
+        N = T if group_size is None else group_size
+        G = T // N if N > 0 else 0
+        x_GND = x_TD.reshape(G, N, D)
+        mask_GN = None if mask_T is None else mask_T.reshape(G, N)
+        dispatch_GNZ, combine_GNZ, logits_GNZ = self.slot_weights(x_GND, mask_GN)
+        weights_TE = combine_GNZ.reshape(T, E, S).sum(-1)
+        logits_TE = torch.logsumexp(logits_GNZ.reshape(T, E, S), dim=-1)
+        return RoutingDecision(kind="soft", expert_ids=torch.arange(E, device=x_TD.device).expand(T, E),
+                               weights=weights_TE, logits=logits_TE, probs=torch.softmax(logits_TE, dim=-1),
+                               slot_dispatch=dispatch_GNZ, slot_combine=combine_GNZ)

@@ -19,7 +19,10 @@ class SoftmaxRouter(Router):
                              f"{num_experts}) or None, got {top_k!r}")
         super().__init__(dim, num_experts, num_experts, **kwargs)
 
-    def route(self, x_TD: Tensor) -> RoutingDecision:
+    supports_capacity = False
+
+    def route(self, x_TD: Tensor, *, mask_T: Tensor | None = None, generator: torch.Generator | None = None,
+              group_size: int | None = None) -> RoutingDecision:
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         T, E = probs_TE.shape

@@ -46,26 +46,30 @@ class TopKRouter(Router):
         return (super().extra_repr() + f", renormalize={self.renormalize}, noise_std={self.noise_std:g}"
                 f", jitter={self.jitter:g}")
 
-    def route(self, x_TD: Tensor) -> RoutingDecision:
+    def route(self, x_TD: Tensor, *, mask_T: Tensor | None = None, generator: torch.Generator | None = None,
+              group_size: int | None = None) -> RoutingDecision:
         if self.training and self.jitter > 0:
-            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            u = torch.rand(x_TD.shape, generator=generator, device=x_TD.device, dtype=x_TD.dtype)
+            x_TD = x_TD * (1.0 - self.jitter + 2.0 * self.jitter * u)
         clean_TE = self.logits(x_TD)
         noisy_TE = None
         if self.training and self.noise_std > 0:
-            noisy_TE = clean_TE + torch.randn_like(clean_TE) * self.noise_std
+            noisy_TE = clean_TE + self.randn_like(clean_TE, generator) * self.noise_std
         h_TE = clean_TE if noisy_TE is None else noisy_TE
         gates_TE = torch.softmax(h_TE, dim=-1)
         weights_TK, expert_ids_TK = gates_TE.topk(self.top_k, dim=-1)
+        priority_T = weights_TK[:, 0]                 # raw top-1 gate, before any renormalisation
         if self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         return RoutingDecision(expert_ids=expert_ids_TK, weights=weights_TK, logits=clean_TE,
                                probs=torch.softmax(clean_TE, dim=-1), noisy_logits=noisy_TE,
-                               noise_std=self.noise_std if noisy_TE is not None else None)
+                               noise_std=self.noise_std if noisy_TE is not None else None,
+                               priority=priority_T.detach())
 
-    def load_loss(self, d: RoutingDecision) -> Tensor | None:
+    def load_per_token(self, d: RoutingDecision) -> Tensor | None:
         if d.noisy_logits is None:     # eval mode or no noise: the load loss is undefined
             return None
-        return L.vmoe_load_loss(d.logits, d.noisy_logits, self.noise_std, self.top_k)
+        return L.vmoe_load_per_token(d.logits, d.noisy_logits, self.noise_std, self.top_k)
 
 
 class VMoERouter(TopKRouter):
