@@ -47,4 +47,5 @@ def test_markdown_tables():
     from moekit.analysis.tables import markdown_table, routing_counts_markdown
     assert markdown_table(["a", "b"], [[1, 2.5]]) == "| a | b |\n|---|---|\n| 1 | 2.5 |"
     md = routing_counts_markdown([[3, 0], [1, 2]], ["x", "y"])
-    assert md.splitlines() == ["| expert | x | y | total |", "|---|---|---|---|", "| 1 | 3 | 0 | 3 |", "| 2 | 1 | 2 | 3 |"]
+    assert md.splitlines() == ["| expert | x | y | total |", "|---|---|---|---|", "| 0 | 3 | 0 | 3 |", "| 1 | 1 | 2 | 3 |"]
+    assert markdown_table(["H(a | b)"], [["x|y"]]).splitlines()[::2] == ["| H(a \\| b) |", "| x\\|y |"]

@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from moekit.experiments.base import ExperimentResult, make_context, mean_std  # noqa: E402
+from moekit.experiments.options import OptionError  # noqa: E402
 from moekit.experiments.vowels import EXPERIMENT  # noqa: E402
 
 ROWS = ["ME 4 experts", "ME 8 experts", "BP 6 hidden", "BP 12 hidden"]
@@ -72,7 +73,18 @@ def test_same_seed_same_numbers(tmp_path):
     assert runs[0].tables == runs[1].tables
 
 
-@pytest.mark.parametrize("argv,arg", [(["--epochs", "0"], "epochs"), (["--criterion", "1.5"], "criterion")])
+@pytest.mark.parametrize("argv,arg", [(["--epochs", "0"], "--epochs"), (["--criterion", "1.5"], "--criterion"),
+                                      (["--lr", "nan"], "--lr: must be a finite"), (["--hidden", "0"], "--hidden"),
+                                      (["--hidden", "-3"], "--hidden"), (["--experts", "0"], "--experts"),
+                                      (["--experts", "", "--hidden", ""], "--experts")])
 def test_bad_options(tmp_path, argv, arg):
-    with pytest.raises(ValueError, match=arg):
-        EXPERIMENT.run(_ctx(tmp_path, seeds=1, argv=argv))
+    with pytest.raises(OptionError, match=arg):
+        _ctx(tmp_path, seeds=1, argv=argv)
+
+
+def test_verdicts(quick_run):
+    _, res = quick_run
+    assert [v.claim.split(" ")[0] for v in res.verdicts] == ["All", "Mixtures", "The"]
+    acc, speed, local = res.verdicts
+    assert acc.verdict in ("reproduced", "partly")   # 300 quick epochs: at or a little below the band
+    assert "median epochs" in speed.reason and "H(vowel | expert)" in local.reason

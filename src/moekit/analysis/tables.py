@@ -5,15 +5,17 @@ from typing import Any, Iterable, Sequence
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Iterable[Any]]) -> str:
-    """A GitHub-flavoured markdown table; cells are formatted with ``str``."""
-    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    """A GitHub-flavoured markdown table; cells are formatted with ``str`` (a ``|`` inside a cell is escaped)."""
+    def cell(c: Any) -> str:
+        return str(c).replace("|", "\\|")
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def routing_counts_markdown(table_EK: Any, col_labels: Sequence[str], row_label: str = "expert",
-                            first_expert: int = 1) -> str:
-    """A routing table (rows: experts, columns: labels, counts) with a per-expert total column."""
-    rows = [[f"{first_expert + e}"] + [str(int(v)) for v in table_EK[e]] + [str(int(sum(table_EK[e])))]
+def routing_counts_markdown(table_EK: Any, col_labels: Sequence[str], row_label: str = "expert") -> str:
+    """A routing table (rows: experts numbered from 0, as everywhere in moekit; columns: labels; counts)
+    with a per-expert total column."""
+    rows = [[f"{e}"] + [str(int(v)) for v in table_EK[e]] + [str(int(sum(table_EK[e])))]
             for e in range(len(table_EK))]
     return markdown_table([row_label, *col_labels, "total"], rows)

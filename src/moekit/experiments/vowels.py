@@ -21,24 +21,41 @@ model is stacked over seeds with :func:`torch.func.stack_module_state` and evalu
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..datasets.vowels import SPEAKER_TYPES, VowelSplit, load_peterson_barney
-from ..layers.classic import MixtureOfLocalExperts
 from ..analysis.tables import markdown_table as _md_table
 from ..analysis.tables import routing_counts_markdown
-from .base import Experiment, ExperimentResult, Row, RunContext
+from ..datasets.vowels import SPEAKER_TYPES, VowelSplit, load_peterson_barney
+from ..layers.classic import MixtureOfLocalExperts
+from .base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict, mean_std
+from .options import OptionError, config_dict, option
+from .train import fit, seed_generator
 
 VOWELS = ("iy", "ih", "aa", "ah")
 VOWEL_LABELS = ("[i] iy", "[ɪ] ih", "[a] aa", "[ʌ] ah")
 TYPE_LABELS = ("men", "women", "children")
+SOURCE = Source("Jacobs, Jordan, Nowlan & Hinton 1991", "Table 1", "recalled")
 PAPER_EPOCHS = {"ME 4 experts": 1100.0, "ME 8 experts": 1100.0, "BP 6 hidden": 2200.0, "BP 12 hidden": 2400.0}
+PAPER_TRAIN_ACC, PAPER_TEST_ACC = 88.0, 90.0
+
+
+@dataclass(frozen=True)
+class Config:
+    epochs: int = option(3000, "full-batch epochs per net", ge=1, quick=300)
+    lr: float = option(0.1, "gradient-descent step size of every net", gt=0)
+    criterion: float = option(0.88, "training accuracy (a fraction) that ends 'epochs to criterion'", gt=0, le=1)
+    experts: tuple[int, ...] = option((4, 8), "expert counts of the ME nets", ge=1)
+    hidden: tuple[int, ...] = option((6, 12), "hidden sizes of the BP nets", ge=1)
+
+    def check(self) -> None:
+        if not self.experts and not self.hidden:
+            raise OptionError("--experts", "give at least one ME net (--experts) or BP net (--hidden)")
 
 
 class BackpropNet(nn.Module):
@@ -59,14 +76,6 @@ class BackpropNet(nn.Module):
         return self.out(torch.tanh(self.hidden(x_ND)))
 
 
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=3000, help="full-batch epochs per net (quick: 300)")
-    p.add_argument("--lr", type=float, default=0.1, help="gradient-descent step size, all nets")
-    p.add_argument("--criterion", type=float, default=0.88, help="training accuracy that ends 'epochs to criterion'")
-    p.add_argument("--experts", type=int, nargs="+", default=[4, 8], help="expert counts of the ME nets")
-    p.add_argument("--hidden", type=int, nargs="+", default=[6, 12], help="hidden sizes of the BP nets")
-
-
 # --------------------------------------------------------------------------------------------------
 # Training, stacked over seeds
 # --------------------------------------------------------------------------------------------------
@@ -80,7 +89,8 @@ def _stack(models: list[nn.Module]):
 
 def _train(ctx: RunContext, name: str, models: list[nn.Module], loss_and_logits: Callable,
            x_SND: Tensor, labels_SN: Tensor, epochs: int, lr: float, criterion: float) -> dict:
-    """Full-batch gradient descent of S independent nets at once. Returns curves and epochs to criterion."""
+    """Full-batch gradient descent of S independent nets at once (:func:`~moekit.experiments.train.fit`,
+    plain SGD, one loss per net). Returns the curves (state after 0..epochs updates) and epochs to criterion."""
     from torch.func import vmap
 
     params, base = _stack(models)
@@ -91,21 +101,23 @@ def _train(ctx: RunContext, name: str, models: list[nn.Module], loss_and_logits:
         return loss, (logits_NC.argmax(-1) == y_N).float().mean()
 
     batched = vmap(step_fn)
-    opt = torch.optim.SGD(list(params.values()), lr=lr)
-    S = x_SND.shape[0]
-    loss_curve_SE = torch.empty(S, epochs + 1)
-    acc_curve_SE = torch.empty(S, epochs + 1)
-    first_S = torch.full((S,), math.nan)
-    for epoch in ctx.track(range(epochs + 1), epochs + 1, f"vowels: {name}"):
-        loss_S, acc_S = batched(params, x_SND, targets_SNC, labels_SN)  # state after `epoch` updates
-        loss_curve_SE[:, epoch] = loss_S.detach()
-        acc_curve_SE[:, epoch] = acc_S
-        first_S = torch.where(first_S.isnan() & (acc_S >= criterion), float(epoch), first_S)
-        if epoch == epochs:
-            break
-        opt.zero_grad(set_to_none=True)
-        loss_S.sum().backward()  # the seeds share no parameters, so the sum's gradient is each seed's own
-        opt.step()
+    loss_curve: list[Tensor] = []
+    acc_curve: list[Tensor] = []
+
+    def loss_fn(idx: Tensor | None) -> Tensor:          # the state after len(loss_curve) updates
+        loss_S, acc_S = batched(params, x_SND, targets_SNC, labels_SN)
+        loss_curve.append(loss_S.detach())
+        acc_curve.append(acc_S.detach())
+        return loss_S                  # the seeds share no parameters: the sum's gradient is each seed's own
+
+    fit(loss_fn, [torch.optim.SGD(list(params.values()), lr=lr)], epochs=epochs, track=ctx.track,
+        description=f"vowels: {name}")
+    with torch.no_grad():                              # the state after the last update
+        loss_S, acc_S = batched(params, x_SND, targets_SNC, labels_SN)
+    loss_curve_SE = torch.stack(loss_curve + [loss_S], dim=1)
+    acc_curve_SE = torch.stack(acc_curve + [acc_S], dim=1)
+    reached_SE = acc_curve_SE >= criterion
+    first_S = torch.where(reached_SE.any(1), reached_SE.float().argmax(1).float(), torch.tensor(math.nan))
     return {"params": {k: v.detach() for k, v in params.items()}, "base": base, "loss": loss_curve_SE,
             "acc": acc_curve_SE, "epochs_to_criterion": first_S}
 
@@ -149,7 +161,7 @@ def _bp_predict(trained: dict, x_SND: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 def _counts_table(table_EK: Tensor, col_labels: tuple[str, ...]) -> str:
-    return routing_counts_markdown(table_EK.tolist(), list(col_labels), row_label="argmax-gate expert", first_expert=0)
+    return routing_counts_markdown(table_EK.tolist(), list(col_labels), row_label="argmax-gate expert")
 
 
 def _pct(correct_SN: Tensor) -> list[float]:
@@ -226,18 +238,9 @@ def _run(ctx: RunContext) -> ExperimentResult:
     from ..analysis import plots
     from ..analysis.routing import dispatch_entropy, routing_table
 
-    a = ctx.args
-    epochs = int(getattr(a, "epochs", 3000))
-    if ctx.quick:
-        epochs = min(epochs, 300)
-    lr = float(getattr(a, "lr", 0.1))
-    criterion = float(getattr(a, "criterion", 0.88))
-    expert_counts = list(getattr(a, "experts", [4, 8]))
-    hidden_sizes = list(getattr(a, "hidden", [6, 12]))
-    if epochs < 1:
-        raise ValueError(f"--epochs: expected a positive int, got {epochs}")
-    if not 0.0 < criterion <= 1.0:
-        raise ValueError(f"--criterion: expected a training accuracy in (0, 1], got {criterion}")
+    c: Config = ctx.config
+    epochs, lr, criterion = c.epochs, c.lr, c.criterion
+    expert_counts, hidden_sizes = list(c.experts), list(c.hidden)
     seeds = list(range(ctx.seeds))
 
     table = load_peterson_barney(vowels=VOWELS, features=("F1", "F2"))
@@ -250,7 +253,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
 
     def seeded(make: Callable[[], nn.Module], seed: int, salt: int) -> nn.Module:
         m = make()
-        m.reset_parameters(torch.Generator().manual_seed(10_000 * salt + seed))
+        m.reset_parameters(seed_generator(seed, stream=salt))
         return m
 
     rows: list[Row] = []
@@ -313,7 +316,7 @@ def _run(ctx: RunContext) -> ExperimentResult:
     tables["ME test accuracy (%) by classification rule, mean ± std over seeds"] = _md_table(
         ["model", "blended output Σ p_i o_i", "most probable expert's output"], rule_rows)
     tables[f"Epochs to {100 * criterion:.0f} % training accuracy, over the seeds that reached it"] = _md_table(
-        ["model", "mean ± std", "median", "seeds reached", "paper [recalled]"],
+        ["model", "mean ± std", "median", "seeds reached", "paper (Table 1, recalled)"],
         [[r.name, *_epochs_cells(list(r.metrics["epochs_to_criterion"])),
           f"≈{PAPER_EPOCHS[r.name]:.0f}" if r.name in PAPER_EPOCHS else "–"] for r in rows])
 
@@ -328,11 +331,12 @@ def _run(ctx: RunContext) -> ExperimentResult:
         ctx.savefig(_scatter(splits[0], me_results[first][0], 0,
                              f"{first}, seed {seeds[0]}: gate regions and class boundaries"), "f1_f2_gate_regions.png")
 
-    paper = [Row(name, {"train_acc": 88.0, "test_acc": 90.0, "epochs_to_criterion": PAPER_EPOCHS[name]})
+    paper = [Row(name, {"train_acc": PAPER_TRAIN_ACC, "test_acc": PAPER_TEST_ACC,
+                        "epochs_to_criterion": PAPER_EPOCHS[name]}, source=SOURCE)
              for name in ("ME 4 experts", "ME 8 experts", "BP 6 hidden", "BP 12 hidden")]
     notes = [
-        "Paper rows are [recalled] from Jacobs, Jordan, Nowlan & Hinton (1991) Table 1 (REFERENCE.md §1), not "
-        "checked against the PDF: all nets ≈88 % train / ≈90 % test; ME ≈1100 epochs, BP ≈2200–2400 epochs.",
+        f"Paper rows: {SOURCE} — all nets ≈88 % train / ≈90 % test; ME ≈1100 epochs, BP ≈2200–2400 epochs "
+        "to criterion (docs/papers.md).",
         f"Training: full-batch gradient descent, lr={lr}, no momentum, {epochs} epochs, same for all nets; "
         "accuracies are measured after the last epoch (the paper reports them at its criterion).",
         f"epochs_to_criterion: first epoch after which training accuracy ≥ {100 * criterion:.0f} % "
@@ -347,10 +351,54 @@ def _run(ctx: RunContext) -> ExperimentResult:
         f"Routing tables and heat-maps show seed {seeds[0]} (expert numbering is arbitrary per seed); the entropy "
         "table averages over seeds.",
     ]
-    config = {"vowels": list(VOWELS), "features": ["F1", "F2"], "n_train_speakers": 50, "n_test_speakers": 25,
-              "seeds": seeds, "epochs": epochs, "lr": lr, "optimizer": "full-batch GD", "criterion": criterion,
-              "experts": expert_counts, "hidden": hidden_sizes, "quick": ctx.quick}
-    return ExperimentResult(rows=rows, paper=paper, config=config, tables=tables, notes=notes)
+    config = config_dict(c) | {"vowels": list(VOWELS), "features": ["F1", "F2"], "n_train_speakers": 50,
+                               "n_test_speakers": 25, "seeds": seeds, "optimizer": "full-batch GD",
+                               "quick": ctx.quick}
+    return ExperimentResult(rows=rows, paper=paper, config=config, tables=tables, notes=notes,
+                            verdicts=_verdicts(rows, ent_rows, criterion, epochs))
+
+
+def _verdicts(rows: list[Row], ent_rows: list[list], criterion: float, epochs: int) -> list[Verdict]:
+    """The paper's claims, decided from the measured numbers."""
+    out = []
+    accs = {r.name: (mean_std(r.metrics["train_acc"])[0], mean_std(r.metrics["test_acc"])[0]) for r in rows}
+    close = [n for n, (tr, te) in accs.items() if abs(tr - PAPER_TRAIN_ACC) <= 5 and abs(te - PAPER_TEST_ACC) <= 5]
+    above = [n for n, (tr, te) in accs.items() if tr >= PAPER_TRAIN_ACC - 5 and te >= PAPER_TEST_ACC - 5]
+    worst = min(accs, key=lambda n: accs[n][1])
+    out.append(Verdict(
+        "All nets (ME 4/8 experts, BP 6/12 hidden) reach about 88 % train / 90 % test accuracy",
+        "reproduced" if len(close) == len(accs) else "partly" if len(above) == len(accs) or close else "not reproduced",
+        f"{len(close)}/{len(accs)} nets within 5 points of both; lowest test accuracy {accs[worst][1]:.1f} % ({worst})"))
+    me = [r for r in rows if r.name.startswith("ME")]
+    bp = [r for r in rows if r.name.startswith("BP")]
+    if me and bp:
+        def med(rs):   # median over all runs, a run that never reached the criterion counting as infinite
+            vals = sorted(math.inf if math.isnan(v) else v for r in rs for v in r.metrics["epochs_to_criterion"])
+            mid = len(vals) // 2
+            return vals[mid] if len(vals) % 2 else 0.5 * (vals[mid - 1] + vals[mid])
+        m_me, m_bp = med(me), med(bp)
+        ratio = math.inf if math.isinf(m_me) else (m_me / m_bp if m_bp > 0 else math.inf)
+        reached = sum(not math.isnan(v) for r in rows for v in r.metrics["epochs_to_criterion"])
+        total = sum(len(r.metrics["epochs_to_criterion"]) for r in rows)
+
+        def show(v: float) -> str:
+            return f"> {epochs}" if math.isinf(v) else f"{v:.0f}"
+        out.append(Verdict(
+            "Mixtures of experts reach the training criterion in about half the epochs of back-propagation nets "
+            "(≈1100 vs ≈2200–2400)",
+            "reproduced" if ratio <= 0.6 else "partly" if ratio <= 0.85 else "not reproduced",
+            f"median epochs to {100 * criterion:.0f} % train accuracy: ME {show(m_me)}, BP {show(m_bp)} "
+            f"(ratio {ratio:.2f}; {reached}/{total} runs reached it within {epochs} epochs of full-batch GD)"))
+    if ent_rows and me:
+        label_h = float(ent_rows[-1][1])
+        hs = {row[0]: float(str(row[1]).split(" ± ")[0]) for row in ent_rows[:-1]}
+        share = max(hs.values()) / label_h
+        out.append(Verdict(
+            "The gate divides the input space among the experts, each expert handling a few vowels (local experts)",
+            "reproduced" if share <= 0.6 else "partly" if share <= 0.85 else "not reproduced",
+            f"H(vowel | expert) ≤ {max(hs.values()):.2f} nats for every ME net vs {label_h:.2f} for a gate that "
+            "ignores the input"))
+    return out
 
 
 def _entropy(counts: Tensor) -> float:
@@ -360,9 +408,7 @@ def _entropy(counts: Tensor) -> float:
 
 
 def _mean_std(values, digits: int = 3) -> str:
-    vals = [float(v) for v in values]
-    m = sum(vals) / len(vals)
-    s = math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))
+    m, s = mean_std([float(v) for v in values])
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
@@ -373,6 +419,7 @@ EXPERIMENT = Experiment(
     est_time="~1 min",
     quick_time="<20 s",
     run=_run,
-    add_arguments=_add_arguments,
+    config=Config,
     default_seeds=10,
+    quick_seeds=2,
 )
