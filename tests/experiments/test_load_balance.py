@@ -11,6 +11,7 @@ pytest.importorskip("matplotlib")
 
 from moekit.experiments.base import ExperimentResult, make_context  # noqa: E402
 from moekit.experiments.load_balance import EXPERIMENT, setting_name  # noqa: E402
+from moekit.experiments.options import OptionError  # noqa: E402
 
 
 def _ctx(out_dir, seeds=1, quick=True, argv=()):
@@ -73,8 +74,18 @@ def test_deterministic_and_leaves_global_rng_alone(tmp_path):
     assert any(r.metrics["cv_importance"][0] != r.metrics["cv_importance"][1] for r in a.rows)
 
 
-@pytest.mark.parametrize("argv, match", [(["--batch-size", "-1"], "batch-size"), (["--steps", "0"], "steps"),
-                                         (["--top-k", "20"], "top-k"), (["--lr", "0"], "lr")])
+@pytest.mark.parametrize("argv, match", [(["--batch-size", "-1"], "--batch-size"), (["--steps", "0"], "--steps"),
+                                         (["--top-k", "20"], "--top-k"), (["--lr", "0"], "--lr"),
+                                         (["--lr", "inf"], "--lr: must be a finite"),
+                                         (["--num-experts", "0"], "--num-experts")])
 def test_bad_options(tmp_path, argv, match):
-    with pytest.raises(ValueError, match=match):
-        EXPERIMENT.run(_ctx(tmp_path, argv=argv))
+    with pytest.raises(OptionError, match=match):
+        _ctx(tmp_path, argv=argv)
+
+
+def test_verdicts(quick_run):
+    _, res = quick_run
+    assert len(res.verdicts) == 2           # the core grid has no single-loss (0.2) settings
+    balance, quality = res.verdicts
+    assert balance.verdict in ("reproduced", "partly") and "CV(load)" in balance.reason
+    assert "test accuracy" in quality.reason
