@@ -108,16 +108,26 @@ def test_early_stop_floor_and_after():
 
 
 def test_normalized_gd_by_hand():
-    # one run, two experts; expert 0's gradients (3, 4) and (0,) -> norm 5; expert 1 gets none
-    w = torch.zeros(1, 2, 2, requires_grad=True)
-    b = torch.zeros(1, 2, 1, requires_grad=True)
-    w.grad = torch.tensor([[[3.0, 4.0], [0.0, 0.0]]])
-    b.grad = torch.tensor([[[0.0], [0.0]]])
-    RunNormalizedGD([w, b], lr=0.5).step()
-    assert w.detach()[0, 0].tolist() == pytest.approx([-0.3, -0.4]) and w.detach()[0, 1].tolist() == [0.0, 0.0]
-    w.grad = torch.tensor([[[3.0, 4.0], [1.0, 0.0]]])
-    RunNormalizedGD([w, b], lr=0.5).step(torch.tensor([False]))
-    assert w.detach()[0, 0].tolist() == pytest.approx([-0.3, -0.4])      # inactive run: unchanged
+    # R = 2 runs, M = 2 experts; weight (R, M, 1, 2), bias (R, M, 1)
+    w = torch.zeros(2, 2, 1, 2, requires_grad=True)
+    b = torch.zeros(2, 2, 1, requires_grad=True)
+    w.grad = torch.tensor([[[[3.0, 4.0]], [[0.0, 0.0]]], [[[1.0, 0.0]], [[0.0, 2.0]]]])
+    b.grad = torch.tensor([[[12.0], [0.0]], [[0.0], [2.0]]])
+    RunNormalizedGD([w, b], lr=0.1).step(torch.tensor([True, False]))
+    # run 0 expert 0: ‖g_w‖ + ‖g_b‖ = 5 + 12 = 17 → w = −0.1·(3, 4)/17, b = −0.1·12/17
+    torch.testing.assert_close(w[0, 0, 0], torch.tensor([-0.3 / 17, -0.4 / 17]))
+    torch.testing.assert_close(b[0, 0], torch.tensor([-1.2 / 17]))
+    # run 0 expert 1 has zero gradient: unchanged (no division by 0); run 1 is inactive: unchanged
+    assert w[0, 1].abs().sum() == 0 and b[0, 1].abs().sum() == 0 and w[1].abs().sum() == 0 and b[1].abs().sum() == 0
+    RunNormalizedGD([w, b], lr=0.1).step()
+    # run 1 expert 1: ‖(0, 2)‖ + ‖2‖ = 4 → w = −0.1·(0, 2)/4, b = −0.1·2/4
+    torch.testing.assert_close(w[1, 1, 0], torch.tensor([0.0, -0.05]))
+    torch.testing.assert_close(b[1, 1], torch.tensor([-0.05]))
+    p = torch.ones(2, 3, requires_grad=True)
+    p.grad = torch.ones(2, 3)
+    RunSGD([p], 0.5).step(torch.tensor([False, True]))
+    assert p[0].tolist() == [1, 1, 1] and p[1].tolist() == [0.5, 0.5, 0.5]
+
 
 
 def test_run_adam_matches_torch_adam_per_run():
@@ -137,6 +147,18 @@ def test_run_adam_matches_torch_adam_per_run():
                 ref_opts[r].step()
     for r in range(2):
         assert torch.allclose(w.detach()[r], ref[r].detach(), atol=1e-6)
+
+
+def test_early_stop_rule_by_hand():
+    s = EarlyStop(2, tol=0.02, floor=0.314)
+    # run 0: 0.5 → 0.45 (better) → 0.47 (worse by 0.02: not > 0.02, keep) → 0.48 (0.03 above best: stop)
+    # run 1: 0.5 → 0.3135 (new best: keep) → 0.3136 (not better and ≤ floor: stop)
+    seq = [(0.5, 0.5), (0.45, 0.3135), (0.47, 0.3136), (0.48, 0.2)]
+    actives = [s.update(t, torch.tensor(v)).tolist() for t, v in enumerate(seq)]
+    assert actives == [[True, True], [True, True], [True, False], [False, False]]
+    late = EarlyStop(1, tol=0.02, after=2)
+    assert [late.update(t, torch.tensor([v])).item() for t, v in enumerate([1.0, 2.0, 2.0, 2.0])] == \
+        [True, True, True, False]
 
 
 def test_fit_checks_its_arguments():

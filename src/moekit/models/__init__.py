@@ -2,7 +2,7 @@
 
 | model | paper | module |
 |---|---|---|
-| ``ChenMoE``, ``ChenSingle``, ``make_chen_data`` | Chen et al. 2022 (cluster structure) | ``chen2022`` |
+| ``ChenMoE``, ``ChenSingle`` | Chen et al. 2022 (cluster structure; data: ``moekit.datasets.chen_clusters``) | ``chen2022`` |
 | ``ShazeerMoEClassifier`` | Shazeer et al. 2017 (noisy top-k, balancing) | ``shazeer`` |
 | ``ShazeerLM`` | Shazeer et al. 2017 (LSTM language model with an MoE at every time step) | ``shazeer_lm`` |
 | ``CondConvNet`` | Yang et al. 2019 (CondConv), Chen et al. 2020 (Dynamic Conv) | ``cnn`` |
@@ -11,7 +11,7 @@
 | ``MLPMixer``, ``SparseMixerBlock`` | Lou et al. 2021 (Sparse-MLP) | ``mixer`` |
 | ``PatchMoE``, ``PatchRouter``, ``SmallCNN`` | Chen et al. 2022 (rotate task) | ``patch_moe`` |
 """
-from .chen2022 import ChenMoE, ChenSingle, make_chen_data
+from .chen2022 import ChenMoE, ChenSingle
 from .cnn import CondConvNet
 from .deepmoe_resnet import DeepMoEResNet, deepmoe_resnet
 from .mixer import MixerBlock, MLPMixer, SparseMixerBlock, count_parameters
@@ -21,4 +21,4 @@ from .shazeer_lm import ShazeerLM
 from .vit import ViT
 
 __all__ = ["ChenMoE", "ChenSingle", "CondConvNet", "DeepMoEResNet", "MLPMixer", "MixerBlock", "PatchMoE", "PatchRouter", "ShazeerLM", "ShazeerMoEClassifier", "SmallCNN",
-           "SparseMixerBlock", "ViT", "count_parameters", "deepmoe_resnet", "make_chen_data", "patch_sum"]
+           "SparseMixerBlock", "ViT", "count_parameters", "deepmoe_resnet", "patch_sum"]
