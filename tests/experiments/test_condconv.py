@@ -11,6 +11,7 @@ pytest.importorskip("sklearn")
 
 from moekit.datasets.digits import load_digits_split  # noqa: E402
 from moekit.experiments.base import make_context, mean_std  # noqa: E402
+from moekit.experiments.options import OptionError  # noqa: E402
 from moekit.experiments.condconv import (EXPERIMENT, class_spread, class_variance_share,  # noqa: E402
                                          shift_augment, train_one)
 
@@ -89,9 +90,8 @@ def test_shift_augment_moves_pixels_and_fills_background():
 def test_same_seed_same_numbers(tmp_path):
     data = load_digits_split(seed=0, images=True)
     data.x_train, data.y_train = data.x_train[:128], data.y_train[:128]
-    cfg = dict(epochs=1, width=4, batch_size=64, lr=3e-3, weight_decay=1e-4, anneal_fraction=0.5, augment=True,
-               mode="auto")
-    ctx = _ctx(tmp_path)
+    ctx = _ctx(tmp_path, argv=["--epochs", "1", "--batch-size", "64", "--anneal-fraction", "0.5"])
+    cfg = ctx.config
     m1, l1 = train_one(2, True, 0, data, cfg, ctx, "a")
     m2, l2 = train_one(2, True, 0, data, cfg, ctx, "b")
     m3, l3 = train_one(2, True, 1, data, cfg, ctx, "c")
@@ -111,7 +111,15 @@ def test_same_seed_same_numbers(tmp_path):
     (["--width", "0"], "width"),
     (["--lr", "0"], "lr"),
     (["--anneal-fraction", "1.5"], "anneal-fraction"),
+    (["--lr", "nan"], "--lr: must be a finite"),
 ])
 def test_bad_options_raise(tmp_path, argv, match):
-    with pytest.raises(ValueError, match=match):
-        EXPERIMENT.run(_ctx(tmp_path, argv=argv))
+    with pytest.raises(OptionError, match="--" + match.lstrip("-")):
+        _ctx(tmp_path, argv=argv)
+
+
+def test_verdicts(quick_run):
+    _, res = quick_run
+    assert [v.claim.split(" ")[0] for v in res.verdicts] == ["Accuracy", "The", "Routing"]
+    assert "4 experts" in res.verdicts[0].reason and "×" in res.verdicts[1].reason
+    assert all(r.source is not None for r in res.paper)
