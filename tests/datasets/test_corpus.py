@@ -89,3 +89,12 @@ def test_bad_arguments(docs, call, match):
 def test_bad_fractions():
     with pytest.raises(ValueError, match="test_fraction"):
         load_corpus(test_fraction=0.0)
+
+
+def test_windows_at_given_offsets(docs):
+    n = docs.num_starts("valid", 10)
+    assert n == docs.valid.numel() - 10
+    x, y = docs.windows_at("valid", torch.tensor([0, n - 1]), 10)
+    assert torch.equal(x[0], docs.valid[:10].long()) and torch.equal(y[1], docs.valid[-10:].long())
+    with pytest.raises(ValueError, match="start"):
+        docs.windows_at("valid", torch.tensor([n]), 10)

@@ -67,14 +67,24 @@ class Corpus:
 
     def batch(self, split: str, batch_size: int, length: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``(x_BL, y_BL)`` int64: ``batch_size`` windows at random offsets, ``y`` = ``x`` shifted by one byte."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: must be a positive int, got {batch_size!r}")
+        start_B = torch.randint(self.num_starts(split, length), (batch_size,), generator=generator)
+        return self.windows_at(split, start_B, length)
+
+    def num_starts(self, split: str, length: int) -> int:
+        """How many windows of ``length`` bytes (plus the one target byte after them) fit in the split."""
         data_N = self.split(split)
         if not isinstance(length, int) or length < 1 or length + 1 > data_N.numel():
             raise ValueError(f"length: must be an int in [1, {data_N.numel() - 1}], got {length!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: must be a positive int, got {batch_size!r}")
-        start_B = torch.randint(data_N.numel() - length, (batch_size,), generator=generator)
-        idx_BL = start_B[:, None] + torch.arange(length + 1)
-        w_BL = data_N[idx_BL].long()
+        return data_N.numel() - length
+
+    def windows_at(self, split: str, start_B: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """``(x_BL, y_BL)`` int64: the windows starting at ``start_B``, ``y`` = ``x`` shifted by one byte."""
+        n = self.num_starts(split, length)
+        if start_B.dim() != 1 or start_B.is_floating_point() or (start_B.numel() and (start_B.min() < 0 or start_B.max() >= n)):
+            raise ValueError(f"start: expected a 1-D integer tensor of offsets in [0, {n}), got {start_B!r}")
+        w_BL = self.split(split)[start_B[:, None] + torch.arange(length + 1)].long()
         return w_BL[:, :-1], w_BL[:, 1:]
 
     def windows(self, split: str, length: int, max_windows: int | None = None) -> tuple[Tensor, Tensor]:
