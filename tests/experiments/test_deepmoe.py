@@ -2,11 +2,10 @@
 
 Legend: R seeds.
 """
-import argparse
-
 import pytest
 
-from moekit.experiments.base import ExperimentResult, RunContext, make_context, mean_std
+from moekit.experiments.base import ExperimentResult, make_context, mean_std
+from moekit.experiments.options import OptionError
 from moekit.experiments.deepmoe import EXPERIMENT, gated_name, plain_name
 
 
@@ -20,7 +19,8 @@ def test_quick_run_sane_bands(tmp_path):
     assert isinstance(res, ExperimentResult)
     names = [plain_name(1.0), plain_name(2.0), gated_name("narrow", 0.01), gated_name("wide", 0.01)]
     assert [r.name for r in res.rows] == names
-    assert res.paper == []                       # REFERENCE §3 gives no numbers: claims go to notes
+    assert res.paper == []                       # the paper's claims are qualitative: verdicts, no paper rows
+    assert [v.claim.split(" ")[0] for v in res.verdicts] == ["Wide", "Narrow"]
     assert any("wide" in n and "narrow" in n for n in res.notes)
     # measured in quick mode (4 + 1 epochs): plain ≈ 96–98 %, narrow ≈ 91 %, wide ≈ 96 %
     for name in names:
@@ -69,17 +69,16 @@ def test_same_seed_same_numbers_and_options(tmp_path):
     (["--mu", "-0.5"], "--mu"),
     (["--plain-widths", "0"], "--plain-widths"),
     (["--eval-batch-size", "0"], "--eval-batch-size"),
+    (["--lambdas", "0.02,0,0.02"], "--lambdas: values must be distinct"),
+    (["--lr", "inf"], "--lr: must be a finite"),
 ])
 def test_bad_options_raise(tmp_path, argv, match):
-    with pytest.raises(ValueError, match=match):
-        EXPERIMENT.run(make_ctx(tmp_path, argv))
+    with pytest.raises(OptionError, match=match):
+        make_ctx(tmp_path, argv)
 
 
-def test_bare_namespace_uses_defaults():
-    from moekit.experiments.deepmoe import _options
-    ctx = RunContext(argparse.Namespace(), ".", seeds=1, quick=False)
-    o = _options(ctx)
-    assert o["lambdas"][0] == 0.0 and len(o["lambdas"]) >= 3 and o["epochs"] >= 10 and o["eval_batch_size"] == 1
-    ctx = RunContext(argparse.Namespace(lambdas="0.02, 0,0.02", plain_widths=[2, 1]), ".", seeds=1, quick=True)
-    o = _options(ctx)
-    assert o["lambdas"] == [0.0, 0.02] and o["plain_widths"] == [1.0, 2.0] and o["epochs"] == 4
+def test_defaults_and_quick_values():
+    full = EXPERIMENT.make_config({}, quick=False)
+    assert full.lambdas[0] == 0.0 and len(full.lambdas) >= 3 and full.epochs >= 10 and full.eval_batch_size == 1
+    quick = EXPERIMENT.make_config({"plain_widths": ["2", "1"]}, quick=True)
+    assert quick.lambdas == (0.01,) and quick.plain_widths == (2.0, 1.0) and quick.epochs == 4

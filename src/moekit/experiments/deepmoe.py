@@ -15,9 +15,9 @@ Legend: N examples, B batch, C channels, K classes, L gated layers, R seeds.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,75 +26,27 @@ from torch import Tensor
 
 from ..analysis.tables import markdown_table
 from ..models.deepmoe_resnet import DeepMoEResNet
-from .base import Experiment, ExperimentResult, Row, RunContext, mean_std
+from .base import Experiment, ExperimentResult, Row, RunContext, Verdict, mean_std
+from .options import config_dict, option
+from .train import cosine, fit, seed_generator, seeded_global
 
-DEFAULTS: dict[str, Any] = dict(lambdas="0,0.0003,0.001,0.003,0.01,0.03", epochs=20, finetune_epochs=5, mu=0.5, lr=3e-3,
-                                batch_size=64, base_channels=8, plain_widths="0.5,1,1.5,2", eval_batch_size=1)
-QUICK: dict[str, Any] = dict(lambdas=[0.01], epochs=4, finetune_epochs=1, plain_widths=[1.0, 2.0])
 VARIANTS = {"narrow": 1.0, "wide": 2.0}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lambdas", type=str, default=None,
-                   help=f"comma-separated L1 gate weights λ to sweep (default {DEFAULTS['lambdas']}; quick: "
-                        f"{','.join(map(str, QUICK['lambdas']))})")
-    p.add_argument("--epochs", type=int, default=None,
-                   help=f"phase-1 (joint) training epochs (default {DEFAULTS['epochs']}, quick {QUICK['epochs']})")
-    p.add_argument("--finetune-epochs", type=int, default=None,
-                   help=f"phase-2 epochs, gates frozen, λ=μ=0 (default {DEFAULTS['finetune_epochs']}, "
-                        f"quick {QUICK['finetune_epochs']})")
-    p.add_argument("--mu", type=float, default=None,
-                   help=f"weight μ of the embedding classifier's cross-entropy (default {DEFAULTS['mu']})")
-    p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate, phase 1 (default {DEFAULTS['lr']}; "
-                                                          "phase 2 uses lr/10; cosine decay in each phase)")
-    p.add_argument("--batch-size", type=int, default=None, help=f"training batch (default {DEFAULTS['batch_size']})")
-    p.add_argument("--base-channels", type=int, default=None,
-                   help=f"c, the stem width of the ×1 network (default {DEFAULTS['base_channels']})")
-    p.add_argument("--plain-widths", type=str, default=None,
-                   help=f"comma-separated width multipliers of the plain CNN baseline (default "
-                        f"{DEFAULTS['plain_widths']}; quick: 1,2)")
-    p.add_argument("--eval-batch-size", type=int, default=None,
-                   help="test images per forward at evaluation; channels are skipped when their gate is zero "
-                        f"for the whole batch (default {DEFAULTS['eval_batch_size']}: per-image skipping)")
-
-
-def _float_list(name: str, value: Any) -> list[float]:
-    if isinstance(value, str):
-        try:
-            vals = [float(v) for v in value.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"--{name}: expected comma-separated numbers, got {value!r}") from None
-    else:
-        vals = [float(v) for v in value]
-    if not vals:
-        raise ValueError(f"--{name}: expected at least one number, got {value!r}")
-    return vals
-
-
-def _options(ctx: RunContext) -> dict[str, Any]:
-    args = ctx.args
-    o = {k: getattr(args, k, None) for k in DEFAULTS}
-    for k, v in DEFAULTS.items():
-        if o[k] is None:
-            o[k] = QUICK[k] if (ctx.quick and k in QUICK) else v
-    o["lambdas"] = _float_list("lambdas", o["lambdas"])
-    o["plain_widths"] = _float_list("plain-widths", o["plain_widths"])
-    if any(not (math.isfinite(v) and v >= 0) for v in o["lambdas"]):
-        raise ValueError(f"--lambdas: every λ must be a finite number >= 0, got {o['lambdas']}")
-    if any(not (math.isfinite(v) and v > 0) for v in o["plain_widths"]):
-        raise ValueError(f"--plain-widths: every width must be a positive number, got {o['plain_widths']}")
-    for k in ("epochs", "batch_size", "base_channels", "eval_batch_size"):
-        if isinstance(o[k], bool) or not isinstance(o[k], int) or o[k] < 1:
-            raise ValueError(f"--{k.replace('_', '-')}: must be a positive int, got {o[k]!r}")
-    if isinstance(o["finetune_epochs"], bool) or not isinstance(o["finetune_epochs"], int) or o["finetune_epochs"] < 0:
-        raise ValueError(f"--finetune-epochs: must be a non-negative int, got {o['finetune_epochs']!r}")
-    if not (isinstance(o["mu"], (int, float)) and math.isfinite(o["mu"]) and o["mu"] >= 0):
-        raise ValueError(f"--mu: must be a finite number >= 0, got {o['mu']!r}")
-    if not (isinstance(o["lr"], (int, float)) and o["lr"] > 0):
-        raise ValueError(f"--lr: must be a positive number, got {o['lr']!r}")
-    o["lambdas"] = sorted(set(o["lambdas"]))
-    o["plain_widths"] = sorted(set(o["plain_widths"]))
-    return o
+@dataclass(frozen=True)
+class Config:
+    lambdas: tuple[float, ...] = option((0.0, 0.0003, 0.001, 0.003, 0.01, 0.03), "L1 gate weights λ to sweep",
+                                        ge=0, nonempty=True, quick=(0.01,))
+    epochs: int = option(20, "phase-1 (joint) training epochs", ge=1, quick=4)
+    finetune_epochs: int = option(5, "phase-2 epochs, gates frozen, λ = μ = 0", ge=0, quick=1)
+    mu: float = option(0.5, "weight μ of the embedding classifier's cross-entropy", ge=0)
+    lr: float = option(3e-3, "Adam learning rate of phase 1 (phase 2 uses lr/10; cosine decay in each phase)", gt=0)
+    batch_size: int = option(64, "training batch", ge=1)
+    base_channels: int = option(8, "c, the stem width of the ×1 network", ge=1)
+    plain_widths: tuple[float, ...] = option((0.5, 1.0, 1.5, 2.0), "width multipliers of the plain CNN baseline",
+                                             gt=0, nonempty=True, quick=(1.0, 2.0))
+    eval_batch_size: int = option(1, "test images per forward at evaluation; channels are skipped when their gate "
+                                      "is zero for the whole batch (1: per-image skipping)", ge=1)
 
 
 def _train_phase(model: DeepMoEResNet, x: Tensor, y: Tensor, *, epochs: int, lr: float, batch_size: int,
@@ -103,21 +55,14 @@ def _train_phase(model: DeepMoEResNet, x: Tensor, y: Tensor, *, epochs: int, lr:
     params = [p for p in model.parameters() if p.requires_grad]
     if epochs == 0 or not params:
         return
-    opt = torch.optim.Adam(params, lr=lr)
-    steps_per_epoch = math.ceil(len(y) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / (epochs * steps_per_epoch))))
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=generator)
-        for i in range(0, len(y), batch_size):
-            idx = perm[i:i + batch_size]
-            out = model(x[idx])
-            loss = F.cross_entropy(out.y, y[idx]) + out.aux_loss + model.embedding_loss(out, y[idx]).aux_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+
+    def loss_fn(idx: Tensor | None) -> Tensor:
+        xb, yb = (x, y) if idx is None else (x[idx], y[idx])
+        out = model(xb)
+        return F.cross_entropy(out.y, yb) + out.aux_loss + model.embedding_loss(out, yb).aux_loss
+
+    fit(loss_fn, [torch.optim.Adam(params, lr=lr)], epochs=epochs, n=len(y), batch_size=batch_size,
+        generator=generator, schedule=cosine, model=model)
 
 
 @torch.no_grad()
@@ -194,8 +139,10 @@ def run(ctx: RunContext) -> ExperimentResult:
     from ..analysis.plots import lines, scatter_xy
     from ..datasets.digits import load_digits_split
 
-    o = _options(ctx)
-    R = max(1, int(ctx.seeds))
+    c: Config = ctx.config
+    o = config_dict(c)
+    o["lambdas"], o["plain_widths"] = sorted(c.lambdas), sorted(c.plain_widths)
+    R = ctx.seeds
     jobs: list[tuple[str, str, float, float]] = [(plain_name(w), "plain", w, 0.0) for w in o["plain_widths"]]
     jobs += [(gated_name(v, lam), v, VARIANTS[v], lam) for v in VARIANTS for lam in o["lambdas"]]
     per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in jobs}
@@ -206,11 +153,11 @@ def run(ctx: RunContext) -> ExperimentResult:
     for seed, (name, kind, width, lam) in ctx.track(work, total=len(work), description="deepmoe"):
         data = load_digits_split(seed, images=True)
         stream = jobs.index((name, kind, width, lam))
-        torch.manual_seed(10_000 * seed + stream)
         gated = kind != "plain"
-        model = DeepMoEResNet(width_multiplier=width, base_channels=o["base_channels"], gated=gated,
-                              l1_weight=lam if gated else 0.0, embedding_weight=o["mu"] if gated else 0.0)
-        g = torch.Generator().manual_seed(10_000 * seed + 100 + stream)
+        with seeded_global(seed, stream=stream):
+            model = DeepMoEResNet(width_multiplier=width, base_channels=o["base_channels"], gated=gated,
+                                  l1_weight=lam if gated else 0.0, embedding_weight=o["mu"] if gated else 0.0)
+        g = seed_generator(seed, stream=100 + stream)
         t0 = time.perf_counter()
         _train_phase(model, data.x_train, data.y_train, epochs=o["epochs"], lr=o["lr"],
                      batch_size=o["batch_size"], generator=g)
@@ -284,11 +231,12 @@ def run(ctx: RunContext) -> ExperimentResult:
               markdown_table(["model"] + layer_names, table_rows)}
 
     notes = [
-        "Paper (REFERENCE §3, qualitative only, no numbers are given): the wide variant (double the channels, "
-        "then gate) reaches higher accuracy at about the same executed FLOPs as the original network; the "
-        "narrow variant (gate the original width: dynamic channel pruning) needs fewer FLOPs at about the "
-        "same accuracy. Compare 'DeepMoE wide' against 'plain CNN ×1' and 'DeepMoE narrow' against its "
-        "λ=0 row and the plain ×1 row; the paper rows are left empty.",
+        "Paper (Wang et al. 2019, the wide and narrow DeepMoE variants; qualitative claims only, no numbers are "
+        "compared — docs/papers.md): the wide variant (double the channels, then gate) reaches higher accuracy at "
+        "about the same executed FLOPs as the original network; the narrow variant (gate the original width: "
+        "dynamic channel pruning) needs fewer FLOPs at about the same accuracy. Compare 'DeepMoE wide' against "
+        "'plain CNN ×1' and 'DeepMoE narrow' against its λ=0 row and the plain ×1 row; the paper rows are left "
+        "empty.",
         "FLOPs are multiply-accumulates per image, as executed with --eval-batch-size "
         f"{o['eval_batch_size']}{' (per-image skipping)' if o['eval_batch_size'] == 1 else ''}, including the "
         "shallow embedding network and the gate heads; flops_vs_plain "
@@ -312,7 +260,40 @@ def run(ctx: RunContext) -> ExperimentResult:
                   gate_bias_init=1.0, optimizer="Adam, cosine decay per phase",
                   data="digits 8x8, split seed = run seed",
                   quick=bool(ctx.quick), threads=torch.get_num_threads())
-    return ExperimentResult(rows=rows, paper=[], config=config, tables=tables, notes=notes)
+    return ExperimentResult(rows=rows, paper=[], config=config, tables=tables, notes=notes,
+                            verdicts=_verdicts(rows, o["lambdas"]))
+
+
+def _verdicts(rows: list[Row], lambdas: list[float]) -> list[Verdict]:
+    """The paper's two claims, decided from the measured numbers (means over seeds)."""
+    by = {r.name: {k: mean_std(v) for k, v in r.metrics.items()} for r in rows}
+    if plain_name(1.0) not in by:
+        return []
+    acc1, sd1 = by[plain_name(1.0)]["test_acc"]
+    noise = max(sd1, 0.25)
+    out = []
+    wide = min(lambdas, key=lambda lam: abs(math.log(max(by[gated_name("wide", lam)]["flops_vs_plain"][0], 1e-9))))
+    w = by[gated_name("wide", wide)]
+    wa, wf = w["test_acc"][0], w["flops_vs_plain"][0]
+    same_flops = wf <= 1.2
+    out.append(Verdict(
+        "Wide DeepMoE (double the channels, then gate) is more accurate than the original network at about the "
+        "same executed FLOPs",
+        "reproduced" if same_flops and wa >= acc1 + noise else
+        "partly" if (same_flops and wa >= acc1 - noise) or wa >= acc1 + noise else "not reproduced",
+        f"wide at λ={wide:g}: {wa:.2f} % at {wf:.2f}× the plain ×1 FLOPs vs plain ×1 {acc1:.2f} ± {sd1:.2f} %"))
+    ok = [lam for lam in lambdas if by[gated_name("narrow", lam)]["test_acc"][0] >= acc1 - 1.0]
+    if ok:
+        n = by[gated_name("narrow", max(ok))]
+        nf, na = n["flops_vs_plain"][0], n["test_acc"][0]
+        verdict = "reproduced" if nf <= 0.8 else "partly" if nf < 1.0 else "not reproduced"
+        reason = (f"narrow at λ={max(ok):g} (the largest within 1 point of plain ×1): {na:.2f} % at {nf:.2f}× "
+                  f"the FLOPs (plain ×1 {acc1:.2f} %)")
+    else:
+        verdict, reason = "not reproduced", f"no narrow λ stays within 1 point of plain ×1 ({acc1:.2f} %)"
+    out.append(Verdict("Narrow DeepMoE (gate the original width) needs fewer FLOPs at about the same accuracy",
+                       verdict, reason))
+    return out
 
 
 EXPERIMENT = Experiment(
@@ -322,6 +303,6 @@ EXPERIMENT = Experiment(
     est_time="~5 min",
     default_seeds=3,
     run=run,
-    add_arguments=add_arguments,
+    config=Config,
     quick_time="<30 s",
 )
