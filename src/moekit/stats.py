@@ -74,18 +74,16 @@ class RoutingStats:
 
     def all_reduce(self, group=None) -> "RoutingStats":
         """Sum every statistic over ``group`` (a ``torch.distributed`` process group; None = the default
-        group). Differentiable: ``torch.distributed.nn.functional.all_reduce`` sums the gradients back.
+        group). Differentiable: the backward sums the gradients over the group too.
 
         With the loss formed from the reduced statistics on every rank, each rank's backward gives the
-        gradient of that rank's share; ``torch.distributed.nn``'s all-reduce backward sums those
+        gradient of that rank's share; the all-reduce backward sums those
         shares, so a data-parallel gradient *sum* of the aux loss equals the world size times the
         single-process gradient (a gradient *mean* over ranks, the usual DDP convention, equals it).
         """
-        from torch.distributed.nn.functional import all_reduce
-
         names = [k for k, v in self._tensors().items() if v is not None]
         flat = torch.cat([getattr(self, k).reshape(-1).to(self.counts.dtype) for k in names])
-        flat = all_reduce(flat, group=group)
+        flat = _AllReduceSum.apply(flat, group)
         out, offset = {}, 0
         for k in names:
             v = getattr(self, k)
@@ -109,6 +107,26 @@ class RoutingStats:
             else:
                 out[k] = torch.cat([getattr(s, k) for s in stats], dim=0)
         return replace(first, **out)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a process group; the backward sums the gradients the same way (each rank's statistic
+    feeds every rank's loss)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        import torch.distributed as dist
+        ctx.group = group
+        out = t.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        import torch.distributed as dist
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
 
 
 def group_sum(v_T_: Tensor, group_size: int | None) -> Tensor:

@@ -35,39 +35,68 @@ def _check_dims(**dims: int) -> None:
             raise ValueError(f"{name}: must be a positive int, got {v!r}")
 
 
-class _GLU(torch.autograd.Function):
-    """``act(h[:, :H]) * h[:, H:]`` with a backward that writes both halves of ``dh`` straight into one
-    buffer (slicing + autograd would allocate two zero-padded halves and add them; temporaries plus
-    copies would touch every byte twice more — these tensors are tens of MB, so memory traffic and
-    page faults, not arithmetic, set their cost)."""
+# ``act(h[:, :H]) * h[:, H:]`` as a custom operator with a backward that writes both halves of ``dh``
+# straight into one buffer (slicing + autograd would allocate two zero-padded halves and add them;
+# temporaries plus copies would touch every byte twice more — these tensors are tens of MB, so memory
+# traffic and page faults, not arithmetic, set their cost). As an opaque operator it also compiles
+# under ``torch.compile`` (the in-place ``out=`` kernels on views would not trace).
+@torch.library.custom_op("moekit::glu", mutates_args=())
+def glu(h_A2H: Tensor, act_name: str) -> Tensor:
+    gate, up = h_A2H.chunk(2, dim=-1)
+    a = ACTIVATIONS[act_name](gate)
+    return a * up if (a is gate or act_name == "identity") else a.mul_(up)   # in place only into a fresh output
 
-    @staticmethod
-    def forward(ctx, h_A2H: Tensor, act_name: str) -> Tensor:
-        gate, up = h_A2H.chunk(2, dim=-1)
-        ctx.save_for_backward(h_A2H)
-        ctx.act_name = act_name
+
+@glu.register_fake
+def _(h_A2H: Tensor, act_name: str) -> Tensor:
+    return h_A2H.new_empty(*h_A2H.shape[:-1], h_A2H.shape[-1] // 2)
+
+
+@torch.library.custom_op("moekit::glu_backward", mutates_args=())
+def _glu_backward(dy_AH: Tensor, h_A2H: Tensor, act_name: str) -> Tensor:
+    gate, up = h_A2H.chunk(2, dim=-1)
+    H = gate.shape[-1]
+    dh = torch.empty_like(h_A2H)
+    dgate, dup = dh[:, :H], dh[:, H:]
+    if act_name == "silu":              # fused kernels writing into dh: no graph, no copies
+        torch.ops.aten.silu_backward.grad_input(dy_AH * up, gate, grad_input=dgate)
+        torch.ops.aten.silu.out(gate, out=dup)
+        dup.mul_(dy_AH)
+    else:                               # the activations' own backward kernels (no autograd in here)
+        g_up = dy_AH * up
         a = ACTIVATIONS[act_name](gate)
-        return a * up if a is gate else a.mul_(up)      # in place only into a fresh activation output
-
-    @staticmethod
-    def backward(ctx, dy_AH: Tensor):
-        (h_A2H,) = ctx.saved_tensors
-        gate, up = h_A2H.chunk(2, dim=-1)
-        H = gate.shape[-1]
-        dh = torch.empty_like(h_A2H)
-        dgate, dup = dh[:, :H], dh[:, H:]
-        if ctx.act_name == "silu":              # fused kernels writing into dh: no graph, no copies
-            torch.ops.aten.silu_backward.grad_input(dy_AH * up, gate, grad_input=dgate)
-            torch.ops.aten.silu.out(gate, out=dup)
-            dup.mul_(dy_AH)
+        if act_name == "gelu":
+            dg = torch.ops.aten.gelu_backward(g_up, gate)
+        elif act_name == "relu":
+            dg = torch.ops.aten.threshold_backward(g_up, gate, 0)
+        elif act_name == "tanh":
+            dg = torch.ops.aten.tanh_backward(g_up, a)
+        elif act_name == "identity":
+            dg = g_up
         else:
-            with torch.enable_grad():
-                g = gate.detach().requires_grad_()
-                a = ACTIVATIONS[ctx.act_name](g)
-                (dg,) = torch.autograd.grad(a, g, dy_AH * up)
-            dgate.copy_(dg)
-            torch.mul(dy_AH, a.detach(), out=dup)
-        return dh, None
+            raise ValueError(f"activation: no GLU backward for {act_name!r}; choose one of {sorted(ACTIVATIONS)}")
+        dgate.copy_(dg)
+        torch.mul(dy_AH, a, out=dup)
+    return dh
+
+
+@_glu_backward.register_fake
+def _(dy_AH: Tensor, h_A2H: Tensor, act_name: str) -> Tensor:
+    return torch.empty_like(h_A2H)
+
+
+def _glu_setup(ctx, inputs, output):
+    h_A2H, act_name = inputs
+    ctx.save_for_backward(h_A2H)
+    ctx.act_name = act_name
+
+
+def _glu_bwd(ctx, dy_AH: Tensor):
+    (h_A2H,) = ctx.saved_tensors
+    return _glu_backward(dy_AH.contiguous(), h_A2H, ctx.act_name), None
+
+
+glu.register_autograd(_glu_bwd, setup_context=_glu_setup)
 
 
 def _row_bias(b_EH: Tensor, counts_E: Tensor, num_rows: int) -> Tensor:
@@ -168,7 +197,7 @@ class GLUExperts(ExpertBank):
 
     def _glu(self, h: Tensor) -> Tensor:
         if h.dim() == 2:
-            return _GLU.apply(h, self.activation)
+            return glu(h.contiguous(), self.activation)
         gate, up = h.chunk(2, dim=-1)
         return self.act(gate) * up
 

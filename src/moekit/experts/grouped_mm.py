@@ -7,7 +7,7 @@ Kernels:
   * ``torch.nn.functional.grouped_mm`` where it is supported (float32/bf16/fp16 on CPU; bf16 on
     CUDA with compute capability >= 8.0) and the operands are 16-byte aligned;
   * otherwise a loop-free padded ``bmm`` (rows scattered into an (E, max_count, D) buffer).
-Autograd is ours (:class:`GroupedMM`): the backward makes the incoming gradient dense and
+Autograd is ours (registered on the ``moekit::grouped_mm`` custom operator): the backward makes the incoming gradient dense and
 contiguous (torch's own grouped_mm backward fails on expanded gradients) and reuses the same kernels:
 ``dx = dy @ w[e]^T`` per group, ``dw[e] = x[rows of e]^T dy[rows of e]``.
 """
@@ -21,9 +21,14 @@ _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _aligned(t: Tensor) -> bool:
-    """grouped_mm needs 16-byte aligned base pointers and leading strides."""
+    """grouped_mm needs 16-byte aligned base pointers and leading strides. Under ``torch.compile`` the
+    base pointer is not known while tracing; the compiler's buffers are aligned (a misaligned view
+    would make the kernel raise, not compute wrong values)."""
     es = t.element_size()
-    return t.data_ptr() % 16 == 0 and all((s * es) % 16 == 0 for s, n in zip(t.stride(), t.shape) if s != 1)
+    strides_ok = all((s * es) % 16 == 0 for s, n in zip(t.stride(), t.shape) if s != 1)
+    if torch.compiler.is_compiling():
+        return strides_ok
+    return t.data_ptr() % 16 == 0 and strides_ok
 
 
 def native_supported(*tensors: Tensor) -> bool:
@@ -88,23 +93,46 @@ def _wgrad_kernel(x_AD: Tensor, dy_AH: Tensor, counts_E: Tensor) -> Tensor:
     return torch.bmm(_pad(x_AD, group_A, pos_A, E, M).transpose(1, 2), _pad(dy_AH, group_A, pos_A, E, M))
 
 
-class GroupedMM(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
-        x_AD = x_AD.contiguous()
-        ctx.save_for_backward(x_AD, w_EDH, counts_E)
-        return _mm_kernel(x_AD, w_EDH, counts_E)
+# The kernels are registered as custom operators with their own shape functions, so ``torch.compile``
+# traces a grouped matmul as one opaque node (torch's own meta function for ``_grouped_mm`` accepts
+# bf16 only) and the dynamic per-expert sizes never reach the graph.
+@torch.library.custom_op("moekit::grouped_mm", mutates_args=())
+def _grouped_mm_op(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
+    return _mm_kernel(x_AD.contiguous(), w_EDH, counts_E)
 
-    @staticmethod
-    def backward(ctx, dy_AH: Tensor):
-        x_AD, w_EDH, counts_E = ctx.saved_tensors
-        dy_AH = dy_AH.contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = _mm_kernel(dy_AH, w_EDH.transpose(1, 2), counts_E)
-        if ctx.needs_input_grad[1]:
-            dw = _wgrad_kernel(x_AD, dy_AH, counts_E).to(w_EDH.dtype)
-        return dx, dw, None
+
+@_grouped_mm_op.register_fake
+def _(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
+    return x_AD.new_empty(x_AD.shape[0], w_EDH.shape[-1])
+
+
+@torch.library.custom_op("moekit::grouped_mm_wgrad", mutates_args=())
+def _grouped_mm_wgrad_op(x_AD: Tensor, dy_AH: Tensor, counts_E: Tensor) -> Tensor:
+    return _wgrad_kernel(x_AD.contiguous(), dy_AH.contiguous(), counts_E)
+
+
+@_grouped_mm_wgrad_op.register_fake
+def _(x_AD: Tensor, dy_AH: Tensor, counts_E: Tensor) -> Tensor:
+    return x_AD.new_empty(counts_E.shape[0], x_AD.shape[-1], dy_AH.shape[-1])
+
+
+def _setup_context(ctx, inputs, output):
+    x_AD, w_EDH, counts_E = inputs
+    ctx.save_for_backward(x_AD, w_EDH, counts_E)
+
+
+def _backward(ctx, dy_AH: Tensor):
+    x_AD, w_EDH, counts_E = ctx.saved_tensors
+    dy_AH = dy_AH.contiguous()
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = _grouped_mm_op(dy_AH, w_EDH.transpose(1, 2), counts_E)
+    if ctx.needs_input_grad[1]:
+        dw = _grouped_mm_wgrad_op(x_AD, dy_AH, counts_E).to(w_EDH.dtype)
+    return dx, dw, None
+
+
+_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def grouped_mm(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
@@ -114,7 +142,7 @@ def grouped_mm(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
                          f"{tuple(w_EDH.shape)}")
     if counts_E.shape != (w_EDH.shape[0],):
         raise ValueError(f"counts: expected shape ({w_EDH.shape[0]},), got {tuple(counts_E.shape)}")
-    return GroupedMM.apply(x_AD, w_EDH, counts_E)
+    return _grouped_mm_op(x_AD, w_EDH, counts_E)
 
 
 def grouped_mm_reference(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:

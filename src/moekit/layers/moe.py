@@ -342,8 +342,9 @@ class MoE(nn.Module):
         rows_RD, counts_E, state = self.dispatcher.dispatch(rows, a)
         out_RD = self.dispatcher.compute(self.experts, rows_RD, counts_E, state)
         out_ZD = self.dispatcher.combine(out_RD, state)
-        out_GZD = out_ZD.view(E, G, S, -1).permute(1, 0, 2, 3).reshape(G, E * S, -1)
+        Dout = out_ZD.shape[-1]
+        out_GZD = out_ZD.view(E, G, S, Dout).permute(1, 0, 2, 3).reshape(G, E * S, Dout)
         y_GND = torch.einsum("gnz,gzd->gnd", combine_GNZ.to(out_GZD.dtype), out_GZD)
         slots_E = torch.full((E,), G * S, dtype=torch.float32, device=x_TD.device)
         metrics = routing_metrics(d, slots_E, 0, 0, 0, x_TD.shape[0], mask_T)
-        return y_GND.reshape(x_TD.shape[0], -1), metrics
+        return y_GND.reshape(x_TD.shape[0], Dout), metrics

@@ -245,18 +245,39 @@ class Router(nn.Module):
                    group_size: int | None = None) -> RoutingStats:
         """Per-group sums over the real tokens (see :class:`moekit.stats.RoutingStats`)."""
         probs_TE = d.probs
-        m_T1 = (torch.ones_like(probs_TE[:, :1]) if mask_T is None else mask_T[:, None].to(probs_TE.dtype))
+        T, E = probs_TE.shape
+        m_T = None if mask_T is None else mask_T.to(probs_TE.dtype)
+
+        def gsum(v_T_: Tensor) -> Tensor:          # masked per-token values summed per routing group
+            if m_T is not None:
+                v_T_ = v_T_ * m_T.view(-1, *([1] * (v_T_.dim() - 1)))
+            return group_sum(v_T_, group_size)
+
         gates_TE = d.importance_gates if d.importance_gates is not None else probs_TE
-        z_T = torch.logsumexp(d.logits, dim=-1).pow(2)
+        G = 1 if group_size is None else T // group_size
+        if d.kind == "token_choice":
+            # counts straight into (G·E) bins: no (T, E) one-hot is materialised
+            ids_TK = d.expert_ids
+            K = ids_TK.shape[-1]
+            bin_TK = ids_TK if group_size is None else \
+                ids_TK + (torch.arange(T, device=ids_TK.device) // group_size * E)[:, None]
+            w_TK = torch.ones(T, K, dtype=probs_TE.dtype, device=probs_TE.device) if m_T is None else \
+                m_T[:, None].expand(T, K)
+            counts = probs_TE.new_zeros(G * E).scatter_add(0, bin_TK.reshape(-1), w_TK.reshape(-1)).view(G, E)
+            top1 = probs_TE.new_zeros(G * E).scatter_add(0, bin_TK[:, 0], w_TK[:, 0]).view(G, E) if K else \
+                probs_TE.new_zeros(G, E)
+            top_k = K
+        else:
+            counts, top1, top_k = gsum(d.selections()), gsum(d.first_choices()), 1
         return RoutingStats(
-            num_tokens=group_sum(m_T1[:, 0], group_size),
-            counts=group_sum(d.selections() * m_T1, group_size),
-            top1_counts=group_sum(d.first_choices() * m_T1, group_size),
-            prob_sum=group_sum(probs_TE * m_T1, group_size),
-            importance=group_sum(gates_TE * m_T1, group_size),
-            z_sum=group_sum(z_T * m_T1[:, 0], group_size),
-            top_k=d.expert_ids.shape[-1] if d.kind == "token_choice" else 1,
-            load=None if d.load is None else group_sum(d.load * m_T1, group_size),
+            num_tokens=group_sum(torch.ones_like(probs_TE[:, 0]) if m_T is None else m_T, group_size),
+            counts=counts,
+            top1_counts=top1,
+            prob_sum=gsum(probs_TE),
+            importance=gsum(gates_TE),
+            z_sum=gsum(torch.logsumexp(d.logits, dim=-1).pow(2)),
+            top_k=top_k,
+            load=None if d.load is None else gsum(d.load),
         )
 
     def balance_losses(self, stats: RoutingStats) -> tuple[Tensor, dict[str, Tensor]]:
