@@ -2,14 +2,13 @@
 
 Legend: c capacity ratio, E experts, k experts per token.
 """
-import argparse
-
 import pytest
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from moekit.experiments.base import RunContext, make_context  # noqa: E402
+from moekit.experiments.base import make_context  # noqa: E402
+from moekit.experiments.options import OptionError  # noqa: E402
 from moekit.experiments.vmoe_bpr import EXPERIMENT  # noqa: E402
 
 
@@ -75,14 +74,15 @@ def test_same_seed_same_numbers(tmp_path):
     (["--moe-layers", "x"], "--moe-layers"),
     (["--train-capacity", "-1"], "--train-capacity"),
     (["--dim", "30"], "--dim"),
+    (["--lr", "nan"], "--lr"),
 ])
 def test_bad_options_raise(tmp_path, argv, match):
-    with pytest.raises(ValueError, match=match):
-        EXPERIMENT.run(_ctx(tmp_path, argv=argv))
+    with pytest.raises(OptionError, match=match):
+        _ctx(tmp_path, argv=argv)
 
 
-def test_bare_namespace_works(tmp_path):
-    # run() reads options with defaults, so a Namespace without this experiment's options still validates
-    ctx = RunContext(argparse.Namespace(capacity_ratios="-1"), tmp_path, seeds=1, quick=True)
-    with pytest.raises(ValueError, match="--capacity-ratios"):
-        EXPERIMENT.run(ctx)
+def test_verdicts(quick_run):
+    _, res = quick_run
+    assert [v.claim.split(" ")[0] for v in res.verdicts] == ["With", "Vanilla", "BPR"]
+    assert "BPR − vanilla at c=0.1" in res.verdicts[1].reason
+    assert res.paper[0].source is not None

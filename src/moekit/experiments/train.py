@@ -269,7 +269,8 @@ def fit(loss_fn: Callable[[Tensor | None], Tensor], optimizers: Sequence[Any], *
         raise ValueError(f"epochs: expected a positive int, got {epochs!r}")
     if sample not in ("permutation", "replacement"):
         raise ValueError(f"sample: expected 'permutation' or 'replacement', got {sample!r}")
-    steps_per_epoch = len(_batches(n, batch_size, "permutation", None)) if sample == "permutation" else 1
+    full = n is None or batch_size is None or batch_size >= n
+    steps_per_epoch = 1 if full or sample == "replacement" else math.ceil(n / batch_size)
     total_steps = epochs * steps_per_epoch
     schedulers: list[Any] = []
     if isinstance(schedule, OneCycle):
