@@ -13,6 +13,7 @@ pytest.importorskip("matplotlib")
 
 from moekit.experiments import sparse_mlp as sm  # noqa: E402
 from moekit.experiments.base import make_context  # noqa: E402
+from moekit.experiments.options import OptionError  # noqa: E402
 from moekit.experiments.sparse_mlp import EXPERIMENT  # noqa: E402
 
 
@@ -61,7 +62,7 @@ def test_sane_bands(quick_run):
 
 
 def test_matched_widths_are_closest():
-    opts = sm._options(_ctx("/tmp/unused"))
+    opts = sm._options(_ctx("/tmp/unused").config)
     models = sm.build_models(opts)
     from moekit.models.mixer import MLPMixer, count_parameters
     with torch.device("meta"):
@@ -76,7 +77,7 @@ def test_matched_widths_are_closest():
 
 
 def test_same_seed_same_numbers():
-    opts = sm._options(_ctx("/tmp/unused", argv=["--epochs", "1", "--depth", "2", "--sparse-blocks", "1"]))
+    opts = sm._options(_ctx("/tmp/unused", argv=["--epochs", "1", "--depth", "2", "--sparse-blocks", "1"]).config)
     x_tr, y_tr, x_te, y_te = sm._digits(0)
     data = (x_tr[:192], y_tr[:192], x_te[:100], y_te[:100])
     kw = sm.build_models(opts)[sm.SPARSE]
@@ -87,7 +88,6 @@ def test_same_seed_same_numbers():
 
 @pytest.mark.parametrize("argv, match", [
     (["--top-k", "5"], "--top-k"),
-    (["--patch-size", "3"], "--patch-size"),
     (["--dim", "31"], "--dim"),
     (["--sparse-blocks", "9"], "--sparse-blocks"),
     (["--epochs", "0"], "--epochs"),
@@ -95,7 +95,19 @@ def test_same_seed_same_numbers():
     (["--lr", "0"], "--lr"),
     (["--w-load", "-0.1"], "--w-load"),
     (["--batch-priority"], "--batch-priority"),
+    (["--lr", "inf"], "--lr"),
 ])
 def test_bad_options_raise(tmp_path, argv, match):
-    with pytest.raises(ValueError, match=match):
-        EXPERIMENT.run(_ctx(tmp_path, argv=argv))
+    with pytest.raises(OptionError, match=match):
+        _ctx(tmp_path, argv=argv)
+
+
+def test_bad_choice_names_the_flag(tmp_path):
+    with pytest.raises(OptionError, match="--patch-size: expected one of 1, 2, 4, 8, got 3"):
+        make_context(EXPERIMENT, tmp_path, patch_size=3)
+
+
+def test_verdicts(quick_run):
+    _, res = quick_run
+    assert [v.claim.split(" ")[0] for v in res.verdicts] == ["Sparse-MLP", "The"]
+    assert "matched active" in res.verdicts[0].reason and res.paper[0].source is not None
