@@ -134,3 +134,23 @@ def test_model_argument_errors():
         ChenMoE(1, dim=6)(torch.zeros(3, 4, 5))
     with pytest.raises(ValueError, match="noise_RNM"):
         ChenMoE(1, dim=6, num_experts=2)(torch.zeros(3, 4, 6), noise_RNM=torch.zeros(1, 3, 5))
+
+
+@pytest.mark.parametrize("activation", ["cubic", "linear"])
+def test_moe_dispatch_equals_dense_reference_dispatcher(activation):
+    # the core local dispatcher + grouped patch experts == every expert on every example (dense oracle)
+    from moekit.dispatch import ReferenceDispatcher
+    torch.manual_seed(0)
+    moe = ChenMoE(3, dim=6, num_experts=4, filters_per_class=2, activation=activation, expert_init_scale=1.0)
+    with torch.no_grad():
+        moe.router_w_RMD.normal_()
+    x = torch.randn(10, 4, 6)
+    gate_RN, ids_RN = moe.route(x, noise_RNM=torch.rand(3, 10, 4, generator=torch.Generator().manual_seed(1)))
+    fast = moe.dispatch_experts(x, ids_RN, gate_RN)
+    g_fast = torch.autograd.grad(fast.square().sum(), [moe.expert_w_RMFD, moe.expert_b_RMF, moe.router_w_RMD],
+                                 retain_graph=True)
+    ref = moe.dispatch_experts(x, ids_RN, gate_RN, dispatcher=ReferenceDispatcher())
+    g_ref = torch.autograd.grad(ref.square().sum(), [moe.expert_w_RMFD, moe.expert_b_RMF, moe.router_w_RMD])
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

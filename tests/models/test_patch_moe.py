@@ -71,23 +71,23 @@ def test_router_noise_train_vs_eval_and_gates():
     x = images(200)
     clean = r.logits(x)
     r.train()
-    d = r(x, gen(5))
+    d = r(x, generator=gen(5))
     noise = d.noisy_logits - clean
     assert noise.min() >= 0 and noise.max() < 1 and noise.std() > 0.2          # fresh U[0,1)
     torch.testing.assert_close(d.probs, torch.softmax(d.noisy_logits, -1))
     assert torch.equal(d.expert_ids[:, 0], d.noisy_logits.argmax(-1))
     torch.testing.assert_close(d.weights[:, 0], d.probs.gather(1, d.expert_ids)[:, 0])  # softmax gate = π_m(x)
-    again = r(x, gen(5))
+    again = r(x, generator=gen(5))
     assert torch.equal(again.noisy_logits, d.noisy_logits)                       # seeded → reproducible
-    assert not torch.equal(r(x, gen(6)).noisy_logits, d.noisy_logits)
+    assert not torch.equal(r(x, generator=gen(6)).noisy_logits, d.noisy_logits)
     r.eval()
-    e = r(x, gen(5))
+    e = r(x, generator=gen(5))
     assert e.noisy_logits is None and torch.equal(e.expert_ids[:, 0], clean.argmax(-1))
     r.noise_in_eval = True
-    assert r(x, gen(5)).noisy_logits is not None
+    assert r(x, generator=gen(5)).noisy_logits is not None
     lg = PatchRouter(4, image_size=8, patch_size=4, gate="logit")
     lg.load_state_dict(r.state_dict())
-    d2 = lg(x, gen(5))
+    d2 = lg(x, generator=gen(5))
     torch.testing.assert_close(d2.weights[:, 0], d2.noisy_logits.max(-1).values)  # logit gate = h_m + r_m
 
 
@@ -137,7 +137,7 @@ def test_output_is_gate_times_chosen_expert():
     randomise_router(model.router, 1)
     x = images(9, seed=4)
     out = model(x, generator=gen(2))
-    d = model.router(x, gen(2))
+    d = model.router(x, generator=gen(2))
     for b in range(9):
         m = int(d.expert_ids[b, 0])
         torch.testing.assert_close(out.y[b], d.weights[b, 0] * model.experts[m](x[b:b + 1])[0])
@@ -149,7 +149,7 @@ def test_aux_loss_is_weighted_balance_loss():
     randomise_router(model.router, 1, scale=0.2)
     x = images(64, seed=5)
     out = model(x, generator=gen(3))
-    d = model.router(x, gen(3))
+    d = model.router(x, generator=gen(3))
     f = torch.bincount(d.expert_ids[:, 0], minlength=4).float() / 64
     bal = 4 * (f * d.probs.mean(0)).sum()
     torch.testing.assert_close(out.metrics["balance_loss"], bal)

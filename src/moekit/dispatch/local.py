@@ -40,7 +40,7 @@ class LocalDispatcher(TokenDispatcher):
         order_R = torch.argsort(a.expert_A, stable=True)            # group assignments by expert
         token_R = a.token_A[order_R]
         counts_E = expert_counts(a.expert_A, a.num_experts)
-        rows_RD = x_TD[token_R]                                     # gather
+        rows_RD = x_TD.index_select(0, token_R)                     # gather (faster than x_TD[token_R])
         valid_R = None
         if a.may_skip:
             valid_R = a.expert_A[order_R] < a.num_experts

@@ -102,7 +102,7 @@ glu.register_autograd(_glu_bwd, setup_context=_glu_setup)
 def _row_bias(b_EH: Tensor, counts_E: Tensor, num_rows: int) -> Tensor:
     """Each row's expert bias (rows sorted by expert); padding rows past ``counts_E.sum()`` get 0."""
     group_R = torch.bucketize(torch.arange(num_rows, device=counts_E.device), torch.cumsum(counts_E, 0), right=True)
-    return torch.cat([b_EH, b_EH.new_zeros(1, b_EH.shape[-1])])[group_R]
+    return torch.cat([b_EH, b_EH.new_zeros(1, b_EH.shape[-1])]).index_select(0, group_R)
 
 
 def compute_dtype(x: Tensor, param: Tensor) -> torch.dtype:

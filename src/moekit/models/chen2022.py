@@ -18,6 +18,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..dispatch import Assignments, LocalDispatcher, TokenDispatcher
+from ..experts import ExpertBank, grouped_mm
 from ..types import MoEOutput
 
 ACTIVATIONS = ("cubic", "linear")
@@ -218,46 +220,73 @@ class ChenMoE(nn.Module):
     def forward(self, x_NPD: Tensor, noise_RNM: Tensor | None = None,
                 generators: Sequence[torch.Generator] | None = None) -> MoEOutput:
         gate_RN, ids_RN = self.route(x_NPD, noise_RNM, generators)
-        f_RNC = self.routed_expert_logits(x_NPD, ids_RN)
-        y_RNC = gate_RN[..., None] * f_RNC
-        tokens_RM = torch.stack([torch.bincount(ids_RN[r], minlength=self.num_experts) for r in range(self.runs)])
+        y_RNC = self.dispatch_experts(x_NPD, ids_RN, gate_RN)           # dispatch → experts → combine
+        tokens_RM = torch.zeros(self.runs, self.num_experts, dtype=torch.long, device=ids_RN.device).scatter_add_(
+            1, ids_RN, torch.ones_like(ids_RN))
         metrics = {"expert_ids": ids_RN.detach(), "tokens_per_expert": tokens_RM, "gate": gate_RN.detach()}
         return MoEOutput(y_RNC, torch.zeros((), device=y_RNC.device), metrics)
 
-    def routed_expert_logits(self, x_NPD: Tensor, ids_RN: Tensor) -> Tensor:
-        """f_{m(x)}(x) for every (run, example): each example goes only through its chosen expert.
+    def expert_bank(self) -> "PatchExperts":
+        """The R·M experts as one core expert bank (a view of the parameters, no copy)."""
+        R, M, F_, D = self.expert_w_RMFD.shape
+        return PatchExperts(self.expert_w_RMFD.view(R * M, F_, D), self.expert_b_RMF.view(R * M, F_),
+                            self.activation)
 
-        The (run, example) rows are sorted by group g = r·M + m and each group is one small matmul,
-        so the work is R·N·P·F·D rather than M times that.
-        """
+    def dispatch_experts(self, x_NPD: Tensor, ids_RN: Tensor, weight_RN: Tensor,
+                         dispatcher: TokenDispatcher | None = None) -> Tensor:
+        """``weight · f_{m(x)}(x)`` for every (run, example) through the core token dispatcher: the R·N
+        (run, example) tokens go to expert group g = r·M + m; each group runs once on its rows."""
         N, P, D = x_NPD.shape
         R, M = self.runs, self.num_experts
-        if self.activation == "linear":
-            # linear experts are cheap to evaluate everywhere:
-            # f_m(x)_c = ⟨Σ_{j∈c} w_{m,j}, Σ_p x^(p)⟩ + P Σ_{j∈c} b_{m,j}
-            J = self.filters_per_class
-            wc_RMCD = self.expert_w_RMFD.view(R, M, 2, J, D).sum(3)
-            bc_RMC = self.expert_b_RMF.view(R, M, 2, J).sum(3)
-            all_RNMC = torch.einsum("nd,rmcd->rnmc", x_NPD.sum(1), wc_RMCD) + P * bc_RMC[:, None]
-            return all_RNMC.gather(2, ids_RN[:, :, None, None].expand(R, N, 1, 2)).squeeze(2)
-        group_G = (ids_RN + M * torch.arange(R, device=ids_RN.device)[:, None]).reshape(-1)  # G = R·N rows
-        order_G = torch.argsort(group_G, stable=True)
-        counts = torch.bincount(group_G, minlength=R * M).tolist()
-        example_G = order_G % N
-        x_NX = x_NPD.reshape(N, P * D)  # 2-D row gather (index_select) is several times faster than x[rows]
-        pieces, start = [], 0
-        for g, c in enumerate(counts):
-            if c == 0:
-                continue
-            r, m = divmod(g, M)
-            x_nPD = x_NX.index_select(0, example_G[start:start + c]).view(c, P, D)
-            pieces.append(patch_expert_logits(x_nPD, self.expert_w_RMFD[r, m], self.expert_b_RMF[r, m],
-                                              self.activation))
-            start += c
-        sorted_GC = torch.cat(pieces)
-        inverse_G = torch.empty_like(order_G)
-        inverse_G[order_G] = torch.arange(order_G.numel(), device=order_G.device)
-        return sorted_GC[inverse_G].view(R, N, 2)
+        x_TX = x_NPD.reshape(1, N, P * D).expand(R, N, P * D).reshape(R * N, P * D)   # T = R·N tokens
+        expert_T = (ids_RN + M * torch.arange(R, device=ids_RN.device)[:, None]).reshape(-1)
+        a = Assignments(torch.arange(R * N, device=ids_RN.device), expert_T, weight_RN.reshape(-1), R * N, R * M)
+        disp = LocalDispatcher() if dispatcher is None else dispatcher
+        rows, counts, state = disp.dispatch(x_TX, a)
+        out = disp.compute(self.expert_bank(), rows, counts, state)
+        return disp.combine(out, state).view(R, N, 2)
+
+    def routed_expert_logits(self, x_NPD: Tensor, ids_RN: Tensor) -> Tensor:
+        """f_{m(x)}(x) for every (run, example): each example goes only through its chosen expert."""
+        return self.dispatch_experts(x_NPD, ids_RN, torch.ones(ids_RN.shape, dtype=x_NPD.dtype,
+                                                                device=x_NPD.device))
+
+
+class PatchExperts(ExpertBank):
+    """G patch-wise experts (the official Conv1d(1, 2J, D, stride D) networks) as a core expert bank.
+
+    A token is an example's P patches flattened to X = P·D. Expert g:
+    ``f_g(x)_c = Σ_p Σ_{j∈c} σ(⟨w_{g,j}, x^(p)⟩ + b_{g,j})`` (σ = z³ or identity). ``forward`` runs each
+    expert on its rows with one grouped matmul over the patch rows (every token contributes P rows to
+    its expert's group); ``forward_dense`` is every expert on every token (the reference).
+    """
+
+    def __init__(self, w_GFD: Tensor, b_GF: Tensor, activation: str):
+        super().__init__()
+        self.w_GFD, self.b_GF, self.activation = w_GFD, b_GF, _check_activation(activation)
+        self.num_experts, F_, self.patch_dim = w_GFD.shape
+        self.filters = F_
+
+    def _finish(self, h: Tensor) -> Tensor:
+        return h.pow(3) if self.activation == "cubic" else h
+
+    def forward(self, x_AX: Tensor, counts_G: Tensor) -> Tensor:
+        A, D, F_ = x_AX.shape[0], self.patch_dim, self.filters
+        P = x_AX.shape[1] // D
+        x_QD = x_AX.reshape(A * P, D)                                    # Q = A·P patch rows, same order
+        h_QF = grouped_mm(x_QD, self.w_GFD.transpose(1, 2), counts_G * P)
+        group_Q = torch.bucketize(torch.arange(A * P, device=x_AX.device), torch.cumsum(counts_G * P, 0),
+                                  right=True)
+        b_G1F = torch.cat([self.b_GF, self.b_GF.new_zeros(1, F_)])      # padding rows: no expert, no bias
+        h_QF = self._finish(h_QF + b_G1F.index_select(0, group_Q))
+        return h_QF.view(A, P, 2, F_ // 2).sum((1, 3))                   # (A, 2) class logits
+
+    def forward_dense(self, x_TX: Tensor) -> Tensor:
+        T, D = x_TX.shape[0], self.patch_dim
+        x_TPD = x_TX.view(T, -1, D)
+        h_GTPF = torch.einsum("tpd,gfd->gtpf", x_TPD, self.w_GFD) + self.b_GF[:, None, None, :]
+        G, _, P, F_ = h_GTPF.shape
+        return self._finish(h_GTPF).view(G, T, P, 2, F_ // 2).sum((2, 4))
 
 
 def _check_x(x_NPD: Tensor, dim: int) -> None:

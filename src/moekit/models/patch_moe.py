@@ -1,7 +1,7 @@
 """A top-1 MoE of small CNNs routed by a linear function of the sum of image patches (Chen et al. 2022).
 
 The image model of Chen, Deng, Wu, Gu & Li 2022 ("Towards Understanding Mixture of Experts in Deep
-Learning", CIFAR-10-Rotate experiment, REFERENCE.md §7; official code ``cifar10-rotate/moe.py``),
+Learning", CIFAR-10-Rotate experiment; official code ``cifar10-rotate/moe.py``),
 scaled down to small grey images:
 
   * router  ``h(x) = Σ_p W x^(p) + P·b`` (B, E): a linear map of the **sum of the P non-overlapping
@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import losses as L
-from ..routing.base import RoutingDecision
+from ..dispatch import Assignments, LocalDispatcher, ReferenceDispatcher, expert_counts
+from ..experts import ModuleExperts
+from ..routing.base import Router, RoutingDecision
 from ..types import MoEOutput, detach_metrics
 from .._validation import positive_int as _positive_int
 
@@ -107,20 +109,25 @@ def patch_sum(x_BCSS: Tensor, patch_size: int) -> Tensor:
     return x_BCSS.reshape(B, C, n, patch_size, n, patch_size).sum(dim=(2, 4)).reshape(B, -1)
 
 
-class PatchRouter(nn.Module):
+class PatchRouter(Router):
     """Chen et al.'s router: ``h(x) = Σ_p W x^(p) + P·b`` (B, E), plus U[0,1) noise in training.
 
-    Equals ``Conv2d(C, E, s, stride=s)(x)`` summed over its P output positions (``weight`` is that conv's
+    A core :class:`~moekit.routing.Router` (token-choice, top-1) whose tokens are images: it takes
+    images (B, C, S, S) or the same images flattened to rows (B, C·S·S). Equals
+    ``Conv2d(C, E, s, stride=s)(x)`` summed over its P output positions (``weight`` is that conv's
     kernel flattened to (E, Q)). Zero-initialised, so at the start the routing is decided by the noise
-    alone (uniform over experts). ``forward`` returns a :class:`~moekit.routing.RoutingDecision` with
-    ``expert_ids``/``weights`` (B, 1), clean ``logits`` (B, E), ``noisy_logits`` (B, E; None when no
-    noise was drawn) and ``probs`` = π = softmax of the logits that decided the routing. The gate
-    (``weights``) is π_{m(x)} (``gate="softmax"``) or the deciding logit itself (``gate="logit"``).
+    alone (uniform over experts). Its decision has ``expert_ids``/``weights`` (B, 1), clean ``logits``
+    (B, E), ``noisy_logits`` (B, E; None when no noise was drawn) and ``probs`` = π = softmax of the
+    logits that decided the routing. The gate (``weights``) is π_{m(x)} (``gate="softmax"``) or the
+    deciding logit itself (``gate="logit"``). Its aux loss is ``w_switch · E·Σ_m f_m P_m`` with P
+    from π (the official balance loss).
     """
 
+    default_weights = {"w_importance": 0.0, "w_load": 0.0, "w_switch": 0.0, "w_z": 0.0}
+    linear_gate = False                    # its own (E, Q) patch weight replaces the (E, D) gate
+
     def __init__(self, num_experts: int, *, image_size: int = 8, patch_size: int = 4, in_channels: int = 1,
-                 gate: str = "softmax", noise_in_eval: bool = False, bias: bool = True):
-        super().__init__()
+                 gate: str = "softmax", noise_in_eval: bool = False, bias: bool = True, w_switch: float = 0.0):
         _positive_int("num_experts", num_experts)
         _positive_int("image_size", image_size)
         _positive_int("patch_size", patch_size)
@@ -131,26 +138,37 @@ class PatchRouter(nn.Module):
             raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
         if not isinstance(noise_in_eval, bool):
             raise TypeError(f"noise_in_eval: expected a bool, got {type(noise_in_eval).__name__}")
-        self.num_experts, self.image_size, self.patch_size = num_experts, image_size, patch_size
-        self.in_channels, self.gate, self.noise_in_eval = in_channels, gate, noise_in_eval
+        super().__init__(in_channels * image_size * image_size, num_experts, 1, zero_init=True, w_switch=w_switch)
+        self.image_size, self.patch_size = image_size, patch_size
+        self.in_channels, self.gate_kind, self.noise_in_eval = in_channels, gate, noise_in_eval
         self.num_patches = (image_size // patch_size) ** 2
         self.weight = nn.Parameter(torch.zeros(num_experts, in_channels * patch_size * patch_size))  # (E, Q)
         self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None                          # (E,)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, image_size={self.image_size}, patch_size={self.patch_size}, "
-                f"gate={self.gate!r}, noise_in_eval={self.noise_in_eval}, bias={self.bias is not None}")
+                f"gate={self.gate_kind!r}, noise_in_eval={self.noise_in_eval}, bias={self.bias is not None}")
 
-    def logits(self, x_BCSS: Tensor) -> Tensor:
-        """Clean router logits ``h(x)`` (B, E)."""
-        _check_images(x_BCSS, self.in_channels, self.image_size)
-        h_BE = patch_sum(x_BCSS, self.patch_size) @ self.weight.t()
+    def _images(self, x: Tensor) -> Tensor:
+        if x.dim() == 2 and x.shape[-1] == self.dim:
+            return x.reshape(-1, self.in_channels, self.image_size, self.image_size)
+        return _check_images(x, self.in_channels, self.image_size)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Clean router logits ``h(x)`` (B, E) of images (B, C, S, S) or flat rows (B, C·S·S)."""
+        h_BE = patch_sum(self._images(x), self.patch_size) @ self.weight.t()
         if self.bias is not None:
             h_BE = h_BE + self.num_patches * self.bias   # the conv bias is added at each of the P positions
-        return h_BE
+        return self.assert_finite(h_BE)
 
-    def forward(self, x_BCSS: Tensor, generator: torch.Generator | None = None) -> RoutingDecision:
-        clean_BE = self.logits(x_BCSS)
+    def forward(self, x: Tensor, mask_T: Tensor | None = None, **kwargs) -> RoutingDecision:
+        if x.dim() == 4:
+            x = self._images(x).reshape(x.shape[0], -1)
+        return super().forward(x, mask_T, **kwargs)
+
+    def route(self, x_TD: Tensor, *, mask_T: Tensor | None = None, generator: torch.Generator | None = None,
+              group_size: int | None = None) -> RoutingDecision:
+        clean_BE = self.logits(x_TD)
         noisy_BE = None
         if self.training or self.noise_in_eval:
             # fresh r ~ U[0,1)^E per image and forward pass (exploration; breaks the zero-init tie)
@@ -159,20 +177,33 @@ class PatchRouter(nn.Module):
         deciding_BE = clean_BE if noisy_BE is None else noisy_BE
         pi_BE = torch.softmax(deciding_BE, dim=-1)
         ids_B1 = deciding_BE.argmax(dim=-1, keepdim=True)           # = argmax of π (softmax is monotone)
-        source_BE = pi_BE if self.gate == "softmax" else deciding_BE
+        source_BE = pi_BE if self.gate_kind == "softmax" else deciding_BE
         gate_B1 = source_BE.gather(-1, ids_B1)
         return RoutingDecision(expert_ids=ids_B1, weights=gate_B1, logits=clean_BE, probs=pi_BE,
-                               noisy_logits=noisy_BE)
+                               noisy_logits=noisy_BE, priority=pi_BE.detach().max(-1).values)
+
+
+class _FlatImageExpert(nn.Module):
+    """Runs an image expert on flat rows: (N, C·S·S) -> images (N, C, S, S) -> the expert's output."""
+
+    def __init__(self, expert: nn.Module, in_channels: int, image_size: int):
+        super().__init__()
+        self.expert, self.shape = expert, (in_channels, image_size, image_size)
+
+    def forward(self, x_ND: Tensor) -> Tensor:
+        return self.expert(x_ND.reshape(-1, *self.shape))
 
 
 class PatchMoE(nn.Module):
     """Top-1 MoE of :class:`SmallCNN` experts with a :class:`PatchRouter` (Chen et al. 2022, §7).
 
     ``f(x) = π_{m(x)}(x) · f_{m(x)}(x)``, ``m(x) = argmax_m π_m(x)``, ``π = softmax(h(x) + r)``,
-    ``r ~ U[0,1)^E`` in training only (unless ``noise_in_eval``). Each image runs through its chosen
-    expert only: images are sorted by expert, each expert runs once on its contiguous block, and the
-    results are scattered back (:meth:`forward_reference` is the dense every-expert-on-every-image
-    version that the tests compare against).
+    ``r ~ U[0,1)^E`` in training only (unless ``noise_in_eval``). Built on the core pieces: the router
+    is a core :class:`~moekit.routing.Router` (its statistics give the balance loss), images are
+    dispatched to their expert by the :class:`~moekit.dispatch.LocalDispatcher` (each expert runs once
+    on its contiguous block of images, :class:`~moekit.experts.ModuleExperts`) and combined back;
+    :meth:`forward_reference` runs every expert on every image through the dense reference dispatcher
+    (the tests compare the two).
 
     ``forward(x, generator=None) -> MoEOutput(logits_BL, aux_loss = w_balance·E·Σ_m f_m P_m, metrics)``;
     metrics: ``balance_loss`` (unweighted), ``tokens_per_expert`` (E,), ``router_entropy`` (mean entropy
@@ -208,51 +239,41 @@ class PatchMoE(nn.Module):
     @torch.no_grad()
     def assign(self, x_BCSS: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The expert each image is routed to (B,) long, under the current train/eval mode."""
-        return self.router(x_BCSS, generator).expert_ids[:, 0]
-
-    def _output(self, x_BCSS: Tensor, d: RoutingDecision, y_BL: Tensor) -> MoEOutput:
-        ids_B = d.expert_ids[:, 0]
-        bal = L.balance_loss(d.probs, d.expert_ids)          # E·Σ_m f_m P_m, P from the routing π
-        aux = (self.w_balance * bal).to(torch.float64 if y_BL.dtype == torch.float64 else torch.float32)
-        p_BE = d.probs
-        metrics = {
-            "balance_loss": bal,
-            "tokens_per_expert": torch.bincount(ids_B, minlength=self.num_experts).float(),
-            "router_entropy": -(p_BE * p_BE.clamp_min(1e-12).log()).sum(-1).mean(),
-            "gate_mean": d.weights.mean(),
-            "expert_ids": ids_B,
-        }
-        return MoEOutput(y_BL, aux, detach_metrics(metrics))
+        return self.router(x_BCSS, generator=generator).expert_ids[:, 0]
 
     def _check_batch(self, x_BCSS: Tensor) -> None:
         _check_images(x_BCSS, self.in_channels, self.image_size)
         if x_BCSS.shape[0] == 0:
             raise ValueError("x: expected at least one image (the balance loss of an empty batch is undefined)")
 
-    def forward(self, x_BCSS: Tensor, generator: torch.Generator | None = None) -> MoEOutput:
+    def _run(self, x_BCSS: Tensor, generator: torch.Generator | None, dispatcher) -> MoEOutput:
         self._check_batch(x_BCSS)
-        d = self.router(x_BCSS, generator)
-        ids_B, gate_B = d.expert_ids[:, 0], d.weights[:, 0]
-        order_B = torch.argsort(ids_B, stable=True)             # images grouped by expert
-        counts = torch.bincount(ids_B, minlength=self.num_experts).tolist()
-        x_sorted = x_BCSS.index_select(0, order_B)
-        pieces = [expert(block) for expert, block in zip(self.experts, x_sorted.split(counts)) if block.shape[0]]
-        f_sorted_BL = torch.cat(pieces)
-        # scatter back to the input order: row order_B[i] of f gets row i of f_sorted
-        f_BL = torch.zeros_like(f_sorted_BL).index_copy(0, order_B, f_sorted_BL)
-        y_BL = gate_B[:, None].to(f_BL.dtype) * f_BL              # π_{m(x)} carries the task loss to the router
-        return self._output(x_BCSS, d, y_BL)
+        x_BD = x_BCSS.reshape(x_BCSS.shape[0], -1)
+        d = self.router(x_BD, generator=generator)                    # router (+ statistics, balance loss)
+        a = Assignments(*d.assignments(), x_BD.shape[0], self.num_experts)
+        rows, counts, state = dispatcher.dispatch(x_BD, a)             # images grouped by expert
+        bank = ModuleExperts([_FlatImageExpert(e, self.in_channels, self.image_size) for e in self.experts],
+                             x_BD.shape[-1])                   # a view of the experts, not new parameters
+        out = dispatcher.compute(bank, rows, counts, state)            # each expert on its block
+        y_BL = dispatcher.combine(out, state)                          # π_{m(x)} · f_{m(x)}(x)
+        ids_B = d.expert_ids[:, 0]
+        p_BE = d.probs
+        bal = L.switch_loss_from_stats(d.stats)     # E·Σ_m f_m P_m from the router's statistics (also for E=1)
+        metrics = {
+            "balance_loss": bal,
+            "tokens_per_expert": expert_counts(ids_B, self.num_experts).float(),
+            "router_entropy": -(p_BE * p_BE.clamp_min(1e-12).log()).sum(-1).mean(),
+            "gate_mean": d.weights.mean(),
+            "expert_ids": ids_B,
+        }
+        return MoEOutput(y_BL, self.w_balance * bal, detach_metrics(metrics), d.stats)
+
+    def forward(self, x_BCSS: Tensor, generator: torch.Generator | None = None) -> MoEOutput:
+        return self._run(x_BCSS, generator, LocalDispatcher())
 
     def forward_reference(self, x_BCSS: Tensor, generator: torch.Generator | None = None) -> MoEOutput:
         """Slow, obviously right: every expert on every image, ``y = Σ_m 1[m = m(x)] π_m(x) f_m(x)``."""
-        self._check_batch(x_BCSS)
-        d = self.router(x_BCSS, generator)
-        ids_B, gate_B = d.expert_ids[:, 0], d.weights[:, 0]
-        y_BL = 0.0
-        for m, expert in enumerate(self.experts):
-            chosen_B = (ids_B == m).to(x_BCSS.dtype)
-            y_BL = y_BL + (chosen_B * gate_B.to(x_BCSS.dtype))[:, None] * expert(x_BCSS)
-        return self._output(x_BCSS, d, y_BL)
+        return self._run(x_BCSS, generator, ReferenceDispatcher())
 
 
 @torch.no_grad()

@@ -147,6 +147,8 @@ class Router(nn.Module):
     default_weights: dict[str, float] = {"w_importance": 0.0, "w_load": 0.0, "w_switch": 0.0, "w_z": 0.0}
     #: whether this family defines a load loss (``w_load > 0`` is refused otherwise)
     has_load_loss: bool = False
+    #: whether the router's logits come from the (E, D) linear ``gate`` the base class creates
+    linear_gate: bool = True
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, *, zero_init: bool = False,
                  check_finite: bool = True, w_importance: float | None = None, w_load: float | None = None,
@@ -165,6 +167,8 @@ class Router(nn.Module):
         if self.w_load > 0 and not self.has_load_loss:
             raise ValueError(f"w_load: {type(self).__name__} has no load loss; use w_load=0 "
                              "(routers with one: noisy_topk, topk with noise_std > 0)")
+        if not self.linear_gate:
+            return
         self.gate = nn.Linear(dim, num_experts, bias=False)
         if zero_init:
             nn.init.zeros_(self.gate.weight)
