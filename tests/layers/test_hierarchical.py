@@ -7,8 +7,9 @@ from moekit.layers.hierarchical import HierarchicalMoE
 
 def _randomise(m):
     with torch.no_grad():
-        for p in (m.w_gate_primary, m.w_noise_primary, m.w_gate_secondary, m.w_noise_secondary):
-            p.normal_()
+        for r in [m.primary, *m.secondary]:     # gate and noise matrices (zero-initialised)
+            r.gate.weight.normal_()
+            r.noise.weight.normal_()
 
 
 def test_output_is_the_two_level_mixture():
@@ -21,11 +22,11 @@ def test_output_is_the_two_level_mixture():
     all_ETD = m.experts.forward_dense(x)
     ref = torch.zeros_like(x)
     for t in range(5):
-        lp = x[t] @ m.w_gate_primary
+        lp = x[t] @ m.primary.gate.weight.t()
         v, gi = lp.topk(2)
         gp = torch.softmax(v, -1)
         for a in range(2):
-            ls = x[t] @ m.w_gate_secondary[gi[a]]
+            ls = x[t] @ m.secondary[int(gi[a])].gate.weight.t()
             v2, gj = ls.topk(2)
             gs = torch.softmax(v2, -1)
             for b in range(2):
@@ -71,3 +72,19 @@ def test_bad_arguments():
         HierarchicalMoE(6, 8, 3, 4, top_k_groups=4)
     with pytest.raises(ValueError, match="w_load"):
         HierarchicalMoE(6, 8, 3, 4, w_load=-1)
+
+
+def test_mask_and_generator():
+    torch.manual_seed(4)
+    m = HierarchicalMoE(6, 8, 3, 4, 2, 2).train()
+    _randomise(m)
+    x = torch.randn(12, 6)
+    mask = torch.arange(12) < 8
+    g = lambda: torch.Generator().manual_seed(7)
+    out = m(x, mask=mask, generator=g())
+    assert (out.y[8:] == 0).all()
+    again = m(x, mask=mask, generator=g())
+    torch.testing.assert_close(out.y, again.y, rtol=0, atol=0)
+    m.eval()
+    torch.testing.assert_close(m(x, mask=mask).y[:8], m(x[:8]).y)
+    torch.testing.assert_close(m(x, mask=mask).aux_loss, m(x[:8]).aux_loss)
