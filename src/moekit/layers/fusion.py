@@ -17,7 +17,10 @@ def affinity_penalty(mean_weights_N: Tensor, affinity_NN: Tensor, form: str = "p
 
     ``"pairwise"``: ``Σ_{i≠j} w̄_i w̄_j A_ij`` — weight on two mutually redundant representations at once
     is penalised. ``"mean"``: ``Σ_i w̄_i · mean_{j≠i} A_ij`` — weight on a representation that is redundant
-    with the others is penalised. (The paper's exact form is not pinned down; both are offered.)
+    with the others is penalised. ``"quadratic"``: ``w̄ᵀ A w̄ = Σ_i w̄_i² A_ii + Σ_{i≠j} w̄_i w̄_j A_ij`` — the
+    pairwise form plus the diagonal, so with ``A = I`` it is smallest at uniform weights: it asks for a
+    balanced selection across groups of redundant representations (the pairwise form alone is zero when all
+    weight sits on one representation). (The paper's exact form is not pinned down; all three are offered.)
     """
     N = mean_weights_N.shape[0]
     if affinity_NN.shape != (N, N):
@@ -27,7 +30,9 @@ def affinity_penalty(mean_weights_N: Tensor, affinity_NN: Tensor, form: str = "p
         return mean_weights_N @ off_NN @ mean_weights_N
     if form == "mean":
         return (mean_weights_N * off_NN.sum(1) / max(N - 1, 1)).sum()
-    raise ValueError(f"form: expected 'pairwise' or 'mean', got {form!r}")
+    if form == "quadratic":
+        return mean_weights_N @ affinity_NN @ mean_weights_N
+    raise ValueError(f"form: expected 'pairwise', 'mean' or 'quadratic', got {form!r}")
 
 
 class SituationalFusion(nn.Module):
@@ -49,6 +54,8 @@ class SituationalFusion(nn.Module):
             raise ValueError(f"level: expected 'action' or 'feature', got {level!r}")
         if beta < 0:
             raise ValueError(f"beta: must be >= 0, got {beta!r}")
+        if penalty_form not in ("pairwise", "mean", "quadratic"):
+            raise ValueError(f"penalty_form: expected 'pairwise', 'mean' or 'quadratic', got {penalty_form!r}")
         N = len(feature_dims)
         self.level, self.beta, self.penalty_form = level, float(beta), penalty_form
         self.feature_dims = [int(f) for f in feature_dims]
@@ -65,13 +72,17 @@ class SituationalFusion(nn.Module):
                 raise ValueError(f"affinity: expected shape ({N}, {N}), got {tuple(affinity.shape)}")
         self.register_buffer("affinity", affinity)
 
-    def forward(self, features: Sequence[Tensor]) -> MoEOutput:
+    def fusion_weights(self, features: Sequence[Tensor]) -> Tensor:
+        """Per-example fusion weights ``w(o)`` (B, N), rows summing to 1 (for analysing the situations)."""
         if len(features) != len(self.feature_dims):
             raise ValueError(f"features: expected {len(self.feature_dims)} representations, got {len(features)}")
         for i, (f, d) in enumerate(zip(features, self.feature_dims)):
             if f.shape[-1] != d:
                 raise ValueError(f"features[{i}]: last dimension must be {d}, got {tuple(f.shape)}")
-        w_BN = torch.softmax(self.fusion(torch.cat(list(features), dim=-1)), dim=-1)
+        return torch.softmax(self.fusion(torch.cat(list(features), dim=-1)), dim=-1)
+
+    def forward(self, features: Sequence[Tensor]) -> MoEOutput:
+        w_BN = self.fusion_weights(features)
         if self.level == "action":
             probs_BNA = torch.stack([torch.softmax(h(f), -1) for h, f in zip(self.heads, features)], dim=1)
             y_BA = torch.einsum("bn,bna->ba", w_BN, probs_BNA)
