@@ -473,7 +473,9 @@ def _plots(ctx: RunContext, per_seed: list[dict], rows: list[Row]) -> None:
         idx = [i for i, v in enumerate(VIEWS) if VIEW_FAMILY[v] == fam]
         vals = w[:, idx].sum(-1).numpy()
         img.reshape(-1)[p.numpy()] = vals
-        im = ax.imshow(img, cmap="magma", vmin=0, vmax=1)
+        cmap = plt.get_cmap("viridis").copy()
+        cmap.set_bad("0.8")  # walls and furniture: grey
+        im = ax.imshow(img, cmap=cmap, vmin=0, vmax=1)
         ax.set_title(f"action fusion: weight on {fam} views")
         fig.colorbar(im, ax=ax, fraction=0.046)
     for ax in axes:
