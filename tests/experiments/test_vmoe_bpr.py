@@ -47,7 +47,8 @@ def test_sane_bands(quick_run):
     for c in (0.1, 0.25, 1.0):
         for mode in ("vanilla", "BPR"):
             drop = res.mean(f"{mode} c={c:g}", "dropped_fraction")
-            assert max(0.0, 1 - c) - 0.02 <= drop <= max(0.0, 1 - c) + 0.25   # E·C ≈ T·k·c slots
+            # E·C ≈ S·k·c slots per group of S tokens; C = ceil(...) per group keeps a little more
+            assert max(0.0, 1 - c) - 0.05 <= drop <= max(0.0, 1 - c) + 0.25
             assert 0.0 <= res.mean(f"{mode} c={c:g}", "tokens_skipped") <= drop + 1e-6
     # near c = 1 little is lost; at c = 0.1 most assignments are dropped and accuracy suffers
     assert abs(res.mean("vanilla c=1", "accuracy") - full) < 4.0

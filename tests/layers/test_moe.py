@@ -151,9 +151,13 @@ def test_group_size_errors():
         MoE(8, 16, 4, capacity_factor=1.0, group_size=0)
     with pytest.raises(ValueError, match="group_size"):
         MoE(8, 16, 4, router="expert_choice", group_size=4)
-    layer = MoE(8, 16, 4, capacity_factor=1.0, group_size=4)
-    with pytest.raises(ValueError, match="group_size"):
-        layer(torch.randn(6, 8))
+    # a last partial group is its own (smaller) group: equal to routing it on its own
+    torch.manual_seed(0)
+    layer = MoE(8, 16, 4, capacity_factor=0.5, group_size=4).eval()
+    x = torch.randn(6, 8)
+    out = layer(x)
+    torch.testing.assert_close(out.y[:4], layer(x[:4]).y)
+    torch.testing.assert_close(out.y[4:], layer(x[4:]).y)
 
 
 def test_set_batch_priority():

@@ -14,7 +14,7 @@ from moekit.types import MoEOutput
 
 def _model(**kw):
     opts = dict(image_size=8, patch_size=2, in_channels=1, num_classes=5, dim=16, depth=4, heads=2, mlp_dim=32,
-                num_experts=4, top_k=2)
+                num_experts=4, top_k=2, group_images=None)     # one routing group: the slow reference's setting
     opts.update(kw)
     torch.manual_seed(opts.pop("seed", 0))
     return ViT(**opts)
@@ -303,3 +303,17 @@ def test_bad_inputs_raise():
         model([[0.0]])
     with pytest.raises(TypeError, match="moe_layers"):
         _model(moe_layers=1)
+
+
+@pytest.mark.parametrize("batch_priority", [False, True])
+def test_routes_per_group_of_images(batch_priority):
+    # V-MoE routes per group of images: with groups of 2 images, a batch of 6 gives the same logits as
+    # three batches of 2 (every other layer works per image); a last smaller group is its own group.
+    model = _model(group_images=2, capacity_factor=0.5, batch_priority=batch_priority).eval()
+    assert model.moe_modules()[0].group_size == 2 * 17
+    x = _images(7)
+    out = model(x)
+    parts = [model(x[i:i + 2]) for i in range(0, 7, 2)]
+    torch.testing.assert_close(out.y, torch.cat([p.y for p in parts]), rtol=1e-5, atol=1e-6)
+    assert float(out.metrics["dropped_fraction"]) > 0
+    assert ViT(8, 2, 1, 5, dim=16, heads=2, mlp_dim=32).moe_modules()[0].group_size == 8 * 17   # default 8

@@ -48,8 +48,9 @@ class LocalDispatcher(TokenDispatcher):
         return rows_RD, counts_E, LocalDispatchState(token_R, a.weight_A[order_R], valid_R, a.num_tokens)
 
     def combine(self, out_RD: Tensor, state: LocalDispatchState) -> Tensor:
-        out_RD = out_RD * state.weight_R[:, None].to(out_RD.dtype)   # scale by the combine weight
         if state.valid_R is not None:      # padding rows past the last expert: never computed, never used
+            # (zeroed *before* the weight multiply: the weight's gradient reads these rows)
             out_RD = torch.where(state.valid_R[:, None], out_RD, torch.zeros_like(out_RD))
+        out_RD = out_RD * state.weight_R[:, None].to(out_RD.dtype)   # scale by the combine weight
         y_TD = out_RD.new_zeros(state.num_tokens, out_RD.shape[-1])
         return y_TD.index_add(0, state.token_R, out_RD)             # scatter-add back to tokens

@@ -94,8 +94,9 @@ class MoE(nn.Module):
             token) and counted in metrics. For ``router="expert_choice"`` it is the router's own
             capacity factor (default 2).
         capacity_multiple_of: round C up to a multiple of this (V-MoE uses 4; default 1 = no rounding).
-        group_size: route in groups of this many consecutive tokens (T must be a multiple): capacity
-            *and* the balancing losses are per group, the losses averaged over groups (V-MoE / GShard).
+        group_size: route in groups of this many consecutive tokens: capacity *and* the balancing
+            losses are per group, the losses averaged over groups (V-MoE / GShard). When T is not a
+            multiple, the last group is smaller (padded with masked tokens).
             ``None`` = the whole batch is one group; for ``router="soft"`` it is the number of tokens that
             share slots (default: the sequence length ``x.shape[-2]`` for inputs with 3+ dims).
         batch_priority: Batch Priority Routing — serve tokens by descending raw top-1 router
@@ -257,6 +258,14 @@ class MoE(nn.Module):
         mask_T = self._check_input(x, mask)
         x_TD = x.reshape(-1, self.dim)
         group_size = self._group_size(x)
+        T = x_TD.shape[0]
+        if group_size is not None and T <= group_size:
+            group_size = None                        # one (possibly partial) group: no padding needed
+        pad = (-T) % group_size if group_size else 0
+        if pad and self.kind != "expert_choice":   # a last, partial group: pad it with masked tokens
+            x_TD = torch.cat([x_TD, x_TD.new_zeros(pad, self.dim)])
+            real_T = torch.ones(T, dtype=torch.bool, device=x.device) if mask_T is None else mask_T
+            mask_T = torch.cat([real_T, torch.zeros(pad, dtype=torch.bool, device=x.device)])
         d = self.router(x_TD, mask_T, generator=generator, group_size=group_size,     # router
                         stats_group=self.balance_group)
         if d.kind == "soft":
@@ -271,6 +280,8 @@ class MoE(nn.Module):
             if mask_T is not None:
                 shared_TD = torch.where(mask_T[:, None], shared_TD, torch.zeros_like(shared_TD))
             y_TD = y_TD + shared_TD
+        if pad:
+            y_TD = y_TD[:T]
         metrics.update(d.metrics)
         return MoEOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]), d.aux_loss, metrics, d.stats)
 

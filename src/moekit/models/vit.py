@@ -160,6 +160,9 @@ class ViT(nn.Module):
         w_importance, w_load, noise_std: V-MoE router settings (0.005, 0.005, ``"1/E"``).
         pool: ``"cls"`` (a learned [CLS] token, as in ViT) or ``"mean"`` (mean of the patch tokens).
         dispatch: the MoE dispatch (``"sorted"`` fast path, ``"reference"`` dense oracle).
+        group_images: route in groups of this many images (V-MoE routes per group of images: each expert's
+            capacity and the balancing losses are per group, the losses averaged over groups); ``None`` =
+            the whole batch is one group.
     """
 
     def __init__(self, image_size: int, patch_size: int, in_channels: int, num_classes: int, dim: int = 64,
@@ -168,7 +171,7 @@ class ViT(nn.Module):
                  batch_priority: bool = False, *, last_n: int | None = None, expert_hidden_dim: int | None = None,
                  w_importance: float = VMOE_LOSS_WEIGHT, w_load: float = VMOE_LOSS_WEIGHT,
                  noise_std: float | str = "1/E", pool: str = "cls", dropout: float = 0.0,
-                 dispatch: str = "sorted"):
+                 dispatch: str = "sorted", group_images: int | None = 8):
         super().__init__()
         for name, v in (("image_size", image_size), ("patch_size", patch_size), ("in_channels", in_channels),
                         ("num_classes", num_classes), ("dim", dim), ("depth", depth), ("heads", heads),
@@ -190,6 +193,9 @@ class ViT(nn.Module):
         self.moe_layers: list[int] = resolve_moe_layers(moe_layers, depth, last_n) if num_experts > 0 else []
         if expert_hidden_dim is not None:
             _positive_int("expert_hidden_dim", expert_hidden_dim)
+        if group_images is not None:
+            _positive_int("group_images", group_images)
+        self.group_images = group_images
 
         # --- embeddings ------------------------------------------------------------------------------
         self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, dim)
@@ -199,13 +205,16 @@ class ViT(nn.Module):
         self.drop = nn.Dropout(dropout)
 
         # --- encoder: dense blocks, and MoE blocks where moe_layers says --------------------------------
+        # V-MoE routes per group of images: capacity and balancing losses per group of group_images·n_tokens
+        # tokens (a last, smaller batch forms a smaller group).
+        group_size = None if group_images is None else group_images * n_tokens
         blocks = []
         for i in range(depth):
             moe = None
             if i in self.moe_layers:
                 moe = MoE(dim, expert_hidden_dim or mlp_dim, num_experts, top_k, router="vmoe", expert="mlp",
                           activation="gelu", bias=True, capacity_factor=capacity_factor,
-                          batch_priority=batch_priority, dispatch=dispatch,
+                          batch_priority=batch_priority, dispatch=dispatch, group_size=group_size,
                           router_options={"noise_std": noise_std},   # V-MoE: not renormalised, no Switch loss
                           w_importance=w_importance, w_load=w_load)
             blocks.append(Block(dim, heads, mlp_dim, moe, dropout))

@@ -44,7 +44,8 @@ class NoisyTopKRouter(Router):
         gates_TE = torch.zeros_like(h_TE).scatter(1, expert_ids_TK, weights_TK)
         return RoutingDecision(expert_ids=expert_ids_TK, weights=weights_TK, logits=clean_TE,
                                probs=torch.softmax(clean_TE, dim=-1), noisy_logits=noisy_TE,
-                               noise_std=std_TE, importance_gates=gates_TE, priority=weights_TK[:, 0].detach())
+                               noise_std=std_TE, importance_gates=gates_TE,
+                               priority=torch.softmax(h_TE.detach(), dim=-1).max(dim=-1).values)
 
     def load_per_token(self, d: RoutingDecision) -> Tensor:
         noisy = d.logits if d.noisy_logits is None else d.noisy_logits
