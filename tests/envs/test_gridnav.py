@@ -133,6 +133,9 @@ def test_views_on_a_hand_made_map():
     assert goal[0, :len(CATEGORIES)].tolist() == [1, 0, 0, 0]
     # compass to (3, 3) from (4, 8): dx = -5, dy(up) = +1
     torch.testing.assert_close(goal[0, 4:], torch.tensor([-5.0, 1.0]) / np.hypot(5, 1), rtol=1e-5, atol=1e-6)
+    # in sight from the corridor entrance; from the corridor's end (4, 13) the chair is 10.05 cells away: out of range
+    assert w.target_in_sight(m0, c0, cell).tolist() == [True]
+    assert w.target_in_sight(m0, c0, torch.tensor([4 * 16 + 13])).tolist() == [False]
     layout = views[1][0].reshape(-1)
     assert layout.sum() > 0 and layout.max() == 1
 

@@ -327,7 +327,8 @@ class NavWorld:
         self.free_MP = torch.as_tensor(np.stack([m.free.reshape(P) for m in maps]))
         self.corridor_MP = torch.as_tensor(np.stack([m.corridor.reshape(P) for m in maps]))
         depth = np.stack([s["depth"] for s in statics])  # (M,H,W,8)
-        self.clearance_MP = torch.as_tensor(depth.min(-1).reshape(self.M, P)).long() + 1  # Chebyshev-ish distance to an obstacle
+        # clearance: 1 + the shortest of the 8 free-space rays (1 = an obstacle next to the cell)
+        self.clearance_MP = torch.as_tensor(depth.min(-1).reshape(self.M, P)).long() + 1
         self._depth = torch.as_tensor(depth.reshape(self.M, P, 8)) / depth_range
         self._layout = torch.as_tensor(np.stack([s["layout"] for s in statics]).reshape(self.M, P, -1))
         self._semantic = torch.as_tensor(np.stack([s["semantic"] for s in statics]).reshape(self.M, num_categories, P, -1))
@@ -384,6 +385,10 @@ class NavWorld:
             heading = torch.where(scramble, 2 * math.pi * torch.rand(B, generator=generator), heading)
         onehot = torch.nn.functional.one_hot(category_B, self.C).float()
         return torch.cat([onehot, torch.cos(heading)[:, None], torch.sin(heading)[:, None]], -1)
+
+    def target_in_sight(self, map_B: Tensor, category_B: Tensor, cell_B: Tensor) -> Tensor:
+        """(B,) bool: furniture of the target category is in line of sight (within ``view_radius``)."""
+        return self._semantic[map_B, category_B, cell_B][:, :8].amax(-1) > 0
 
     def states(self, max_dist: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Every (map, category, cell) whose cell is floor with a path to the category (``D ≤ max_dist`` if given)."""
@@ -451,7 +456,7 @@ def in_sight_oracle(world: NavWorld) -> Callable[[list[Tensor], Tensor, tuple[Te
     def policy(views: list[Tensor], goal_B: Tensor, state: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         m, c, p = state
         opt = world.optimal_MCPA[m, c, p].float()
-        in_sight = world._semantic[m, c, p][:, :8].amax(-1) > 0
+        in_sight = world.target_in_sight(m, c, p)
         return torch.where(in_sight[:, None], opt / opt.sum(-1, keepdim=True), random_walk_policy(views, goal_B))
     return policy
 

@@ -180,7 +180,7 @@ def _weights_by_situation(model: FusionPolicy, world: NavWorld, seed: int) -> di
         w = model(*_inputs(world, m, c, p, gen))[2]
     corridor = world.corridor_MP[m, p]
     clear = world.clearance_MP[m, p]
-    visible = world._semantic[m, c, p][:, :8].amax(-1) > 0
+    visible = world.target_in_sight(m, c, p)
     masks = {"corridor": corridor, "room": ~corridor, "clearance 1": clear == 1, "clearance 2": clear == 2,
              "clearance ≥3": clear >= 3, "room, target visible": ~corridor & visible,
              "room, target not visible": ~corridor & ~visible}
@@ -239,8 +239,8 @@ def _run_seed(ctx: RunContext, cfg: Config, seed: int) -> dict:
     res["situations"] = {name: _weights_by_situation(fused[name], test, seed)
                          for name in ("action fusion", "action fusion + affinity")}
     res["mean_weights"] = {}
+    m, c, p = test.states(max_dist=32)
     for name in ("feature fusion", "action fusion", "action fusion + affinity"):
-        m, c, p = test.states(max_dist=32)
         with torch.no_grad():
             res["mean_weights"][name] = fused[name](*_inputs(test, m, c, p, seed_generator(seed, stream=6)))[2].mean(0)
     # robustness: one view dropped (zeros) or noised (Gaussian, std = that view's std on training states)
