@@ -473,8 +473,7 @@ def _plots(ctx: RunContext, per_seed: list[dict], rows: list[Row]) -> None:
         idx = [i for i, v in enumerate(VIEWS) if VIEW_FAMILY[v] == fam]
         vals = w[:, idx].sum(-1).numpy()
         img.reshape(-1)[p.numpy()] = vals
-        cmap = plt.get_cmap("viridis").copy()
-        cmap.set_bad("0.8")  # walls and furniture: grey
+        cmap = plt.get_cmap("viridis").with_extremes(bad="0.8")  # walls and furniture: grey
         im = ax.imshow(img, cmap=cmap, vmin=0, vmax=1)
         ax.set_title(f"action fusion: weight on {fam} views")
         fig.colorbar(im, ax=ax, fraction=0.046)
