@@ -6,7 +6,7 @@ Shape-suffix legend used across the package (``x_TD`` is a (T, D) tensor; files 
   C capacity (slots per expert) · G routing groups · N tokens per group · S slots per expert ·
   Z = E·S slots · B batch · L sequence length or classes · V vocabulary.
 """
-from . import dispatch, experts, losses, routing, stats
+from . import checkpoint, dispatch, experts, losses, routing, stats
 from .layers.moe import MoE
 from .routing import ROUTERS, Router, RoutingDecision, build_router
 from .stats import RoutingStats
@@ -14,5 +14,5 @@ from .types import MoEOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["MoE", "MoEOutput", "ROUTERS", "Router", "RoutingDecision", "RoutingStats", "build_router", "dispatch",
+__all__ = ["MoE", "MoEOutput", "ROUTERS", "Router", "RoutingDecision", "RoutingStats", "build_router", "checkpoint", "dispatch",
            "experts", "losses", "routing", "stats", "__version__"]

@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from ..dispatch import DISPATCHERS, Assignments, TokenDispatcher, capacity_keep, expert_capacity, expert_counts
-from ..dispatch.capacity import _check_multiple
+from ..dispatch.capacity import _check_multiple, capacity_mask
 from ..experts import ExpertBank, build_experts
+from ..experts.bank import ACTIVATIONS
 from ..routing import ROUTERS, Router, RoutingDecision, build_router
 from ..types import MoEOutput
 
@@ -66,6 +67,43 @@ def routing_metrics(decision: RoutingDecision, tokens_per_expert_E: Tensor, drop
     return metrics
 
 
+def _absolute_capacity_keep(ids_TK: Tensor, num_experts: int, capacity: int, mask_T: Tensor | None,
+                            group_size: int | None, priority_T: Tensor | None) -> Tensor:
+    """``keep_TK`` for an absolute capacity: per routing group, expert e keeps its first ``capacity``
+    assignments (first choices before second choices, token order or ``priority_T``)."""
+    T, _ = ids_TK.shape
+    S = T if group_size is None else group_size
+    G = T // S if S > 0 else 0
+    group_T = torch.arange(T, device=ids_TK.device) // max(S, 1)
+    queue_TK = ids_TK + (group_T * num_experts)[:, None]       # (group, expert) pairs are separate queues
+    if mask_T is not None:
+        queue_TK = torch.where(mask_T[:, None], queue_TK, torch.full_like(queue_TK, G * num_experts))
+    return capacity_mask(queue_TK, G * num_experts, capacity, priority_T)
+
+
+def _activation_name(act: Any) -> str:
+    """The moekit activation name of a dense MLP's activation module (upcycling)."""
+    if isinstance(act, nn.SiLU):
+        return "silu"
+    if isinstance(act, nn.GELU) and act.approximate == "none":
+        return "gelu"
+    if isinstance(act, nn.ReLU):
+        return "relu"
+    if isinstance(act, nn.Tanh):
+        return "tanh"
+    if isinstance(act, nn.Identity):
+        return "identity"
+    if callable(act):                     # other activation modules (e.g. a library's own SiLU): by value
+        probe = torch.linspace(-6.0, 6.0, 241, dtype=torch.float64)
+        with torch.no_grad():
+            out = act(probe)
+        for name in ("silu", "gelu", "relu", "tanh", "identity"):
+            if isinstance(out, Tensor) and torch.allclose(out, ACTIVATIONS[name](probe), rtol=1e-9, atol=1e-12):
+                return name
+    raise ValueError(f"mlp: activation {act!r} has no moekit equivalent; supported: nn.SiLU, nn.GELU "
+                     "(approximate='none'), nn.ReLU, nn.Tanh, nn.Identity")
+
+
 def _positive_int(name: str, v: Any) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise ValueError(f"{name}: must be a positive int, got {v!r}")
@@ -94,14 +132,24 @@ class MoE(nn.Module):
             token) and counted in metrics. For ``router="expert_choice"`` it is the router's own
             capacity factor (default 2).
         capacity_multiple_of: round C up to a multiple of this (V-MoE uses 4; default 1 = no rounding).
+        capacity: an absolute capacity instead of a ratio: each expert takes at most this many
+            assignments per routing group, served in the same order (Switch Transformers' ``expert_capacity``
+            per sequence: ``capacity=C, group_size="sequence"``). Exclusive with ``capacity_factor``.
         group_size: route in groups of this many consecutive tokens: capacity *and* the balancing
             losses are per group, the losses averaged over groups (V-MoE / GShard). When T is not a
             multiple, the last group is smaller (padded with masked tokens).
             ``None`` = the whole batch is one group; for ``router="soft"`` it is the number of tokens that
             share slots (default: the sequence length ``x.shape[-2]`` for inputs with 3+ dims).
+            ``"sequence"`` = one group per sequence of ``x.shape[-2]`` tokens (inputs with 3+ dims).
         batch_priority: Batch Priority Routing — serve tokens by descending raw top-1 router
             probability instead of token order (needs a capacity).
         num_shared_experts / shared_hidden_dim: dense experts applied to every token, added to the output.
+        shared_gate: scale the shared experts' output by ``sigmoid(x w)`` with a learned (D,) ``w``
+            (``self.shared_gate``; Qwen2-MoE, Qwen3-Next).
+        gate_input: apply the combine weight to the expert's *input* instead of its output,
+            ``Σ_k E_k(w_k x)`` (Llama-4); the same as output-side gating only for linear experts.
+        expert_options: extra keywords for a built-in expert bank (e.g. GLU ``bias``, ``alpha``,
+            ``limit``, ``up_offset``: see :class:`~moekit.experts.GLUExperts`).
         w_importance, w_load, w_switch, w_z: loss coefficients (None = the router family's default).
         router_options: extra keywords for the router (e.g. ``{"noise_std": "1/E", "renormalize": False}``);
             unknown names raise a ``ValueError`` listing the valid ones.
@@ -118,7 +166,8 @@ class MoE(nn.Module):
                  activation: str | None = None, bias: bool = False, dispatch: str | TokenDispatcher = "sorted",
                  router_options: dict[str, Any] | None = None, w_importance: float | None = None,
                  w_load: float | None = None, w_switch: float | None = None, w_z: float | None = None,
-                 balance_group=None):
+                 balance_group=None, capacity: int | None = None, shared_gate: bool = False,
+                 gate_input: bool = False, expert_options: dict[str, Any] | None = None):
         super().__init__()
         for name, v in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
             _positive_int(name, v)
@@ -138,6 +187,7 @@ class MoE(nn.Module):
         self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
         self.capacity_multiple_of = capacity_multiple_of
         self.balance_group = balance_group
+        self.ep = None          # expert-parallel placement (moekit.parallel.expert_parallel sets it)
 
         # --- router -------------------------------------------------------------------------------
         options = dict(router_options or {})
@@ -169,7 +219,19 @@ class MoE(nn.Module):
         self.capacity_factor: float | None = None
         if capacity_factor is not None and self.kind != "expert_choice":
             self.set_capacity_factor(capacity_factor)
-        if group_size is not None:
+        self.capacity: int | None = None
+        if capacity is not None:
+            _positive_int("capacity", capacity)
+            if capacity_factor is not None:
+                raise ValueError("capacity: give either capacity (absolute) or capacity_factor (a ratio), not both")
+            if self.kind != "token_choice" or not self.router.supports_capacity:
+                raise ValueError(f"capacity: needs a token-choice router that supports capacity; "
+                                 f"{type(self.router).__name__} makes {self.kind} decisions")
+            self.capacity = capacity
+        if group_size == "sequence":
+            if self.kind == "expert_choice":
+                raise ValueError("group_size: expert-choice routing picks tokens from the whole batch; use None")
+        elif group_size is not None:
             _positive_int("group_size", group_size)
             if self.kind == "expert_choice":
                 raise ValueError("group_size: expert-choice routing picks tokens from the whole batch; use None")
@@ -183,12 +245,84 @@ class MoE(nn.Module):
                 expert_opts["activation"] = activation
             if bias:
                 expert_opts["bias"] = bias
+            expert_opts.update(expert_options or {})
+        elif expert_options:
+            raise ValueError("expert_options: only for the built-in expert banks ('mlp', 'glu')")
+        if not isinstance(gate_input, bool) or (gate_input and self.kind != "token_choice"):
+            raise ValueError(f"gate_input: a bool, True only for token-choice routers; got {gate_input!r} "
+                             f"with {self.kind} routing")
+        self.gate_input = gate_input
         self.experts: ExpertBank = build_experts(expert, num_experts, dim, hidden_dim, **expert_opts)
         self.shared: ExpertBank | None = None
         if num_shared_experts > 0:
             kind = expert if isinstance(expert, str) else "mlp"
             shared_h = (shared_hidden_dim or hidden_dim) * num_shared_experts
             self.shared = build_experts(kind, 1, dim, shared_h, **expert_opts)
+        self.shared_gate: nn.Linear | None = None
+        if shared_gate:
+            if self.shared is None:
+                raise ValueError("shared_gate: needs num_shared_experts > 0")
+            self.shared_gate = nn.Linear(dim, 1, bias=False)
+
+    @classmethod
+    def from_dense(cls, mlp: nn.Module, num_experts: int, top_k: int | None = None, *, noise_std: float = 0.0,
+                   generator: torch.Generator | None = None, **moe_kwargs) -> "MoE":
+        """Sparse upcycling (Komatsuzaki et al. 2022): a layer whose every expert starts as a copy of
+        the dense ``mlp``.
+
+        ``mlp`` is either ``nn.Sequential(Linear, activation, Linear)`` (→ ``expert="mlp"``, biases
+        copied) or a gated MLP with ``gate_proj``/``up_proj``/``down_proj`` Linear layers and an
+        activation ``act_fn`` or ``activation_fn`` (``LlamaMLP``, ``Qwen2MLP``, … → ``expert="glu"``).
+        Activations: ``nn.SiLU``, ``nn.GELU`` (exact), ``nn.ReLU``, ``nn.Tanh``, ``nn.Identity``.
+        ``noise_std`` > 0 adds Gaussian noise of ``noise_std · std(W)`` to each copy (from ``generator``).
+        The router is freshly initialised; with a router whose top-k weights sum to 1 (``"topk"``, the
+        default, renormalises) the new layer computes exactly the dense MLP at initialisation.
+        ``moe_kwargs`` go to :class:`MoE` (``router``, ``capacity_factor``, …).
+        """
+        if not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or noise_std < 0:
+            raise ValueError(f"noise_std: must be a non-negative number, got {noise_std!r}")
+        glu_names = ("gate_proj", "up_proj", "down_proj")
+        if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in glu_names):
+            gate, up, down = (getattr(mlp, n) for n in glu_names)
+            act_mod = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
+            kind = "glu"
+            dim, hidden = gate.in_features, gate.out_features
+            has_bias = gate.bias is not None
+            w_in = torch.cat([gate.weight, up.weight], 0).t()                     # (D, 2H)
+            w_out = down.weight.t()                                              # (H, D)
+            b_in = torch.cat([gate.bias, up.bias]) if has_bias else None
+            b_out = down.bias if has_bias else None
+        elif isinstance(mlp, nn.Sequential) and len(mlp) == 3 and isinstance(mlp[0], nn.Linear) and \
+                isinstance(mlp[2], nn.Linear):
+            first, act_mod, second = mlp
+            kind = "mlp"
+            dim, hidden = first.in_features, first.out_features
+            has_bias = first.bias is not None
+            if has_bias != (second.bias is not None):
+                raise ValueError("mlp: both Linear layers must have biases, or neither")
+            w_in, w_out = first.weight.t(), second.weight.t()
+            b_in, b_out = first.bias, second.bias
+        else:
+            raise TypeError(f"mlp: expected nn.Sequential(Linear, activation, Linear) or a gated MLP with "
+                            f"gate_proj/up_proj/down_proj Linear layers, got {type(mlp).__name__}")
+        activation = _activation_name(act_mod)
+        moe_kwargs.setdefault("expert", kind)
+        if moe_kwargs["expert"] != kind:
+            raise ValueError(f"expert: the dense mlp is a {kind!r} network; got expert={moe_kwargs['expert']!r}")
+        layer = cls(dim, hidden, num_experts, top_k, activation=activation, bias=has_bias, **moe_kwargs)
+        layer.to(device=w_in.device, dtype=w_in.dtype)
+        experts = layer.experts
+        names = ("w_in", "w_out", "b_in", "b_out") if kind == "glu" else ("w1", "w2", "b1", "b2")
+        with torch.no_grad():
+            for name, src in zip(names, (w_in, w_out, b_in, b_out)):
+                if src is None:
+                    continue
+                dst = getattr(experts, name)
+                dst.copy_(src.detach().expand_as(dst))
+                if noise_std > 0:
+                    noise = torch.randn(dst.shape, generator=generator, device=dst.device, dtype=dst.dtype)
+                    dst.add_(noise * noise_std * src.detach().float().std().to(dst.dtype))
+        return layer
 
     @property
     def token_choice(self) -> bool:
@@ -218,7 +352,8 @@ class MoE(nn.Module):
         """Switch Batch Priority Routing on or off (it needs a capacity and a token-choice router)."""
         if not isinstance(batch_priority, bool):
             raise TypeError(f"batch_priority: expected a bool, got {type(batch_priority).__name__}")
-        if batch_priority and (self.capacity_factor is None or not self.token_choice):
+        if batch_priority and ((self.capacity_factor is None and getattr(self, "capacity", None) is None)
+                               or not self.token_choice):
             raise ValueError("batch_priority: needs capacity_factor and a token-choice router")
         self.batch_priority = batch_priority
 
@@ -249,6 +384,11 @@ class MoE(nn.Module):
         return mask.reshape(-1).to(x.device)
 
     def _group_size(self, x: Tensor) -> int | None:
+        if self.group_size == "sequence":
+            if x.dim() < 3:
+                raise ValueError(f"x: group_size='sequence' needs inputs of shape (..., sequence, dim), got "
+                                 f"{tuple(x.shape)}")
+            return x.shape[-2]
         if self.kind == "soft" and self.group_size is None:
             return x.shape[-2] if x.dim() > 2 else None       # soft: the tokens of one sequence share slots
         return self.group_size
@@ -277,6 +417,8 @@ class MoE(nn.Module):
         if self.shared is not None:
             counts = torch.full((1,), x_TD.shape[0], dtype=torch.long, device=x.device)
             shared_TD = self.shared(x_TD, counts)
+            if self.shared_gate is not None:
+                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD.to(shared_TD.dtype)))
             if mask_T is not None:
                 shared_TD = torch.where(mask_T[:, None], shared_TD, torch.zeros_like(shared_TD))
             y_TD = y_TD + shared_TD
@@ -302,6 +444,9 @@ class MoE(nn.Module):
                 keep_TK = capacity_keep(ids_TK, E, self.capacity_factor, mask_T=mask_T, group_size=group_size,
                                         priority_T=self._priority(d) if self.batch_priority else None,
                                         multiple_of=self.capacity_multiple_of)
+            elif self.capacity is not None:                           # absolute capacity per group
+                keep_TK = _absolute_capacity_keep(ids_TK, E, self.capacity, mask_T, group_size,
+                                                  self._priority(d) if self.batch_priority else None)
             elif mask_T is not None:                                  # padding: never routed
                 keep_TK = mask_T[:, None].expand(T, K)
             if keep_TK is not None:
@@ -318,9 +463,18 @@ class MoE(nn.Module):
                 dropped = total - keep_TK.sum()
                 real_T = torch.ones(T, dtype=torch.bool, device=x_TD.device) if mask_T is None else mask_T
                 skipped = (real_T & ~keep_TK.any(dim=-1)).sum()
-        rows_RD, counts_E, state = self.dispatcher.dispatch(x_TD, a)            # dispatch
-        out_RD = self.dispatcher.compute(self.experts, rows_RD, counts_E, state)  # experts
-        y_TD = self.dispatcher.combine(out_RD, state)                         # combine
+        if self.gate_input:          # input-side gating: every assignment is a row E_k(w_k x), weight 1
+            x_AD = x_TD.index_select(0, a.token_A) * a.weight_A[:, None].to(x_TD.dtype)
+            A = a.token_A.shape[0]
+            rows = Assignments(torch.arange(A, device=x_TD.device), a.expert_A, torch.ones_like(a.weight_A), A, E,
+                               may_skip=a.may_skip)
+            rows_RD, counts_E, state = self.dispatcher.dispatch(x_AD, rows)
+            out_AD = self.dispatcher.combine(self.dispatcher.compute(self.experts, rows_RD, counts_E, state), state)
+            y_TD = out_AD.new_zeros(T, out_AD.shape[-1]).index_add(0, a.token_A, out_AD)
+        else:
+            rows_RD, counts_E, state = self.dispatcher.dispatch(x_TD, a)            # dispatch
+            out_RD = self.dispatcher.compute(self.experts, rows_RD, counts_E, state)  # experts
+            y_TD = self.dispatcher.combine(out_RD, state)                         # combine
         load_E = expert_counts(a.expert_A, E)
         metrics = routing_metrics(d, load_E, dropped, total, skipped, T, mask_T)
         return y_TD, metrics

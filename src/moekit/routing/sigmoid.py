@@ -26,6 +26,8 @@ class SigmoidRouter(Router):
         self.normalize = bool(normalize)
         self.scale = float(scale)
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        #: a torch.distributed process group: update_bias sums the counts over it (set by expert_parallel)
+        self.bias_group = None
 
     def route(self, x_TD: Tensor, *, mask_T: Tensor | None = None, generator: torch.Generator | None = None,
               group_size: int | None = None) -> RoutingDecision:
@@ -46,10 +48,15 @@ class SigmoidRouter(Router):
         """One aux-loss-free balancing step from the last batch's per-expert token counts (E,).
 
         Call it from the training loop after the optimizer step, e.g.
-        ``router.update_bias(out.metrics["tokens_per_expert"])``.
+        ``router.update_bias(out.metrics["tokens_per_expert"])``. With ``bias_group`` set (expert
+        parallelism sets it) the counts are summed over that process group first.
         """
         load_E = torch.as_tensor(tokens_per_expert, dtype=torch.float32, device=self.expert_bias.device)
         if load_E.shape != (self.num_experts,):
             raise ValueError(f"tokens_per_expert: expected shape ({self.num_experts},), got {tuple(load_E.shape)}")
+        if self.bias_group is not None:          # global counts: every rank takes the same step
+            import torch.distributed as dist
+            load_E = load_E.clone()
+            dist.all_reduce(load_E, group=self.bias_group)
         u = self.bias_update_rate if rate is None else float(rate)
         self.expert_bias += u * torch.sign(load_E.mean() - load_E)
