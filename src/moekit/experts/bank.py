@@ -173,43 +173,88 @@ class MLPExperts(ExpertBank):
 
 class GLUExperts(ExpertBank):
     """E SwiGLU experts ``y = (silu(x Wg_e) ⊙ (x Wu_e)) Wd_e``; gate and up projections are fused
-    into one (E, D, 2H) weight so each token needs one grouped matmul in and one out."""
+    into one (E, D, 2H) weight (gate columns first, then up) so each token needs one grouped matmul in
+    and one out.
+
+    Options for the GLU variants of current models (all off by default):
+      * ``bias`` — biases ``b_in`` (E, 2H) and ``b_out`` (E, D) on both projections (GPT-OSS);
+      * ``alpha`` — the gate activation becomes ``g · sigmoid(alpha · g)`` (needs ``activation="silu"``;
+        GPT-OSS uses 1.702);
+      * ``limit`` — clamp the gate to ``g ≤ limit`` and the up projection to ``[−limit, limit]`` before
+        they are combined (GPT-OSS: 7.0);
+      * ``up_offset`` — combine as ``act(g) ⊙ (u + up_offset)`` (GPT-OSS: 1).
+    Layouts that interleave gate and up columns (GPT-OSS) are de-interleaved when the weights are loaded.
+    """
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, *, activation: str = "silu",
-                 bias: bool = False):
+                 bias: bool = False, alpha: float | None = None, limit: float | None = None,
+                 up_offset: float = 0.0):
         super().__init__()
         _check_dims(num_experts=num_experts, dim=dim, hidden_dim=hidden_dim)
-        if bias:
-            raise ValueError("bias: GLU experts are bias-free; use expert='mlp' for biases")
+        if alpha is not None and (activation != "silu" or not isinstance(alpha, (int, float)) or
+                                  isinstance(alpha, bool) or not math.isfinite(alpha)):
+            raise ValueError(f"alpha: a finite number scaling silu's sigmoid (activation='silu'), got alpha={alpha!r} "
+                             f"with activation={activation!r}")
+        if limit is not None and (not isinstance(limit, (int, float)) or isinstance(limit, bool) or
+                                  not limit > 0 or not math.isfinite(limit)):
+            raise ValueError(f"limit: must be a positive number or None, got {limit!r}")
+        if not isinstance(up_offset, (int, float)) or isinstance(up_offset, bool) or not math.isfinite(up_offset):
+            raise ValueError(f"up_offset: must be a finite number, got {up_offset!r}")
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
         self.activation = activation
         self.act = _activation(activation)
+        self.alpha = None if alpha is None else float(alpha)
+        self.limit = None if limit is None else float(limit)
+        self.up_offset = float(up_offset)
         self.w_in = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden_dim))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.b_in = nn.Parameter(torch.zeros(num_experts, 2 * hidden_dim)) if bias else None
+        self.b_out = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.uniform_(self.w_in, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
         nn.init.uniform_(self.w_out, -1 / math.sqrt(self.hidden_dim), 1 / math.sqrt(self.hidden_dim))
 
+    @property
+    def plain(self) -> bool:
+        """Whether this is the plain GLU the fused ``moekit::glu`` operator computes."""
+        return self.alpha is None and self.limit is None and self.up_offset == 0.0
+
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}"
+        extra = "" if self.plain else f", alpha={self.alpha}, limit={self.limit}, up_offset={self.up_offset:g}"
+        return (f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
+                f"activation={self.activation}, bias={self.b_in is not None}" + extra)
 
     def _glu(self, h: Tensor) -> Tensor:
-        if h.dim() == 2:
+        if self.plain and h.dim() == 2:
             return glu(h.contiguous(), self.activation)
         gate, up = h.chunk(2, dim=-1)
-        return self.act(gate) * up
+        if self.limit is not None:
+            gate = gate.clamp(max=self.limit)
+            up = up.clamp(min=-self.limit, max=self.limit)
+        a = gate * torch.sigmoid(self.alpha * gate) if self.alpha is not None else self.act(gate)
+        return a * (up + self.up_offset) if self.up_offset != 0.0 else a * up
 
     def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
         dt = compute_dtype(x_AD, self.w_in)
         h_A2H = grouped_mm(x_AD.to(dt), self.w_in.to(dt), counts_E)
-        return grouped_mm(self._glu(h_A2H), self.w_out.to(dt), counts_E)
+        if self.b_in is not None:
+            h_A2H = h_A2H + _row_bias(self.b_in.to(dt), counts_E, x_AD.shape[0])
+        y_AD = grouped_mm(self._glu(h_A2H), self.w_out.to(dt), counts_E)
+        if self.b_out is not None:
+            y_AD = y_AD + _row_bias(self.b_out.to(dt), counts_E, x_AD.shape[0])
+        return y_AD
 
     def forward_dense(self, x_TD: Tensor) -> Tensor:
         dt = compute_dtype(x_TD, self.w_in)
         h_ET2H = torch.einsum("td,edh->eth", x_TD.to(dt), self.w_in.to(dt))
-        return torch.einsum("eth,ehd->etd", self._glu(h_ET2H), self.w_out.to(dt))
+        if self.b_in is not None:
+            h_ET2H = h_ET2H + self.b_in.to(dt)[:, None]
+        y_ETD = torch.einsum("eth,ehd->etd", self._glu(h_ET2H), self.w_out.to(dt))
+        if self.b_out is not None:
+            y_ETD = y_ETD + self.b_out.to(dt)[:, None]
+        return y_ETD
 
 
 class ModuleExperts(ExpertBank):

@@ -11,6 +11,7 @@ from torch import nn
 from .base import Router, RoutingDecision
 from .expert_choice import ExpertChoiceRouter
 from .noisy_topk import NoisyTopKRouter
+from .scored import ScoredTopKRouter
 from .sigmoid import SigmoidRouter
 from .soft import SoftRouter
 from .softmax import SoftmaxRouter
@@ -25,6 +26,7 @@ ROUTERS: dict[str, type[Router]] = {
     "expert_choice": ExpertChoiceRouter,
     "soft": SoftRouter,
     "sigmoid": SigmoidRouter,
+    "scored": ScoredTopKRouter,
 }
 
 
@@ -56,4 +58,5 @@ def build_router(name: str, dim: int, num_experts: int, top_k: int | None = None
 
 
 __all__ = ["router_options", "ROUTERS", "Router", "RoutingDecision", "build_router", "SoftmaxRouter", "NoisyTopKRouter",
-           "TopKRouter", "VMoERouter", "SwitchRouter", "ExpertChoiceRouter", "SoftRouter", "SigmoidRouter"]
+           "TopKRouter", "VMoERouter", "SwitchRouter", "ExpertChoiceRouter", "SoftRouter", "SigmoidRouter",
+           "ScoredTopKRouter"]
