@@ -302,6 +302,8 @@ def _plots(ctx: RunContext, c: Config, models: dict, data: tuple[Tensor, Tensor]
             ax.scatter([float(x_G[g]) for g, _ in modes], [t for _, t in modes], s=3, c="red", label="modes")
         if model is not None:
             ax.plot(x_G.numpy(), conditional_mean(model, x_G).numpy(), c="black", lw=1.5, label="mean")
+        ax.set_xlim(float(x_G[0]), float(x_G[-1]))
+        ax.set_ylim(float(t_T[0]), float(t_T[-1]))
         ax.set_title(name, fontsize=10)
         if model is not None:
             ax.legend(fontsize=7, loc="upper left")
