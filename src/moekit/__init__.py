@@ -16,3 +16,11 @@ __version__ = "0.1.0"
 
 __all__ = ["MoE", "MoEOutput", "ROUTERS", "Router", "RoutingDecision", "RoutingStats", "build_router", "checkpoint", "dispatch",
            "experts", "losses", "routing", "stats", "__version__"]
+
+
+def __getattr__(name: str):
+    """``moekit.analysis`` and ``moekit.hf`` (optional extras) load on first use."""
+    if name in ("analysis", "hf"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'moekit' has no attribute {name!r}")
