@@ -11,7 +11,7 @@ images this small every pixel matters, and the kernel-mixing overhead of CondCon
 of its conv, so a larger P·Q keeps the MADDs nearly constant as E grows (as in the paper).
 ``num_experts=1`` is the plain-conv baseline: the blocks use ``nn.Conv2d`` and there are no routers.
 Routing is computed once per block from the block input and shared by the block's CondConv layers
-(EfficientNet-CondConv's scheme, REFERENCE.md §4). ``routing="softmax"`` with a temperature gives the
+(EfficientNet-CondConv's scheme, per its official code). ``routing="softmax"`` with a temperature gives the
 Dynamic Convolution variant (Chen et al. 2020; anneal τ with :meth:`CondConvNet.set_temperature`).
 
 Legend: B batch, C channels, S image side, E experts, L classes, W width.

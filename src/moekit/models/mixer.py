@@ -1,5 +1,5 @@
 """MLP-Mixer (Tolstikhin et al. 2021) and Sparse-MLP (Lou et al. 2021, "Cross-token Modeling with
-Conditional Computation", arXiv 2109.02008; REFERENCE.md §6).
+Conditional Computation", arXiv 2109.02008).
 
 MLP-Mixer block on a token table ``X`` (S tokens × C channels):
     ``U = X + (W2 σ(W1 LN(X)ᵀ))ᵀ``      token mixing: one MLP over the S tokens, applied per channel
@@ -11,7 +11,7 @@ Sparse-MLP block: both MLPs become top-1 MoE layers (:class:`moekit.MoE`),
     ``Y = U + MoE_C(LN(U))``                MoE_C routes each of the S token vectors (length C) to one
                                             channel-mixing expert.
 ``R_in`` are the re-represent layers: a linear map along the token axis S → S1 = 2S and one along the
-channel axis C → C1 = C/2; ``R_out`` the inverse-shaped maps S1 → S and C1 → C [recalled in REFERENCE §6].
+channel axis C → C1 = C/2; ``R_out`` the inverse-shaped maps S1 → S and C1 → C (recalled from the paper, not checked; docs/papers.md).
 Routing is V-MoE's: ``gates = softmax(x W + ε)``, ε ~ N(0, (1/E)²) in training, top-1 **not**
 renormalised (so the chosen expert's output is scaled by its softmax probability), aux loss
 ``w_importance·CV(importance)² + w_load·CV(load)²`` (0.005 each).

@@ -1,6 +1,6 @@
 """A small Vision Transformer whose MLPs can be sparse MoE layers: V-MoE (Riquelme et al. 2021).
 
-V-MoE (REFERENCE.md §6) is a ViT in which the MLP of some encoder blocks is replaced by a sparse MoE:
+V-MoE (Riquelme et al. 2021) is a ViT in which the MLP of some encoder blocks is replaced by a sparse MoE:
 
   * where: every other block ("every-2": 0-indexed blocks 1, 3, 5, ...) or the last n of those;
   * router: ``g(x) = TopK(softmax(x W + ε))``, ``ε ~ N(0, (1/E)²)`` in training only, no bias, top-k
