@@ -179,9 +179,9 @@ class GLUExperts(ExpertBank):
     Options for the GLU variants of current models (all off by default):
       * ``bias`` — biases ``b_in`` (E, 2H) and ``b_out`` (E, D) on both projections (GPT-OSS);
       * ``alpha`` — the gate activation becomes ``g · sigmoid(alpha · g)`` (needs ``activation="silu"``;
-        GPT-OSS uses 1.702);
+        GPT-OSS: 1.702, transformers 5.23 GptOssConfig default, checked);
       * ``limit`` — clamp the gate to ``g ≤ limit`` and the up projection to ``[−limit, limit]`` before
-        they are combined (GPT-OSS: 7.0);
+        they are combined (GPT-OSS: 7.0, the same source);
       * ``up_offset`` — combine as ``act(g) ⊙ (u + up_offset)`` (GPT-OSS: 1).
     Layouts that interleave gate and up columns (GPT-OSS) are de-interleaved when the weights are loaded.
     """
