@@ -21,6 +21,9 @@ SituationalFusion` at the feature and the action level); ``action fusion + affin
 ``Σ_a min(π_i, π_j)`` of the single-view policies on training states, the analogue of the paper's Taskonomy
 task affinities); and a random walk. Each seed draws new training and test maps and new initialisations.
 
+Everything runs once per training regime (``--train-maps 4 24``: few maps, where memorising the training maps
+is easy, and many): the rows are named ``model [N maps]`` and every table, plot and verdict is per regime.
+
 Analyses: fusion weights by situation on the unseen maps (corridor vs room, clearance = distance to the
 nearest obstacle), and robustness — each view dropped (zeroed) or noised at test time.
 """
@@ -48,7 +51,8 @@ FAMILIES = ("3D", "semantic", "2D", "low-level")
 
 @dataclass(frozen=True)
 class Config:
-    train_maps: int = option(24, "maps to train on", ge=1, quick=8)
+    train_maps: tuple[int, ...] = option((4, 24), "numbers of training maps, one regime each (few maps: overfitting "
+                                         "dominates)", ge=1, nonempty=True, quick=(8,))
     test_maps: int = option(12, "unseen maps to test on", ge=1, quick=4)
     map_size: int = option(28, "grid side in cells", ge=16)
     steps: int = option(3000, "Adam steps per model", ge=1, quick=250)
@@ -195,8 +199,8 @@ def _family(w_N: Tensor) -> dict[str, float]:
 # The run
 # --------------------------------------------------------------------------------------------------
 
-def _run_seed(ctx: RunContext, cfg: Config, seed: int) -> dict:
-    train = make_world(cfg.train_maps, seed=2 * seed, size=cfg.map_size)
+def _run_seed(ctx: RunContext, cfg: Config, seed: int, n_train: int) -> dict:
+    train = make_world(n_train, seed=2 * seed, size=cfg.map_size)  # fewer maps: the first n of the same sequence
     test = make_world(cfg.test_maps, seed=2 * seed + 1_000_001, size=cfg.map_size)
     states = train.states()
     gen_ep = seed_generator(seed, stream=1)
@@ -209,7 +213,7 @@ def _run_seed(ctx: RunContext, cfg: Config, seed: int) -> dict:
     for i, v in enumerate(VIEWS):
         with seeded_global(seed, stream=10 + i):
             mod = MLPPolicy(dims, [i], cfg.hidden)
-        res["curves"][f"single: {v}"] = _train(ctx, f"single {v}", mod, train, states, cfg, seed)
+        res["curves"][f"single: {v}"] = _train(ctx, f"{n_train} maps, single {v}", mod, train, states, cfg, seed)
         singles.append(mod)
     affinity = _affinity(singles, train, states, seed)
     res["affinity"] = affinity
@@ -223,7 +227,7 @@ def _run_seed(ctx: RunContext, cfg: Config, seed: int) -> dict:
         act_aff = FusionPolicy(dims, cfg.hidden, "action", affinity=affinity, beta=cfg.beta, penalty_form=cfg.penalty_form)
     fused = dict(zip(FUSED, (concat, feat, act, act_aff)))
     for name, mod in fused.items():
-        res["curves"][name] = _train(ctx, name, mod, train, states, cfg, seed)
+        res["curves"][name] = _train(ctx, f"{n_train} maps, {name}", mod, train, states, cfg, seed)
     models = {**{f"single: {v}": s for v, s in zip(VIEWS, singles)}, **fused}
     for name, mod in models.items():
         res["success"][name] = _success(test, _policy_fn(mod), ep_test, seed, cfg)
@@ -267,35 +271,53 @@ def _run_seed(ctx: RunContext, cfg: Config, seed: int) -> dict:
 def _run(ctx: RunContext) -> ExperimentResult:
     cfg: Config = ctx.config
     seeds = list(range(ctx.seeds))
-    per_seed = [_run_seed(ctx, cfg, s) for s in seeds]
-    names = list(per_seed[0]["success"])
+    rows: list[Row] = []
+    tables: dict[str, str] = {}
+    verdicts: list[Verdict] = []
+    for n_train in cfg.train_maps:
+        per_seed = [_run_seed(ctx, cfg, s, n_train) for s in seeds]
+        r_rows, r_tables, r_verdicts = _regime_report(ctx, per_seed, n_train)
+        rows += r_rows
+        tables |= r_tables
+        verdicts += r_verdicts
+    notes = _notes(cfg)
+    config = config_dict(cfg) | {"seeds": seeds, "views": list(VIEWS), "view_family": dict(VIEW_FAMILY),
+                                 "categories": list(CATEGORIES), "optimizer": "Adam + cosine schedule",
+                                 "start_distance": [6, 32], "view_radius": 10, "quick": ctx.quick}
+    return ExperimentResult(rows=rows, paper=[], config=config, tables=tables, notes=notes, verdicts=verdicts)
 
-    rows = [Row(n, {"success_unseen": [r["success"][n] for r in per_seed],
-                    "success_seen": [r["seen"][n] for r in per_seed],
-                    "params": float(per_seed[0]["params"][n])}) for n in names]
+
+def _regime_report(ctx: RunContext, per_seed: list[dict], n_train: int) -> tuple[list[Row], dict[str, str], list[Verdict]]:
+    """Rows (named ``model [N maps]``), tables, verdicts and plots of one training regime."""
+    names = list(per_seed[0]["success"])
+    tag = f"{n_train} training maps"
+    rows = [Row(f"{n} [{n_train} maps]", {"success_unseen": [r["success"][n] for r in per_seed],
+                                          "success_seen": [r["seen"][n] for r in per_seed],
+                                          "params": float(per_seed[0]["params"][n])}) for n in names]
 
     def ms(vals, d=1) -> str:
         mu, sd = mean_std(list(vals))
         return f"{mu:.{d}f} ± {sd:.{d}f}"
 
     tables: dict[str, str] = {}
-    tables["Success rate (%) on unseen and training maps, mean ± std over seeds"] = markdown_table(
+    tables[f"{tag}: success rate (%) on unseen and training maps, mean ± std over seeds"] = markdown_table(
         ["model", "unseen maps", "training maps", "parameters"],
-        [[r.name, ms(r.metrics["success_unseen"]), ms(r.metrics["success_seen"]), int(r.metrics["params"])] for r in rows])
+        [[n, ms(r.metrics["success_unseen"]), ms(r.metrics["success_seen"]), int(r.metrics["params"])]
+         for n, r in zip(names, rows)])
     # situations (families)
     sit_rows = []
     for model in ("action fusion", "action fusion + affinity"):
         for sname in SITUATIONS:
             fam = [_family(r["situations"][model][sname]) for r in per_seed]
             sit_rows.append([model, sname] + [ms([f[k] for f in fam], 2) for k in FAMILIES])
-    tables["Fusion weight per view family by situation on the unseen maps (sum of the family's views' mean weights)"] = \
+    tables[f"{tag}: fusion weight per view family by situation on the unseen maps (sum of the family's views' mean weights)"] = \
         markdown_table(["model", "situation", *FAMILIES], sit_rows)
     view_rows = []
     for model in ("feature fusion", "action fusion", "action fusion + affinity"):
         view_rows.append([model] + [ms([float(r["mean_weights"][model][i]) for r in per_seed], 2) for i in range(len(VIEWS))])
-    tables["Mean fusion weight per view on the unseen maps"] = markdown_table(["model", *VIEWS], view_rows)
+    tables[f"{tag}: mean fusion weight per view on the unseen maps"] = markdown_table(["model", *VIEWS], view_rows)
     aff = torch.stack([r["affinity"] for r in per_seed]).mean(0)
-    tables["Data-driven view affinity A (overlap of the single-view policies on training states, mean over seeds)"] = \
+    tables[f"{tag}: data-driven view affinity A (overlap of the single-view policies on training states, mean over seeds)"] = \
         markdown_table(["", *VIEWS], [[v] + [f"{float(aff[i, j]):.2f}" for j in range(len(VIEWS))] for i, v in enumerate(VIEWS)])
     rob_rows = []
     for kind in ("drop", "noise"):
@@ -304,13 +326,16 @@ def _run(ctx: RunContext) -> ExperimentResult:
             full = [r["success"][name] for r in per_seed]
             kept = [_retained(r, kind, name) for r in per_seed]
             rob_rows.append([kind, name, ms(full)] + [ms(v) for v in per_view] + [ms(kept)])
-    tables["Robustness: success (%) on unseen maps with one view dropped (zeros) or noised (Gaussian, std of the view)"] = \
+    tables[f"{tag}: robustness, success (%) on unseen maps with one view dropped (zeros) or noised (Gaussian, std of the view)"] = \
         markdown_table(["test-time change", "model", "intact", *[f"{v} changed" for v in VIEWS], "success kept (% of intact, mean over views)"], rob_rows)
 
-    verdicts = _verdicts(per_seed)
+    verdicts = [Verdict(f"{tag}: {v.claim}", v.verdict, v.reason) for v in _verdicts(per_seed)]
+    _plots(ctx, per_seed, names, n_train)
+    return rows, tables, verdicts
 
-    _plots(ctx, per_seed, rows)
-    notes = [
+
+def _notes(cfg: Config) -> list[str]:
+    return [
         "The paper's success rates are on Gibson scenes with Taskonomy features; they are not comparable with this "
         "procedural stand-in and none are shown. The claims tested are the paper's qualitative findings: the results "
         "in unseen environments (single representations, concat, feature- vs action-level fusion, affinity "
@@ -330,11 +355,9 @@ def _run(ctx: RunContext) -> ExperimentResult:
         "Policies sample their actions; the random walk draws one of the 8 moves uniformly and never stops.",
         "Verdict rule: 'reproduced' when the paper's inequality holds on the mean and in every seed, 'partly' when it "
         "holds on the mean but not in every seed (or only one of its two parts holds), 'not reproduced' otherwise.",
+        "Training regimes: each number of training maps trains every model afresh on the first N maps of the same "
+        "sequence; the unseen test maps and test episodes are the same in every regime.",
     ]
-    config = config_dict(cfg) | {"seeds": seeds, "views": list(VIEWS), "view_family": dict(VIEW_FAMILY),
-              "categories": list(CATEGORIES), "optimizer": "Adam + cosine schedule",
-              "start_distance": [6, 32], "view_radius": 10, "quick": ctx.quick}
-    return ExperimentResult(rows=rows, paper=[], config=config, tables=tables, notes=notes, verdicts=verdicts)
 
 
 def _retained(r: dict, kind: str, name: str) -> float:
@@ -417,25 +440,24 @@ def _verdicts(per_seed: list[dict]) -> list[Verdict]:
     return [Verdict(claim, verdict, reason) for claim, verdict, reason in out]
 
 
-def _plots(ctx: RunContext, per_seed: list[dict], rows: list[Row]) -> None:
+def _plots(ctx: RunContext, per_seed: list[dict], names: list[str], n_train: int) -> None:
     from ..analysis.plots import _plt
     import numpy as np
     plt = _plt()
     # success bars
     fig, ax = plt.subplots(figsize=(9, 4))
-    names = [r.name for r in rows]
-    mus = [mean_std(r.metrics["success_unseen"]) for r in rows]
-    seen = [mean_std(r.metrics["success_seen"]) for r in rows]
+    mus = [mean_std([r["success"][n] for r in per_seed]) for n in names]
+    seen = [mean_std([r["seen"][n] for r in per_seed]) for n in names]
     x = np.arange(len(names))
     ax.bar(x - 0.2, [m for m, _ in mus], 0.4, yerr=[s for _, s in mus], label="unseen maps", capsize=3)
     ax.bar(x + 0.2, [m for m, _ in seen], 0.4, yerr=[s for _, s in seen], label="training maps", alpha=0.6, capsize=3)
     ax.set_xticks(x, labels=names, rotation=35, ha="right")
     ax.set_ylabel("success rate (%)")
-    ax.set_title("Navigation success (mean ± std over seeds)")
+    ax.set_title(f"Navigation success, {n_train} training maps (mean ± std over seeds)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    ctx.savefig(fig, "success.png")
+    ctx.savefig(fig, f"success_{n_train}maps.png")
     # fusion weights by situation
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     for ax, model in zip(axes, ("action fusion", "action fusion + affinity")):
@@ -445,12 +467,12 @@ def _plots(ctx: RunContext, per_seed: list[dict], rows: list[Row]) -> None:
             vals = [float(np.nanmean([float(r["situations"][model][s][i]) for r in per_seed])) for s in SITUATIONS]
             ax.bar(xs + (i - (len(VIEWS) - 1) / 2) * width, vals, width, label=f"{v} ({VIEW_FAMILY[v]})")
         ax.set_xticks(xs, labels=SITUATIONS, rotation=35, ha="right")
-        ax.set_title(f"{model}: mean fusion weight by situation")
+        ax.set_title(f"{model} ({n_train} training maps): fusion weight by situation", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("fusion weight (unseen maps)")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    ctx.savefig(fig, "fusion_weights_by_situation.png")
+    ctx.savefig(fig, f"fusion_weights_by_situation_{n_train}maps.png")
     # fusion weights on an unseen map
     world, model = per_seed[0]["example"]
     m, c, p = world.states()
@@ -475,13 +497,13 @@ def _plots(ctx: RunContext, per_seed: list[dict], rows: list[Row]) -> None:
         img.reshape(-1)[p.numpy()] = vals
         cmap = plt.get_cmap("viridis").with_extremes(bad="0.8")  # walls and furniture: grey
         im = ax.imshow(img, cmap=cmap, vmin=0, vmax=1)
-        ax.set_title(f"action fusion: weight on {fam} views")
+        ax.set_title(f"action fusion ({n_train} training maps): weight on {fam} views", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    ctx.savefig(fig, "fusion_weights_map.png")
+    ctx.savefig(fig, f"fusion_weights_map_{n_train}maps.png")
     # robustness
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     for ax, kind in zip(axes, ("drop", "noise")):
@@ -493,24 +515,25 @@ def _plots(ctx: RunContext, per_seed: list[dict], rows: list[Row]) -> None:
             ax.bar(xs + (j - (len(FUSED) - 1) / 2) * width, vals, width, label=name)
         ax.set_xticks(xs, labels=["intact"] + [f"{v} {kind}ped" if kind == "drop" else f"{v} noised" for v in VIEWS],
                       rotation=30, ha="right")
-        ax.set_title(f"Robustness: one view {'dropped (zeros)' if kind == 'drop' else 'noised'} at test time")
+        ax.set_title(f"{n_train} training maps: one view {'dropped (zeros)' if kind == 'drop' else 'noised'} at test time",
+                     fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("success on unseen maps (%)")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    ctx.savefig(fig, "robustness.png")
+    ctx.savefig(fig, f"robustness_{n_train}maps.png")
     # training curves
     from ..analysis import plots
     curves = {n: np.array([r["curves"][n] for r in per_seed]) for n in per_seed[0]["curves"]}
     ctx.savefig(plots.curves(curves, "Training loss: −log Σ π(optimal) (+ affinity penalty)", "step / 50", "loss", logy=True),
-                "train_loss.png")
+                f"train_loss_{n_train}maps.png")
 
 
 EXPERIMENT = Experiment(
     name="situational-fusion",
     paper=PAPER,
     summary="action-level fusion of representation experts vs single views, concat and feature fusion on unseen procedural maps",
-    est_time="~5 min",
+    est_time="~8 min",
     quick_time="<1 min",
     run=_run,
     config=Config,
