@@ -55,14 +55,6 @@ TOY = Experiment(name="toy", paper="Nobody 2099", summary="a toy", est_time="1 s
                  config=ToyConfig, default_seeds=3, quick_seeds=1)
 
 
-def _legacy_run(ctx: RunContext) -> ExperimentResult:
-    return ExperimentResult(rows=[Row("m", {"x": float(getattr(ctx.args, "x", 1.0))})], paper=[], config={})
-
-
-def _legacy_add(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--x", type=float, default=1.0)
-
-
 def _interrupting_run(ctx: RunContext) -> ExperimentResult:
     raise KeyboardInterrupt
 
@@ -74,8 +66,7 @@ def _failing_run(ctx: RunContext) -> ExperimentResult:
 @pytest.fixture
 def toy_registry(monkeypatch):
     exps = {"toy": TOY, "boom": Experiment("boom", "x", "interrupts", "1 s", _interrupting_run),
-            "bug": Experiment("bug", "x", "fails", "1 s", _failing_run),
-            "legacy": Experiment("legacy", "x", "old path", "1 s", _legacy_run, add_arguments=_legacy_add)}
+            "bug": Experiment("bug", "x", "fails", "1 s", _failing_run)}
     monkeypatch.setattr(registry, "available", lambda: exps)
     return exps
 
@@ -243,10 +234,15 @@ def test_unwritable_out(toy_registry, tmp_path, capsys):
     assert _run(tmp_path, "toy", "--out", str(f / "sub")) == EXIT_USAGE
 
 
-def test_old_add_arguments_path_still_runs(toy_registry, tmp_path):
-    assert _run(tmp_path, "legacy", "--out", str(tmp_path / "l"), "--x", "4") == 0
-    res = json.loads((tmp_path / "l" / "results.json").read_text())
-    assert res["rows"][0]["metrics"]["x"] == 4.0
+def test_experiment_without_options(toy_registry, tmp_path):
+    def run(ctx):
+        assert ctx.config is None
+        return ExperimentResult(rows=[Row("m", {"x": 1.0})], paper=[], config={})
+    toy_registry["plain"] = Experiment("plain", "x", "no options", "1 s", run)
+    assert _run(tmp_path, "plain", "--out", str(tmp_path / "p")) == 0
+    with pytest.raises(SystemExit) as e:
+        _run(tmp_path, "plain", "--out", str(tmp_path / "q"), "--x", "4")
+    assert e.value.code == EXIT_USAGE and not (tmp_path / "q").exists()
 
 
 def test_runner_rejects_bad_seeds(tmp_path):

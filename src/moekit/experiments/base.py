@@ -102,8 +102,8 @@ class RunContext:
     def __init__(self, args: argparse.Namespace, out_dir: Path, seeds: int = 1, quick: bool = False,
                  progress: Callable[[Iterable[Any], int | None, str], Iterable[Any]] | None = None,
                  log: Callable[[str], None] | None = None, config: Any = None):
-        self.args = args          # the parsed flags (experiments on the old add_arguments path read these)
-        self.config = config      # the validated config dataclass (experiments with Experiment(config=...))
+        self.args = args          # the parsed command line (run options and the experiment's raw flags)
+        self.config = config      # the validated options: an instance of the experiment's config dataclass
         self.out_dir = Path(out_dir)
         self.seeds = seeds
         self.quick = quick
@@ -145,30 +145,23 @@ class Experiment:
     summary: str              # what it shows, one line
     est_time: str             # rough full-run wall time on 2 CPU cores, e.g. "~3 min"
     run: Callable[[RunContext], ExperimentResult]
-    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None  # old path: prefer ``config``
     quick_time: str = "<1 min"
     default_seeds: int = 1    # seeds of a full run when --seeds is not given
-    config: type | None = None  # the options dataclass (flags, help and validation derive from it)
+    config: type | None = None  # the options dataclass (flags, help and validation derive from it); None: no options
     quick_seeds: int | None = None  # seeds of a --quick run when --seeds is not given (None: default_seeds)
-
-    def __post_init__(self) -> None:
-        if self.config is not None and self.add_arguments is not None:
-            raise ValueError(f"experiment {self.name!r}: give config or add_arguments, not both")
 
     def seeds_for(self, quick: bool) -> int:
         """Seeds of a run when --seeds is not given."""
         return self.quick_seeds if quick and self.quick_seeds is not None else self.default_seeds
 
     def add_flags(self, parser: argparse.ArgumentParser | Any) -> None:
-        """The experiment's own flags (from its config, or the old ``add_arguments``)."""
+        """The experiment's own flags, from its config."""
         if self.config is not None:
             from .options import add_flags
             add_flags(parser, self.config)
-        elif self.add_arguments is not None:
-            self.add_arguments(parser)
 
     def make_config(self, args: argparse.Namespace | dict[str, Any] | None = None, quick: bool = False) -> Any:
-        """The validated config from parsed flags (``None`` for an experiment on the old path).
+        """The validated config from parsed flags (``None`` for an experiment without options).
         Raises :class:`~moekit.experiments.options.OptionError` naming the flag."""
         if self.config is None:
             return None
