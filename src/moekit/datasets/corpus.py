@@ -82,7 +82,8 @@ class Corpus:
     def windows_at(self, split: str, start_B: Tensor, length: int) -> tuple[Tensor, Tensor]:
         """``(x_BL, y_BL)`` int64: the windows starting at ``start_B``, ``y`` = ``x`` shifted by one byte."""
         n = self.num_starts(split, length)
-        if start_B.dim() != 1 or start_B.is_floating_point() or (start_B.numel() and (start_B.min() < 0 or start_B.max() >= n)):
+        in_range = start_B.numel() == 0 or (start_B.min() >= 0 and start_B.max() < n)
+        if start_B.dim() != 1 or start_B.is_floating_point() or not in_range:
             raise ValueError(f"start: expected a 1-D integer tensor of offsets in [0, {n}), got {start_B!r}")
         w_BL = self.split(split)[start_B[:, None] + torch.arange(length + 1)].long()
         return w_BL[:, :-1], w_BL[:, 1:]

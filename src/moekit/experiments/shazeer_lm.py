@@ -44,7 +44,7 @@ EVAL_BATCH_WINDOWS = 128
 # Test perplexity on the 1-Billion-Word benchmark after 10 epochs, models of ≈8M ops/timestep.
 PAPER_PPL = {"4xLSTM": 46.0, "LSTM-wide-proj": 44.7, "MoE-4": 45.0, "MoE-32": 39.7, "MoE-256": 35.7,
              "MoE-256-h": 36.0, "MoE-1024-h": 34.6, "MoE-4096-h": 34.1}
-PPL_SOURCE = Source("Shazeer et al. 2017", "appendix C, Table 7 (Figure 2 right)", "recalled")
+PPL_SOURCE = Source("Shazeer et al. 2017", "appendix C, Table 7 (the models of Figure 2)", "recalled")
 # Balancing ablation: CV over a training batch, max/mean load, test perplexity.
 PAPER_ABLATION = {
     (0.0, 0.0): {"test_ppl": 39.8, "cv_importance": 3.04, "cv_load": 3.01, "max_over_mean_load": 17.8},
@@ -60,8 +60,8 @@ class Config:
     seq_len: int = option(64, "bytes per training sequence and per evaluation window", ge=2, quick=32)
     dim: int = option(64, "embedding / LSTM / MoE model dim D; experts are D→2D→D ReLU MLPs", ge=4, quick=32)
     lr: float = option(3e-3, "Adam peak learning rate (5 % linear warm-up, cosine decay to 0)", gt=0)
-    dropout: float = option(0.0, "dropout on every layer output (0: every run sees each byte less than once)",
-                            ge=0, lt=1)
+    dropout: float = option(0.0, "dropout on every layer output (0: a full run passes over the training "
+                                 "bytes about once)", ge=0, lt=1)
     models: str = option(",".join(MODELS), "comma-separated subset of the models, from: " + ", ".join(MODELS))
     ablation_model: Literal["MoE-4", "MoE-32", "MoE-256", "MoE-256-h", "MoE-1024-h", "none"] = option(
         "MoE-256", "MoE model retrained with w_importance = w_load = 0 for the balancing ablation ('none': skip)")
@@ -325,6 +325,8 @@ def run(ctx: RunContext) -> ExperimentResult:
     ablation_runs: list[dict[str, Any]] = []
     for seed, name, (wi, wl) in ctx.track(jobs, total=len(jobs), description="shazeer-lm models"):
         r = train_one(corpus, name, seed, c, ctx, wi, wl)
+        ctx.log(f"{name} (w_imp={wi:g}, w_load={wl:g}) seed {seed}: test ppl {r['test_ppl']:.3f}, "
+                f"train {r['train_time_s']:.1f} s")
         if (wi, wl) == (0.0, 0.0):
             ablation_runs.append(r)
         else:
