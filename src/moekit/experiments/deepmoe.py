@@ -197,29 +197,38 @@ def run(ctx: RunContext) -> ExperimentResult:
     def mean(name: str, key: str) -> float:
         return mean_std(next(r for r in rows if r.name == name).metrics[key])[0]
 
+    def std(name: str, key: str) -> float:
+        return mean_std(next(r for r in rows if r.name == name).metrics[key])[1]
+
     # ---- frontier plot: accuracy vs executed FLOPs, plain widths vs the λ sweeps
     points = {"plain CNN (widths)": ([mean(plain_name(w), "kmacs") for w in o["plain_widths"]],
                                      [mean(plain_name(w), "test_acc") for w in o["plain_widths"]])}
     labels = {"plain CNN (widths)": [f"×{w:g}" for w in o["plain_widths"]]}
+    yerr = {"plain CNN (widths)": [std(plain_name(w), "test_acc") for w in o["plain_widths"]]}
+    xerr = {"plain CNN (widths)": [std(plain_name(w), "kmacs") for w in o["plain_widths"]]}
     for v in VARIANTS:
         key = f"DeepMoE {v}"
-        points[key] = ([mean(gated_name(v, lam), "kmacs") for lam in o["lambdas"]],
-                       [mean(gated_name(v, lam), "test_acc") for lam in o["lambdas"]])
+        names = [gated_name(v, lam) for lam in o["lambdas"]]
+        points[key] = ([mean(n, "kmacs") for n in names], [mean(n, "test_acc") for n in names])
+        yerr[key], xerr[key] = [std(n, "test_acc") for n in names], [std(n, "kmacs") for n in names]
         labels[key] = [f"λ={lam:g}" for lam in o["lambdas"]]
-    fig = scatter_xy(points, f"Digits: test accuracy vs executed FLOPs ({R} seed{'s' * (R > 1)})",
-                     "executed kMACs per image (incl. gating overhead)", "test accuracy (%)", annotate=labels)
+    spread = ", ± std over seeds" if R > 1 else ""
+    fig = scatter_xy(points, f"Digits: test accuracy vs executed FLOPs ({R} seed{'s' * (R > 1)}{spread})",
+                     "executed kMACs per image (incl. gating overhead)", "test accuracy (%)", annotate=labels,
+                     yerr=yerr if R > 1 else None, xerr=xerr if R > 1 else None)
     _log_x_axis(fig.axes[0], [x for xs_, _ in points.values() for x in xs_])
     ctx.savefig(fig, "accuracy_vs_flops.png")
 
     # ---- sparsity vs λ
     lam_pos = [lam for lam in o["lambdas"] if lam > 0]
     xs = lam_pos if len(lam_pos) >= 2 else o["lambdas"]
-    series = {}
+    series, errs = {}, {}
     for v in VARIANTS:
-        series[f"{v}: zero-gate fraction"] = [mean(gated_name(v, lam), "zero_gates") for lam in xs]
-        series[f"{v}: executed / dense FLOPs"] = [mean(gated_name(v, lam), "flops_vs_dense") for lam in xs]
-    fig = lines(xs, series, "DeepMoE: gate sparsity and executed FLOPs vs λ", "λ (L1 gate weight)", "fraction",
-                logx=len(lam_pos) >= 2)
+        for label, key in (("zero-gate fraction", "zero_gates"), ("executed / dense FLOPs", "flops_vs_dense")):
+            series[f"{v}: {label}"] = [mean(gated_name(v, lam), key) for lam in xs]
+            errs[f"{v}: {label}"] = [std(gated_name(v, lam), key) for lam in xs]
+    fig = lines(xs, series, "DeepMoE: gate sparsity and executed FLOPs vs λ" + (" (± std over seeds)" if R > 1 else ""),
+                "λ (L1 gate weight)", "fraction", logx=len(lam_pos) >= 2, yerr=errs if R > 1 else None)
     ctx.savefig(fig, "sparsity_vs_lambda.png")
 
     # ---- per-layer zero-gate fractions (seed 0)
