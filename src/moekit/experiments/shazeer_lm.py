@@ -325,8 +325,8 @@ def run(ctx: RunContext) -> ExperimentResult:
     ablation_runs: list[dict[str, Any]] = []
     for seed, name, (wi, wl) in ctx.track(jobs, total=len(jobs), description="shazeer-lm models"):
         r = train_one(corpus, name, seed, c, ctx, wi, wl)
-        ctx.log(f"{name} (w_imp={wi:g}, w_load={wl:g}) seed {seed}: test ppl {r['test_ppl']:.3f}, "
-                f"train {r['train_time_s']:.1f} s")
+        weights = f" (w_imp={wi:g}, w_load={wl:g})" if name in FLAT or name in HIERARCHICAL else ""
+        ctx.log(f"{name}{weights} seed {seed}: test ppl {r['test_ppl']:.3f}, train {r['train_time_s']:.1f} s")
         if (wi, wl) == (0.0, 0.0):
             ablation_runs.append(r)
         else:
