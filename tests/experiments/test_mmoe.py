@@ -26,8 +26,8 @@ def test_rows_bands_and_verdicts(quick_run):
     assert [r.name for r in res.rows] == [f"{m}, p={p:g}" for p in ps for m in MODELS]
     for r in res.rows:
         assert len(r.metrics["test_mse"]) == 3
-        # labels have variance ≈ 6.5; 150 quick steps already bring every model well below it
-        assert res.mean(r.name, "test_mse") < 3.0, r.name
+        # labels have variance ≈ 15 (c = 3); 150 quick steps already bring every model below half of it
+        assert res.mean(r.name, "test_mse") < 7.0, r.name
     assert [v.claim.split()[0] for v in res.verdicts] == ["MMoE's", "MMoE", "MMoE"]
     assert all(v.verdict in VERDICTS for v in res.verdicts)
     table = next(v for k, v in res.tables.items() if k.startswith("Final test MSE"))
@@ -42,9 +42,17 @@ def test_matched_parameters():
     c = Config()
     specs = model_specs(c)
     counts = {m: n_params(MultiTaskRegressor(c.dim, *specs[m], c.tower_hidden)) for m in MODELS}
-    assert specs["MMoE"] == (16, 8, 2) and specs["OMoE"][1:] == (8, 1) and specs["shared-bottom"][1:] == (1, 1)
-    for m in ("OMoE", "shared-bottom"):
-        assert abs(counts[m] - counts["MMoE"]) / counts["MMoE"] < 0.03, counts
+    assert specs["MMoE"] == (c.expert_hidden, 8, 2) and specs["OMoE"][1:] == (8, 1)
+    assert specs["shared-bottom"][1:] == (1, 1)
+    # OMoE moves in steps of one hidden unit per expert (±8 % here); shared-bottom matches closely
+    assert abs(counts["OMoE"] - counts["MMoE"]) / counts["MMoE"] < 0.1, counts
+    assert abs(counts["shared-bottom"] - counts["MMoE"]) / counts["MMoE"] < 0.02, counts
+    for m in ("OMoE", "shared-bottom"):   # no other hidden size is closer to MMoE's count
+        h, e, g = specs[m]
+        for other in (h - 1, h + 1):
+            if other >= 1:
+                n = n_params(MultiTaskRegressor(c.dim, other, e, g, c.tower_hidden))
+                assert abs(n - counts["MMoE"]) >= abs(counts[m] - counts["MMoE"])
 
 
 def test_model_wiring():
