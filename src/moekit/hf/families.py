@@ -11,6 +11,11 @@ GPT-OSS and (E, D, 2I) concatenated for Llama-4; moekit's :class:`~moekit.expert
 
 Every family here is identified by the transformers classes themselves (``isinstance``), imported
 lazily so that moekit works without transformers installed.
+
+Training-time jitter (Mixtral's ``router_jitter_noise``, DBRX's ``moe_jitter_eps``, Switch's
+``router_jitter_noise``) carries over as the router's ``jitter``, which perturbs the router input only;
+transformers' Mixtral multiplies the block input, so its experts see the jittered input too. With
+jitter 0 (the defaults of Mixtral and DBRX) the two are identical in training as well.
 """
 from __future__ import annotations
 
