@@ -22,6 +22,15 @@ def _configs():
         "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM, dict(
             COMMON, intermediate_size=12, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])),
+        "qwen3_next": (tf.Qwen3NextConfig, tf.Qwen3NextForCausalLM, dict(
+            COMMON, intermediate_size=12, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+            shared_expert_intermediate_size=12, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+            layer_types=["full_attention", "full_attention"])),
+        "flex_olmo": (tf.FlexOlmoConfig, tf.FlexOlmoForCausalLM, dict(COMMON, intermediate_size=12, num_experts=4,
+                                                                       num_experts_per_tok=2)),
+        "minimax": (tf.MiniMaxConfig, tf.MiniMaxForCausalLM, dict(
+            COMMON, intermediate_size=12, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+            layer_types=["full_attention", "full_attention"])),
         "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM, dict(COMMON, intermediate_size=12, num_experts=4,
                                                              num_experts_per_tok=2)),
         "jamba": (tf.JambaConfig, tf.JambaForCausalLM, dict(
@@ -62,8 +71,8 @@ def _configs():
     }
 
 
-FAMILY_NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "jamba", "granitemoe", "deepseek_v3", "glm4_moe",
-                "ernie4_5_moe", "gpt_oss", "llama4", "dbrx", "switch_transformers"]
+FAMILY_NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "flex_olmo", "jamba", "minimax", "granitemoe",
+                "deepseek_v3", "glm4_moe", "ernie4_5_moe", "gpt_oss", "llama4", "dbrx", "switch_transformers"]
 
 
 def randomize(module: torch.nn.Module, seed: int, std: float = 0.2) -> None:

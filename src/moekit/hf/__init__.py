@@ -3,8 +3,8 @@ transformers MoE families to moekit layers and back, patch whole models, load th
 checkpoint layout, upcycle dense models, and form transformers' balancing loss from moekit's
 routing statistics.
 
-Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Jamba, Granite-MoE, DeepSeek-V3, GLM-4-MoE, ERNIE-4.5,
-GPT-OSS, Llama-4, DBRX, Switch Transformers (see :mod:`moekit.hf.families`). Importing this package
+Families: Mixtral, MiniMax, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, OLMoE, FlexOlmo, Jamba, Granite-MoE,
+DeepSeek-V3, GLM-4-MoE, ERNIE-4.5, GPT-OSS, Llama-4, DBRX, Switch Transformers (see :mod:`moekit.hf.families`). Importing this package
 does not import transformers; the families' classes are looked up when a block is converted.
 """
 from .convert import (PatchedMoEBlock, UpcycledMLP, aux_loss, balancing_loss, from_hf, patch, patched_blocks, to_hf,

@@ -77,13 +77,14 @@ class PatchedMoEBlock(nn.Module):
     routing decision stay on ``last_output`` / ``last_decision`` (read by :func:`balancing_loss` and
     :class:`~moekit.analysis.RoutingMonitor`)."""
 
-    def __init__(self, moe: MoE, family: Family):
+    def __init__(self, moe: MoE, family: Family, tap_name: str = "router_logits_tap"):
         super().__init__()
         self.moe = moe
         self.family_name = family.name
         self._outputs = family.outputs
         self._per_sequence = family.per_sequence_logits
-        self.router_logits_tap = _tap(family)
+        self._tap_name = tap_name                  # the original router's name: recorders may filter by path
+        setattr(self, tap_name, _tap(family))
         self.last_output: MoEOutput | None = None
         self.last_decision: RoutingDecision | None = None
         self.last_group_size: int | None = None
@@ -105,7 +106,7 @@ class PatchedMoEBlock(nn.Module):
             logits = logits_TE.view(*hidden_states.shape[:-1], logits_TE.shape[-1])
         else:
             logits = logits_TE
-        self.router_logits_tap(logits.to(hidden_states.dtype))
+        getattr(self, self._tap_name)(logits.to(hidden_states.dtype))
         return self._outputs(out.y, self.last_decision, logits_TE)
 
 
@@ -132,10 +133,12 @@ def patch(model: nn.Module) -> nn.Module:
                          f"({', '.join(f.name for f in FAMILIES)})")
     hooked = _hooks_installed(model)
     for name, block, fam in blocks:
-        new = PatchedMoEBlock(from_hf(block), fam)
+        router_cls = fam.cls("router")
+        tap_name = next((n for n, c in block.named_children() if isinstance(c, router_cls)), "router_logits_tap")
+        new = PatchedMoEBlock(from_hf(block), fam, tap_name)
         if hooked:                       # the recorder hooked the model already: hook the new tap too
             from transformers.utils.output_capturing import install_output_capuring_hook
-            install_output_capuring_hook(new.router_logits_tap, "router_logits", fam.tap_index)
+            install_output_capuring_hook(getattr(new, tap_name), "router_logits", fam.tap_index)
         _replace(model, name, new)
     return model
 

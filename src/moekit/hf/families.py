@@ -160,11 +160,15 @@ QWEN3_MOE = _topk_family("qwen3_moe", _Q3, "Qwen3MoeSparseMoeBlock", "Qwen3MoeTo
                          lambda r: bool(r.norm_topk_prob))
 OLMOE = _topk_family("olmoe", _OLMOE, "OlmoeSparseMoeBlock", "OlmoeTopKRouter", lambda r: bool(r.norm_topk_prob))
 JAMBA = _topk_family("jamba", _JAMBA, "JambaSparseMoeBlock", "JambaTopKRouter", lambda r: False)
+MINIMAX = _topk_family("minimax", "transformers.models.minimax.modeling_minimax", "MiniMaxSparseMoeBlock",
+                       "MiniMaxTopKRouter", lambda r: True)
+FLEX_OLMO = _topk_family("flex_olmo", "transformers.models.flex_olmo.modeling_flex_olmo", "FlexOlmoSparseMoeBlock",
+                         "FlexOlmoTopKRouter", lambda r: bool(r.norm_topk_prob))
 # Granite-MoE: softmax over the k largest logits == the renormalised top-k of the softmax
 GRANITE_MOE = _topk_family("granitemoe", _GRANITE, "GraniteMoeMoE", "GraniteMoeTopKRouter", lambda r: True)
 
 
-# ---- Qwen2-MoE: + a shared expert with a sigmoid gate ---------------------------------------------
+# ---- Qwen2-MoE, Qwen3-Next: + a shared expert with a sigmoid gate ---------------------------------------------
 _Q2 = "transformers.models.qwen2_moe.modeling_qwen2_moe"
 
 
@@ -188,8 +192,11 @@ def _qwen2_write(b, t):
     _copy(b.shared_expert_gate.weight, t["shared_gate.weight"])
 
 
+_Q3NEXT = "transformers.models.qwen3_next.modeling_qwen3_next"
 QWEN2_MOE = Family("qwen2_moe", (_Q2, "Qwen2MoeSparseMoeBlock"), (_Q2, "Qwen2MoeTopKRouter"), 0,
                    _qwen2_build, _qwen2_read, _qwen2_write)
+QWEN3_NEXT = Family("qwen3_next", (_Q3NEXT, "Qwen3NextSparseMoeBlock"), (_Q3NEXT, "Qwen3NextTopKRouter"), 0,
+                    _qwen2_build, _qwen2_read, _qwen2_write)
 
 
 # ---- DeepSeek-V3 / GLM-4-MoE: sigmoid scores, correction bias, group-limited top-k, shared experts ---
@@ -407,8 +414,8 @@ SWITCH = Family("switch_transformers", (_SWITCH, "SwitchTransformersSparseMLP"),
                 2, _switch_build, _switch_read, _switch_write, per_sequence_logits=True)
 
 
-FAMILIES: tuple[Family, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, JAMBA, GRANITE_MOE, DEEPSEEK_V3, GLM4_MOE,
-                                ERNIE4_5_MOE, GPT_OSS, LLAMA4, DBRX, SWITCH)
+FAMILIES: tuple[Family, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, QWEN3_NEXT, OLMOE, FLEX_OLMO, JAMBA, MINIMAX,
+                                GRANITE_MOE, DEEPSEEK_V3, GLM4_MOE, ERNIE4_5_MOE, GPT_OSS, LLAMA4, DBRX, SWITCH)
 
 
 def family_of(block: nn.Module) -> Family | None:
