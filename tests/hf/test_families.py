@@ -181,3 +181,19 @@ def test_upcycle_llama_keeps_logits_at_init():
     assert torch.isfinite(mh.aux_loss(moe))
     noisy = mh.upcycle(copy.deepcopy(dense), 4, 2, noise_std=0.05, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(noisy(**x).logits, want, atol=1e-4)
+
+
+def test_balancing_loss_of_an_upcycled_model_follows_transformers():
+    """An upcycled dense model trains with transformers' loss convention: the same number as
+    ``load_balancing_loss_func`` on the new routers' logits."""
+    import transformers as tf
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    cfg = tf.LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    model = mh.upcycle(tf.LlamaForCausalLM(cfg), num_experts=4, top_k=2)
+    x = inputs("llama", pad=True)
+    model(**x)
+    logits = tuple(m.last_decision.logits for m in model.modules() if isinstance(m, mh.UpcycledMLP))
+    want = load_balancing_loss_func(logits, 4, 2, x["attention_mask"])
+    torch.testing.assert_close(mh.balancing_loss(model, x["attention_mask"]), want, rtol=1e-6, atol=1e-7)

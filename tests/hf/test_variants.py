@@ -224,3 +224,13 @@ def test_from_dense_equals_dense_at_init(kind):
         MoE.from_dense(nn.Linear(D, D), 4, 2)
     with pytest.raises(ValueError, match="activation"):
         MoE.from_dense(nn.Sequential(nn.Linear(D, 4), nn.GELU(approximate="tanh"), nn.Linear(4, D)), 4, 2)
+
+
+@pytest.mark.parametrize("name", ["sigmoid_groups", "input_gating", "gated_shared", "gptoss_glu", "pnorm"])
+def test_dropless_variants_trace_to_one_graph(name):
+    """No host synchronisation on the new dropless paths: torch.compile sees one graph, no break."""
+    torch.manual_seed(0)
+    layer = MoE(D, H, E, **VARIANTS[name]).train()
+    explain = torch._dynamo.explain(layer)(torch.randn(40, D))
+    assert explain.graph_count == 1 and explain.graph_break_count == 0, explain.break_reasons
+    torch._dynamo.reset()

@@ -70,21 +70,13 @@ def _tap(fam: Family) -> nn.Module:
     return cls(fam.tap_index)
 
 
-class PatchedMoEBlock(nn.Module):
-    """A transformers MoE block replaced by a moekit layer (``self.moe``), with the block's call
-    signature and outputs. The router logits still reach transformers' ``router_logits`` outputs (so
-    the model's own balancing loss is unchanged); the last forward's :class:`~moekit.MoEOutput` and
-    routing decision stay on ``last_output`` / ``last_decision`` (read by :func:`balancing_loss` and
-    :class:`~moekit.analysis.RoutingMonitor`)."""
+class _Tracked(nn.Module):
+    """A module around a moekit layer ``self.moe`` that keeps the last forward's output, routing
+    decision and routing group size (read by :func:`balancing_loss` and :func:`aux_loss`)."""
 
-    def __init__(self, moe: MoE, family: Family, tap_name: str = "router_logits_tap"):
+    def __init__(self, moe: MoE):
         super().__init__()
         self.moe = moe
-        self.family_name = family.name
-        self._outputs = family.outputs
-        self._per_sequence = family.per_sequence_logits
-        self._tap_name = tap_name                  # the original router's name: recorders may filter by path
-        setattr(self, tap_name, _tap(family))
         self.last_output: MoEOutput | None = None
         self.last_decision: RoutingDecision | None = None
         self.last_group_size: int | None = None
@@ -93,14 +85,34 @@ class PatchedMoEBlock(nn.Module):
     def _keep_decision(self, module, args, decision):
         self.last_decision = decision
 
+    def _run(self, x: Tensor) -> MoEOutput:
+        out = self.moe(x)
+        self.last_output = out
+        group = self.moe.group_size
+        self.last_group_size = x.shape[-2] if group == "sequence" else group
+        return out
+
+
+class PatchedMoEBlock(_Tracked):
+    """A transformers MoE block replaced by a moekit layer (``self.moe``), with the block's call
+    signature and outputs. The router logits still reach transformers' ``router_logits`` outputs (so
+    the model's own balancing loss is unchanged); the last forward's :class:`~moekit.MoEOutput` and
+    routing decision stay on ``last_output`` / ``last_decision`` (read by :func:`balancing_loss` and
+    :class:`~moekit.analysis.RoutingMonitor`)."""
+
+    def __init__(self, moe: MoE, family: Family, tap_name: str = "router_logits_tap"):
+        super().__init__(moe)
+        self.family_name = family.name
+        self._outputs = family.outputs
+        self._per_sequence = family.per_sequence_logits
+        self._tap_name = tap_name                  # the original router's name: recorders may filter by path
+        setattr(self, tap_name, _tap(family))
+
     def extra_repr(self) -> str:
         return f"family={self.family_name}"
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any):
-        out = self.moe(hidden_states)
-        self.last_output = out
-        group = self.moe.group_size
-        self.last_group_size = hidden_states.shape[-2] if group == "sequence" else group
+        out = self._run(hidden_states)
         logits_TE = self.last_decision.logits
         if self._per_sequence:
             logits = logits_TE.view(*hidden_states.shape[:-1], logits_TE.shape[-1])
@@ -147,17 +159,11 @@ def patched_blocks(model: nn.Module) -> list[PatchedMoEBlock]:
     return [m for m in model.modules() if isinstance(m, PatchedMoEBlock)]
 
 
-class UpcycledMLP(nn.Module):
+class UpcycledMLP(_Tracked):
     """A dense MLP turned into a moekit MoE layer (``self.moe``), returning the MLP's output tensor."""
 
-    def __init__(self, moe: MoE):
-        super().__init__()
-        self.moe = moe
-        self.last_output: MoEOutput | None = None
-
     def forward(self, x: Tensor) -> Tensor:
-        self.last_output = self.moe(x)
-        return self.last_output.y
+        return self._run(x).y
 
 
 def _is_gated_mlp(m: nn.Module) -> bool:
@@ -181,7 +187,7 @@ def upcycle(model: nn.Module, num_experts: int, top_k: int, **moe_kwargs) -> nn.
 
 def aux_loss(model: nn.Module) -> Tensor:
     """Sum of moekit's weighted aux losses of the last forward over every patched or upcycled layer."""
-    outs = [m.last_output for m in model.modules() if isinstance(m, (PatchedMoEBlock, UpcycledMLP))]
+    outs = [m.last_output for m in model.modules() if isinstance(m, _Tracked)]
     outs = [o for o in outs if o is not None]
     if not outs:
         raise ValueError("model: no patched or upcycled moekit layer has run a forward yet")
@@ -190,7 +196,7 @@ def aux_loss(model: nn.Module) -> Tensor:
 
 def balancing_loss(model: nn.Module, attention_mask: Tensor | None = None) -> Tensor:
     """transformers' balancing loss (``load_balancing_loss_func``) of the last forward of a patched
-    model, from moekit's routing statistics: the statistics of every MoE layer are *pooled* (summed)
+    or upcycled model, from moekit's routing statistics: the statistics of every MoE layer are *pooled* (summed)
     over layers, padding (``attention_mask`` 0) is left out, and the Switch loss of the pooled
     statistics is scaled by top_k:
 
@@ -201,9 +207,10 @@ def balancing_loss(model: nn.Module, attention_mask: Tensor | None = None) -> Te
     model's ``router_aux_loss_coef`` as transformers does. Counts are the router's actual selections
     (transformers recounts the top-k of the softmax, which differs for routers with a selection bias).
     """
-    blocks = [b for b in patched_blocks(model) if b.last_decision is not None]
+    blocks = [b for b in model.modules() if isinstance(b, _Tracked) and b.last_decision is not None]
     if not blocks:
-        raise ValueError("model: no patched MoE block has run a forward yet (call patch(model), then the model)")
+        raise ValueError("model: no patched or upcycled MoE layer has run a forward yet (call patch(model) or "
+                         "upcycle(model, ...), then the model)")
     total: RoutingStats | None = None
     K = None
     for b in blocks:
