@@ -28,16 +28,6 @@ from torch import Tensor, nn
 
 from ..layers.moe import MoE
 
-#: transformers' activation names → moekit's
-_ACT = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu", "tanh": "tanh", "linear": "identity"}
-
-
-def activation(name: str) -> str:
-    if name not in _ACT:
-        raise ValueError(f"hidden_act: transformers activation {name!r} has no moekit equivalent; supported: "
-                         f"{sorted(_ACT)}")
-    return _ACT[name]
-
 
 @dataclass
 class Family:
