@@ -197,3 +197,17 @@ def test_balancing_loss_of_an_upcycled_model_follows_transformers():
     logits = tuple(m.last_decision.logits for m in model.modules() if isinstance(m, mh.UpcycledMLP))
     want = load_balancing_loss_func(logits, 4, 2, x["attention_mask"])
     torch.testing.assert_close(mh.balancing_loss(model, x["attention_mask"]), want, rtol=1e-6, atol=1e-7)
+
+
+def test_inspect_hf_model_example_runs(tmp_path, monkeypatch, capsys):
+    import runpy
+    from pathlib import Path
+    pytest.importorskip("matplotlib")
+    example = Path(__file__).resolve().parents[2] / "examples" / "inspect_hf_model.py"
+    monkeypatch.setattr("sys.argv", [str(example), str(tmp_path / "report")])
+    runpy.run_path(str(example), run_name="__main__")
+    out = capsys.readouterr().out
+    diff = float(out.split("max |difference| = ")[1].split()[0])
+    assert diff <= 1e-5
+    assert out.count("| model.layers.") == 4 and "dead experts" in out
+    assert (tmp_path / "report" / "report.md").exists() and (tmp_path / "report" / "load_03.png").exists()
