@@ -4,8 +4,12 @@ The dense limit is the same expert MLP run as one matmul chain on all T·k route
 layer would cost if routing, dispatch and grouping were free. A ratio of 1.0 means no overhead.
 All variants run interleaved in one process; the table reports medians and ratios.
 
-    python benchmarks/moe_layer.py                       # CPU, float32, E = 8, 64, 256
-    python benchmarks/moe_layer.py --device cuda --dtype bfloat16
+    python benchmarks/moe_layer.py                       # CPU, float32, E = 8, 64, 256, 1 and 2 threads
+    python benchmarks/moe_layer.py --device cuda --dtype bfloat16 --threads 1
+
+When transformers is installed, its Mixtral MoE block (``_experts_implementation = "grouped_mm"``) is timed
+beside moekit with the same weights and routing (the moekit layer is built from it by
+``moekit.hf.from_hf``); ``m/p`` is moekit's ratio over transformers' (below 1: moekit is faster).
 Legend: T tokens, D dim, H hidden, E experts, K top-k.
 """
 from __future__ import annotations
@@ -65,55 +69,122 @@ def moe_step(layer, x_TD):
     (out.y.sum() + out.aux_loss).backward()
 
 
+def peer_block(layer_like: dict, device, dtype):
+    """transformers' Mixtral MoE block with the grouped_mm experts implementation, and a moekit layer
+    built from it (``moekit.hf.from_hf``: the same weights, the same routing)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from moekit.hf import from_hf
+    cfg = MixtralConfig(hidden_size=layer_like["D"], intermediate_size=layer_like["H"],
+                        num_local_experts=layer_like["E"], num_experts_per_tok=layer_like["K"])
+    cfg._experts_implementation = "grouped_mm"
+    block = MixtralSparseMoeBlock(cfg)
+    with torch.no_grad():
+        for p in block.parameters():
+            torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
+    layer = from_hf(block)
+    return block.to(device=device, dtype=dtype).train(), layer.to(device=device, dtype=dtype).train()
+
+
+def peer_step(block, x_TD):
+    y = block(x_TD[None])
+    y.sum().backward()
+
+
+def measure(E, D, H, T, K, args, device, dtype) -> dict[str, float]:
+    """Median over interleaved rounds of (variant time / dense-limit time)."""
+    torch.manual_seed(0)
+    block = None
+    if args.peer:
+        block, layer = peer_block({"D": D, "H": H, "E": E, "K": K}, device, dtype)
+    else:
+        layer = moekit.MoE(D, H, E, top_k=K, expert=args.expert).to(device=device, dtype=dtype)
+    x_TD = torch.randn(T, D, device=device, dtype=dtype)
+    bank = layer.experts
+    w1 = (bank.w_in if args.expert == "glu" else bank.w1)[0].detach().clone().requires_grad_()
+    w2 = (bank.w_out if args.expert == "glu" else bank.w2)[0].detach().clone().requires_grad_()
+    x_AD = torch.randn(T * K, D, device=device, dtype=dtype, requires_grad=True)  # MoE needs dx too
+    variants = {"dense": lambda: dense_step(x_AD, w1, w2, args.expert), "moekit": lambda: moe_step(layer, x_TD)}
+    if block is not None:
+        variants["transformers"] = lambda: peer_step(block, x_TD)
+    if args.loop:
+        variants["loop"] = lambda: naive_loop_step(layer, x_TD)
+    ratios: dict[str, list[float]] = {k: [] for k in variants if k != "dense"}
+    for fn in variants.values():        # warm-up
+        fn()
+    for _ in range(args.repeats):       # interleaved rounds: drift hits every variant alike
+        t = {}
+        for name, fn in variants.items():
+            layer.zero_grad(set_to_none=True)
+            if block is not None:
+                block.zero_grad(set_to_none=True)
+            w1.grad = w2.grad = x_AD.grad = None
+            t[name] = timed(fn, device)
+        for k in ratios:
+            ratios[k].append(t[k] / t["dense"])
+    return {k: statistics.median(v) for k, v in ratios.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--experts", type=int, nargs="+", default=[8, 64, 256])
+    p.add_argument("--configs", nargs="+", default=["8:512:1024", "64:512:1024", "256:256:512"],
+                   help="E:D:H triples (default: 8:512:1024 64:512:1024 256:256:512)")
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--expert", choices=["glu", "mlp"], default="glu")
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--no-loop", action="store_true", help="skip the naive per-expert loop")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch CPU thread counts (default: 1 2)")
+    p.add_argument("--loop", action="store_true", help="also time a naive per-expert Python loop")
+    p.add_argument("--no-peer", dest="peer", action="store_false",
+                   help="skip transformers' Mixtral block (timed when transformers is installed)")
     args = p.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA not available; nothing to do")
         return
+    if args.peer:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            args.peer = False
+    if args.peer and args.expert != "glu":
+        raise SystemExit("--expert: transformers' Mixtral block has GLU experts; use --no-peer with mlp")
     dtype = getattr(torch, args.dtype)
-    T, D, H, K = args.tokens, args.dim, args.hidden, args.top_k
-    print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} T={T} D={D} H={H} k={K} "
-          f"expert={args.expert} torch={torch.__version__}")
-    header = f"{'E':>5} {'dense ms':>9} {'moe ms':>8} {'moe/dense':>9} {'loop ms':>8} {'loop/dense':>10}"
-    print(header)
-    print("-" * len(header))
-    for E in args.experts:
-        torch.manual_seed(0)
-        layer = moekit.MoE(D, H, E, top_k=K, expert=args.expert).to(device=device, dtype=dtype)
-        x_TD = torch.randn(T, D, device=device, dtype=dtype)
-        bank = layer.experts
-        w1 = (bank.w_in if args.expert == "glu" else bank.w1)[0].detach().clone().requires_grad_()
-        w2 = (bank.w_out if args.expert == "glu" else bank.w2)[0].detach().clone().requires_grad_()
-        x_AD = torch.randn(T * K, D, device=device, dtype=dtype, requires_grad=True)  # MoE needs dx too
-        variants = {"dense": lambda: dense_step(x_AD, w1, w2, args.expert), "moe": lambda: moe_step(layer, x_TD)}
-        if not args.no_loop:
-            variants["loop"] = lambda: naive_loop_step(layer, x_TD)
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        for fn in variants.values():        # warm-up
-            fn()
-        for _ in range(args.repeats):       # interleaved rounds: drift hits every variant alike
-            for name, fn in variants.items():
-                layer.zero_grad(set_to_none=True)
-                w1.grad = w2.grad = x_AD.grad = None
-                times[name].append(timed(fn, device))
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        loop = f"{med['loop']:8.1f} {med['loop'] / med['dense']:10.2f}" if "loop" in med else f"{'-':>8} {'-':>10}"
-        print(f"{E:>5} {med['dense']:9.1f} {med['moe']:8.1f} {med['moe'] / med['dense']:9.2f} {loop}")
+    configs = []
+    for c in args.configs:
+        try:
+            E, D, H = (int(v) for v in c.split(":"))
+        except ValueError:
+            raise SystemExit(f"--configs: expected E:D:H, got {c!r}") from None
+        configs.append((E, D, H))
+    T, K = args.tokens, args.top_k
+    peer = " vs transformers MixtralSparseMoeBlock (grouped_mm experts)" if args.peer else ""
+    print(f"forward+backward, time / dense-limit time (median of {args.repeats} interleaved rounds), "
+          f"device={device} dtype={args.dtype} T={T} k={K} expert={args.expert} torch={torch.__version__}{peer}")
+    cols = [f"{'E (D, H)':>16}"]
+    for n in args.threads:
+        cols += [f"{'moekit ' + str(n) + 't':>10}"] + ([f"{'peer ' + str(n) + 't':>9}", f"{'m/p':>5}"]
+                                                       if args.peer else [])
+        if args.loop:
+            cols += [f"{'loop ' + str(n) + 't':>9}"]
+    print(" ".join(cols))
+    print("-" * len(" ".join(cols)))
+    default_threads = torch.get_num_threads()
+    for E, D, H in configs:
+        row = [f"{f'{E} ({D}, {H})':>16}"]
+        for n in args.threads:
+            torch.set_num_threads(n)
+            r = measure(E, D, H, T, K, args, device, dtype)
+            row.append(f"{r['moekit']:10.2f}")
+            if args.peer:
+                row += [f"{r['transformers']:9.2f}", f"{r['moekit'] / r['transformers']:5.2f}"]
+            if args.loop:
+                row.append(f"{r['loop']:9.2f}")
+        torch.set_num_threads(default_threads)
+        print(" ".join(row), flush=True)
 
 
 if __name__ == "__main__":
