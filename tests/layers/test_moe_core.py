@@ -117,7 +117,7 @@ def test_a_user_dispatcher_plugs_in_without_changing_the_layer():
 
 @pytest.mark.parametrize("router,kw", [("topk", {}), ("switch", {}), ("noisy_topk", {}),
                                        ("sigmoid", {"num_shared_experts": 1})])
-def test_dropless_paths_compile_to_one_graph(router, kw):
+def test_dropless_paths_compile_to_one_graph(router, kw, same_forward_backward):
     torch.manual_seed(0)
     layer = MoE(16, 32, 8, router=router, **kw).train()
     explain = torch._dynamo.explain(layer)(torch.randn(40, 16))
@@ -128,13 +128,7 @@ def test_dropless_paths_compile_to_one_graph(router, kw):
     layer.eval()
     compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
     for T in (40, 23, 1):
-        x1 = torch.randn(T, 16, requires_grad=True)
-        x2 = x1.detach().clone().requires_grad_()
-        o1, o2 = compiled(x1), layer(x2)
-        torch.testing.assert_close(o1.y, o2.y, rtol=1e-5, atol=1e-6)
-        (o1.y.square().sum() + o1.aux_loss).backward()
-        (o2.y.square().sum() + o2.aux_loss).backward()
-        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-6)
+        same_forward_backward(compiled, layer, torch.randn(T, 16), params=False)
     torch._dynamo.reset()
 
 
@@ -150,7 +144,7 @@ def test_capacity_expert_choice_and_soft_paths_graph_count(router, kw):
 
 @pytest.mark.parametrize("kw", [dict(capacity_factor=0.4), dict(capacity_factor=0.4, batch_priority=True),
                                 dict(mask=True), dict(expert="mlp", bias=True, capacity_factor=0.4)])
-def test_padding_rows_never_leak_into_outputs_or_gradients(monkeypatch, kw):
+def test_padding_rows_never_leak_into_outputs_or_gradients(monkeypatch, kw, same_forward_backward):
     # The native grouped matmul leaves rows past the last group undefined; poison them with NaN and
     # check that outputs and every gradient still match the dense oracle.
     import importlib
@@ -169,13 +163,5 @@ def test_padding_rows_never_leak_into_outputs_or_gradients(monkeypatch, kw):
     fast = MoE(8, 16, 4, top_k=2, **kw).eval()
     ref = MoE(8, 16, 4, top_k=2, dispatch="reference", **kw).eval()
     ref.load_state_dict(fast.state_dict())
-    x1 = torch.randn(30, 8, requires_grad=True)
-    x2 = x1.detach().clone().requires_grad_()
     mask = (torch.arange(30) % 3 != 0) if use_mask else None
-    o1, o2 = fast(x1, mask=mask), ref(x2, mask=mask)
-    torch.testing.assert_close(o1.y, o2.y, rtol=1e-5, atol=1e-6)
-    (o1.y.square().sum() + o1.aux_loss).backward()
-    (o2.y.square().sum() + o2.aux_loss).backward()
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-6)
-    for (n, p1), p2 in zip(fast.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-6, msg=n)
+    same_forward_backward(fast, ref, torch.randn(30, 8), mask=mask)
