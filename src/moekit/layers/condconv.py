@@ -6,7 +6,7 @@ A CondConv layer holds E expert kernels ``W_1..W_E`` (and biases ``b_1..b_E``) a
                                                                     α = softmax(r(x) / τ)           (DynamicConv)
 
 Convolution is linear in the kernel, so this is *exactly* the dense mixture of E conv experts
-``Σ_i α_i (W_i * x + b_i)`` (REFERENCE.md §4). Two ways to compute it (``mode``):
+``Σ_i α_i (W_i * x + b_i)`` (Yang et al. 2019, CondConv). Two ways to compute it (``mode``):
 
 * ``"mix_kernels"`` – form each example's kernel ``Σ_i α_i W_i`` (a (B,E)×(E,|W|) matmul), then run ONE
   grouped conv over the whole batch with ``groups = B·G`` (the batch folded into the channels).
@@ -177,7 +177,7 @@ def mix_outputs_conv2d(x_BCHW: Tensor, alpha_BE: Tensor, weight_EOIkk: Tensor, b
 def anneal_temperature(step: int, total: int, start: float = 30.0, end: float = 1.0) -> float:
     """Dynamic Conv's schedule: τ linear from ``start`` at step 0 to ``end`` at ``total``, then ``end``.
 
-    Chen et al. 2020 anneal τ from 30 to 1 over the first epochs (REFERENCE.md §4); pass the number of
+    Chen et al. 2020 (Dynamic Convolution; recalled) anneal τ from 30 to 1 over the first epochs; pass the number of
     annealing steps as ``total`` and call once per step (or epoch) with ``set_temperature``.
     """
     if not isinstance(total, int) or isinstance(total, bool) or total < 0:
