@@ -93,7 +93,7 @@ def test_gmm_is_stable_for_far_targets_and_sharp_gates():
 # ------------------------------------------------------------------------------------------------ gradients
 
 def test_gmm_gradients_match_closed_forms():
-    # REFERENCE §1: ∂E/∂o_i = −h_i (d − o_i), ∂E/∂s_i = p_i − h_i (per example; summed loss)
+    # Jacobs et al. 1991: ∂E/∂o_i = −h_i (d − o_i), ∂E/∂s_i = p_i − h_i (per example; summed loss)
     logits, outs, d = _random(N=7, E=4, O=3)
     logits.requires_grad_(True)
     outs.requires_grad_(True)
