@@ -74,6 +74,7 @@ def worker(args) -> None:
         comm = a2a / prof_step
     if rank == 0:
         print(json.dumps({"step_s": statistics.median(times), "comm_share": comm}))
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -121,8 +121,9 @@ def main(argv=None) -> int:
             if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
                 checkpoint.save(model, args.ckpt, optimizer=opt,
                                 extra={"step": step + 1, "losses": losses, "world": W})
-        if rank == 0:
+        if rank == 0 and losses:
             print(f"step {args.steps}: loss {losses[-1]:.4f} ({W} processes, {args.experts // W} experts each)")
+        dist.barrier()              # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
     return 0
