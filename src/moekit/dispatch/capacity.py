@@ -80,12 +80,15 @@ def capacity_mask(expert_ids_TK: Tensor, num_experts: int, capacity: int | Tenso
     return keep_flat.view(T, K)
 
 
-def capacity_keep(expert_ids_TK: Tensor, num_experts: int, capacity_factor: float, *,
-                  mask_T: Tensor | None = None, group_size: int | None = None,
+def capacity_keep(expert_ids_TK: Tensor, num_experts: int, capacity_factor: float | None = None, *,
+                  capacity: int | None = None, mask_T: Tensor | None = None, group_size: int | None = None,
                   priority_T: Tensor | None = None, multiple_of: int = 1) -> Tensor:
-    """``keep_TK`` for a capacity ratio: per routing group of ``group_size`` consecutive tokens (one
-    group when None), each expert takes ``C = expert_capacity(real tokens of the group, K, E, c)``
-    assignments. Masked tokens (``mask_T`` False) take no slot and count in no capacity."""
+    """``keep_TK`` for a capacity ratio or an absolute capacity (exactly one of them): per routing group
+    of ``group_size`` consecutive tokens (one group when None), each expert takes
+    ``C = expert_capacity(real tokens of the group, K, E, c)`` assignments, or ``capacity`` of them.
+    Masked tokens (``mask_T`` False) take no slot and count in no capacity."""
+    if (capacity_factor is None) == (capacity is None):
+        raise ValueError("capacity_keep: give exactly one of capacity_factor and capacity")
     T, K = expert_ids_TK.shape
     E = num_experts
     S = T if group_size is None else group_size
@@ -93,10 +96,13 @@ def capacity_keep(expert_ids_TK: Tensor, num_experts: int, capacity_factor: floa
     group_T = torch.arange(T, device=expert_ids_TK.device) // max(S, 1)
     # (group, expert) pairs are independent queues: expert e of group g becomes queue g·E + e.
     queue_TK = expert_ids_TK + (group_T * E)[:, None]
+    if mask_T is not None:
+        queue_TK = torch.where(mask_T[:, None], queue_TK, torch.full_like(queue_TK, G * E))
+    if capacity is not None:
+        return capacity_mask(queue_TK, G * E, capacity, priority_T)
     if mask_T is None:
         real_G = torch.full((G,), float(S), device=expert_ids_TK.device)
     else:
-        queue_TK = torch.where(mask_T[:, None], queue_TK, torch.full_like(queue_TK, G * E))
         real_G = mask_T.reshape(G, S).sum(-1).to(torch.float64) if G else mask_T.new_zeros(0, dtype=torch.float64)
     cap_G = expert_capacity_tensor(real_G, K, E, capacity_factor, multiple_of)
     return capacity_mask(queue_TK, G * E, cap_G.repeat_interleave(E), priority_T)

@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from ..dispatch import DISPATCHERS, Assignments, TokenDispatcher, capacity_keep, expert_capacity, expert_counts
-from ..dispatch.capacity import _check_multiple, capacity_mask
+from ..dispatch.capacity import _check_multiple
 from ..experts import ExpertBank, build_experts
-from ..experts.bank import ACTIVATIONS
+from ..experts.bank import ACTIVATIONS, compute_dtype
 from ..routing import ROUTERS, Router, RoutingDecision, build_router
 from ..types import MoEOutput
 
@@ -65,20 +65,6 @@ def routing_metrics(decision: RoutingDecision, tokens_per_expert_E: Tensor, drop
         "experts_used": (load_E > 0).sum().float(),
     }
     return metrics
-
-
-def _absolute_capacity_keep(ids_TK: Tensor, num_experts: int, capacity: int, mask_T: Tensor | None,
-                            group_size: int | None, priority_T: Tensor | None) -> Tensor:
-    """``keep_TK`` for an absolute capacity: per routing group, expert e keeps its first ``capacity``
-    assignments (first choices before second choices, token order or ``priority_T``)."""
-    T, _ = ids_TK.shape
-    S = T if group_size is None else group_size
-    G = T // S if S > 0 else 0
-    group_T = torch.arange(T, device=ids_TK.device) // max(S, 1)
-    queue_TK = ids_TK + (group_T * num_experts)[:, None]       # (group, expert) pairs are separate queues
-    if mask_T is not None:
-        queue_TK = torch.where(mask_T[:, None], queue_TK, torch.full_like(queue_TK, G * num_experts))
-    return capacity_mask(queue_TK, G * num_experts, capacity, priority_T)
 
 
 def _activation_name(act: Any) -> str:
@@ -445,8 +431,8 @@ class MoE(nn.Module):
                                         priority_T=self._priority(d) if self.batch_priority else None,
                                         multiple_of=self.capacity_multiple_of)
             elif self.capacity is not None:                           # absolute capacity per group
-                keep_TK = _absolute_capacity_keep(ids_TK, E, self.capacity, mask_T, group_size,
-                                                  self._priority(d) if self.batch_priority else None)
+                keep_TK = capacity_keep(ids_TK, E, capacity=self.capacity, mask_T=mask_T, group_size=group_size,
+                                        priority_T=self._priority(d) if self.batch_priority else None)
             elif mask_T is not None:                                  # padding: never routed
                 keep_TK = mask_T[:, None].expand(T, K)
             if keep_TK is not None:
@@ -495,8 +481,7 @@ class MoE(nn.Module):
         G, N = dispatch_GNZ.shape[:2]
         x_GND = x_TD.reshape(G, N, D)
         param = next(self.experts.parameters(), None)
-        cdt = x_TD.dtype if param is None else (torch.get_autocast_dtype(x_TD.device.type)
-                                                if torch.is_autocast_enabled(x_TD.device.type) else param.dtype)
+        cdt = x_TD.dtype if param is None else compute_dtype(x_TD, param)
         slots_GZD = torch.einsum("gnz,gnd->gzd", dispatch_GNZ.to(cdt), x_GND.to(cdt))
         # Rows grouped by expert: (G, E, S, D) -> (E, G, S, D) -> (E·G·S, D), G·S rows per expert.
         rows = slots_GZD.view(G, E, S, D).permute(1, 0, 2, 3).reshape(E * G * S, D)
