@@ -3,6 +3,7 @@ tested in tests/datasets/test_chen_clusters.py, the training recipes in tests/ex
 
 Legend: R runs, N examples, P patches, D patch dim, K clusters, M experts, F filters (2J), C classes.
 """
+import math
 
 import pytest
 import torch
