@@ -241,19 +241,22 @@ def load(module: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Opti
         saved = [g["params"] for g in optim_meta["groups"]]
         if current != saved:
             raise ValueError("optimizer: its parameter groups differ from the saved ones")
+        saved_state: dict[str, dict[str, Tensor]] = {}        # "optim/<param>/<key>", grouped once
+        for key, t in tensors.items():
+            if key.startswith("optim/"):
+                name, _, k = key[len("optim/"):].rpartition("/")
+                saved_state.setdefault(name, {})[k] = t
         osd = {"state": {}, "param_groups": []}
         index = 0
         for g, gm in zip(optimizer.param_groups, optim_meta["groups"]):
             ids = []
             for name in gm["params"]:
                 entry = dict(optim_meta["scalars"].get(name, {}))
-                prefix = f"optim/{name}/"
-                for key, t in tensors.items():
-                    if key.startswith(prefix):
-                        if name in experts and t.dim() > 0 and t.shape[0] == experts[name].num_experts and \
-                                t.shape[1:] == params[name].shape[1:]:
-                            t = _shard(t, experts[name])
-                        entry[key[len(prefix):]] = t.to(params[name].device)
+                for k, t in saved_state.get(name, {}).items():
+                    if name in experts and t.dim() > 0 and t.shape[0] == experts[name].num_experts and \
+                            t.shape[1:] == params[name].shape[1:]:
+                        t = _shard(t, experts[name])
+                    entry[k] = t.to(params[name].device)
                 if entry:
                     osd["state"][index] = entry
                 ids.append(index)
