@@ -130,4 +130,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The checkpoint is on disk and the process group destroyed: exit without interpreter finalization,
+    # during which gloo's worker threads are sometimes torn down in a way that aborts the process
+    # ("terminate called without an active exception") after the run has succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -45,8 +45,9 @@ def launch(nproc: int, script: Path, *args, wait: bool = True, timeout: float = 
     if not wait:
         return procs, pgid
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, f"rank failed (exit {p.returncode}):\n{out[-3000:]}"
+    failed = [f"rank {r} (exit {p.returncode}):\n{out[-3000:]}" for r, (p, out) in enumerate(zip(procs, outs))
+              if p.returncode != 0]
+    assert not failed, "\n".join(failed)
     return outs
 
 
