@@ -10,6 +10,11 @@ All variants run interleaved in one process; the table reports medians and ratio
 When transformers is installed, its Mixtral MoE block (``_experts_implementation = "grouped_mm"``) is timed
 beside moekit with the same weights and routing (the moekit layer is built from it by
 ``moekit.hf.from_hf``); ``m/p`` is moekit's ratio over transformers' (below 1: moekit is faster).
+
+Gradients are dropped between steps (``zero_grad(set_to_none=True)``, PyTorch's default) unless
+``--keep-grads``: then every variant keeps and zeroes them in place (``set_to_none=False``, the loop of
+gradient accumulation and of DDP's gradient buckets) and moekit's banks fuse the accumulation into the
+weight-gradient GEMMs (``fuse_grad_accumulation=True``).
 Legend: T tokens, D dim, H hidden, E experts, K top-k.
 """
 from __future__ import annotations
@@ -84,6 +89,7 @@ def peer_block(layer_like: dict, device, dtype):
         for p in block.parameters():
             torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5)
     layer = from_hf(block)
+    layer.experts.fuse_grad_accumulation = layer_like.get("fuse", False)
     return block.to(device=device, dtype=dtype).train(), layer.to(device=device, dtype=dtype).train()
 
 
@@ -97,9 +103,10 @@ def measure(E, D, H, T, K, args, device, dtype) -> dict[str, float]:
     torch.manual_seed(0)
     block = None
     if args.peer:
-        block, layer = peer_block({"D": D, "H": H, "E": E, "K": K}, device, dtype)
+        block, layer = peer_block({"D": D, "H": H, "E": E, "K": K, "fuse": args.keep_grads}, device, dtype)
     else:
-        layer = moekit.MoE(D, H, E, top_k=K, expert=args.expert).to(device=device, dtype=dtype)
+        layer = moekit.MoE(D, H, E, top_k=K, expert=args.expert,
+                           expert_options={"fuse_grad_accumulation": args.keep_grads}).to(device=device, dtype=dtype)
     x_TD = torch.randn(T, D, device=device, dtype=dtype)
     bank = layer.experts
     w1 = (bank.w_in if args.expert == "glu" else bank.w1)[0].detach().clone().requires_grad_()
@@ -111,19 +118,25 @@ def measure(E, D, H, T, K, args, device, dtype) -> dict[str, float]:
     if args.loop:
         variants["loop"] = lambda: naive_loop_step(layer, x_TD)
     ratios: dict[str, list[float]] = {k: [] for k in variants if k != "dense"}
+    dense_s: list[float] = []
     for fn in variants.values():        # warm-up
         fn()
     for _ in range(args.repeats):       # interleaved rounds: drift hits every variant alike
         t = {}
         for name, fn in variants.items():
-            layer.zero_grad(set_to_none=True)
+            layer.zero_grad(set_to_none=not args.keep_grads)
             if block is not None:
-                block.zero_grad(set_to_none=True)
-            w1.grad = w2.grad = x_AD.grad = None
+                block.zero_grad(set_to_none=not args.keep_grads)
+            for v in (w1, w2, x_AD):
+                if args.keep_grads and v.grad is not None:
+                    v.grad.zero_()
+                else:
+                    v.grad = None
             t[name] = timed(fn, device)
         for k in ratios:
             ratios[k].append(t[k] / t["dense"])
-    return {k: statistics.median(v) for k, v in ratios.items()}
+        dense_s.append(t["dense"])
+    return {"dense_ms": 1e3 * statistics.median(dense_s)} | {k: statistics.median(v) for k, v in ratios.items()}
 
 
 def main(argv=None):
@@ -138,6 +151,9 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch CPU thread counts (default: 1 2)")
     p.add_argument("--loop", action="store_true", help="also time a naive per-expert Python loop")
+    p.add_argument("--keep-grads", action="store_true",
+                   help="keep gradients between steps (zero_grad(set_to_none=False)) in every variant; moekit "
+                        "fuses the accumulation (fuse_grad_accumulation=True)")
     p.add_argument("--no-peer", dest="peer", action="store_false",
                    help="skip transformers' Mixtral block (timed when transformers is installed)")
     args = p.parse_args(argv)
@@ -164,9 +180,11 @@ def main(argv=None):
     peer = " vs transformers MixtralSparseMoeBlock (grouped_mm experts)" if args.peer else ""
     print(f"forward+backward, time / dense-limit time (median of {args.repeats} interleaved rounds), "
           f"device={device} dtype={args.dtype} T={T} k={K} expert={args.expert} torch={torch.__version__}{peer}")
+    print("gradients kept and zeroed in place; moekit fuse_grad_accumulation=True" if args.keep_grads else
+          "gradients dropped between steps (zero_grad(set_to_none=True))")
     cols = [f"{'E (D, H)':>16}"]
     for n in args.threads:
-        cols += [f"{'moekit ' + str(n) + 't':>10}"] + ([f"{'peer ' + str(n) + 't':>9}", f"{'m/p':>5}"]
+        cols += [f"{'dense ms ' + str(n) + 't':>12}", f"{'moekit ' + str(n) + 't':>10}"] + ([f"{'peer ' + str(n) + 't':>9}", f"{'m/p':>5}"]
                                                        if args.peer else [])
         if args.loop:
             cols += [f"{'loop ' + str(n) + 't':>9}"]
@@ -178,7 +196,7 @@ def main(argv=None):
         for n in args.threads:
             torch.set_num_threads(n)
             r = measure(E, D, H, T, K, args, device, dtype)
-            row.append(f"{r['moekit']:10.2f}")
+            row += [f"{r['dense_ms']:12.0f}", f"{r['moekit']:10.2f}"]
             if args.peer:
                 row += [f"{r['transformers']:9.2f}", f"{r['moekit'] / r['transformers']:5.2f}"]
             if args.loop:

@@ -116,6 +116,9 @@ def compute_dtype(x: Tensor, param: Tensor) -> torch.dtype:
 class ExpertBank(nn.Module):
     num_experts: int
     dim: int
+    # Stacked banks: add the expert weights' gradients straight into an existing ``.grad`` (see
+    # ``grouped_mm``); a plain attribute, so it can be switched on a bank built elsewhere (``from_hf``).
+    fuse_grad_accumulation: bool = False
 
     def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -125,12 +128,16 @@ class ExpertBank(nn.Module):
 
 
 class MLPExperts(ExpertBank):
-    """E two-layer MLPs ``y = act(x W1_e + b1_e) W2_e + b2_e``; W1: (E, D, H), W2: (E, H, D)."""
+    """E two-layer MLPs ``y = act(x W1_e + b1_e) W2_e + b2_e``; W1: (E, D, H), W2: (E, H, D).
+    ``fuse_grad_accumulation`` as for :class:`GLUExperts`."""
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, *, activation: str = "gelu",
-                 bias: bool = False):
+                 bias: bool = False, fuse_grad_accumulation: bool = False):
         super().__init__()
         _check_dims(num_experts=num_experts, dim=dim, hidden_dim=hidden_dim)
+        if not isinstance(fuse_grad_accumulation, bool):
+            raise ValueError(f"fuse_grad_accumulation: must be a bool, got {fuse_grad_accumulation!r}")
+        self.fuse_grad_accumulation = fuse_grad_accumulation
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
         self.activation = activation
         self.act = _activation(activation)
@@ -152,10 +159,11 @@ class MLPExperts(ExpertBank):
     def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
         dt = compute_dtype(x_AD, self.w1)
         x_AD = x_AD.to(dt)
-        h_AH = grouped_mm(x_AD, self.w1.to(dt), counts_E)
+        fuse = self.fuse_grad_accumulation
+        h_AH = grouped_mm(x_AD, self.w1.to(dt), counts_E, fuse_grad_accumulation=fuse)
         if self.b1 is not None:
             h_AH = h_AH + _row_bias(self.b1.to(dt), counts_E, x_AD.shape[0])
-        y_AD = grouped_mm(self.act(h_AH), self.w2.to(dt), counts_E)
+        y_AD = grouped_mm(self.act(h_AH), self.w2.to(dt), counts_E, fuse_grad_accumulation=fuse)
         if self.b2 is not None:
             y_AD = y_AD + _row_bias(self.b2.to(dt), counts_E, x_AD.shape[0])
         return y_AD
@@ -184,13 +192,19 @@ class GLUExperts(ExpertBank):
         they are combined (GPT-OSS: 7.0, the same source);
       * ``up_offset`` — combine as ``act(g) ⊙ (u + up_offset)`` (GPT-OSS: 1).
     Layouts that interleave gate and up columns (GPT-OSS) are de-interleaved when the weights are loaded.
+    ``fuse_grad_accumulation``: add the weight gradients into an existing ``.grad`` inside the backward's
+    GEMMs (training loops that keep gradients: ``zero_grad(set_to_none=False)``, micro-batch
+    accumulation); autograd hooks on the expert weights then do not run (``experts.grouped_mm``).
     """
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, *, activation: str = "silu",
                  bias: bool = False, alpha: float | None = None, limit: float | None = None,
-                 up_offset: float = 0.0):
+                 up_offset: float = 0.0, fuse_grad_accumulation: bool = False):
         super().__init__()
         _check_dims(num_experts=num_experts, dim=dim, hidden_dim=hidden_dim)
+        if not isinstance(fuse_grad_accumulation, bool):
+            raise ValueError(f"fuse_grad_accumulation: must be a bool, got {fuse_grad_accumulation!r}")
+        self.fuse_grad_accumulation = fuse_grad_accumulation
         if alpha is not None and (activation != "silu" or not isinstance(alpha, (int, float)) or
                                   isinstance(alpha, bool) or not math.isfinite(alpha)):
             raise ValueError(f"alpha: a finite number scaling silu's sigmoid (activation='silu'), got alpha={alpha!r} "
@@ -238,10 +252,11 @@ class GLUExperts(ExpertBank):
 
     def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
         dt = compute_dtype(x_AD, self.w_in)
-        h_A2H = grouped_mm(x_AD.to(dt), self.w_in.to(dt), counts_E)
+        fuse = self.fuse_grad_accumulation
+        h_A2H = grouped_mm(x_AD.to(dt), self.w_in.to(dt), counts_E, fuse_grad_accumulation=fuse)
         if self.b_in is not None:
             h_A2H = h_A2H + _row_bias(self.b_in.to(dt), counts_E, x_AD.shape[0])
-        y_AD = grouped_mm(self._glu(h_A2H), self.w_out.to(dt), counts_E)
+        y_AD = grouped_mm(self._glu(h_A2H), self.w_out.to(dt), counts_E, fuse_grad_accumulation=fuse)
         if self.b_out is not None:
             y_AD = y_AD + _row_bias(self.b_out.to(dt), counts_E, x_AD.shape[0])
         return y_AD

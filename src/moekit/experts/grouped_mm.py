@@ -5,15 +5,25 @@ Legend: A rows (token-expert assignments, sorted by expert), E experts, D in fea
 ``grouped_mm(x_AD, w_EDH, counts_E) -> y_AH`` with ``y[rows of e] = x[rows of e] @ w[e]``.
 Kernels:
   * on CPU, one GEMM per non-empty group written in place (no padding: routing can be very uneven). It
-    reads the group sizes on the host (no device to synchronise with) and beats CPU
-    ``torch.nn.functional.grouped_mm`` at every size measured (``benchmarks/grouped_mm_kernels.py``):
-    up to 2.7x on the weight gradient, whose transposed operand that kernel handles slowly;
+    reads the group sizes on the host (no device to synchronise with). It runs within ~10 % of CPU
+    ``torch.nn.functional.grouped_mm`` both ways (``benchmarks/grouped_mm_kernels.py``), takes any
+    dtype and alignment, and can add into an existing gradient (the fusion below), which that kernel
+    cannot;
   * on GPU, ``torch.nn.functional.grouped_mm`` where it is supported (bf16 with compute capability
     >= 8.0, 16-byte aligned operands), otherwise a loop-free padded ``bmm`` (rows scattered into an
     (E, max_count, D) buffer; reads the largest group size on the host).
 Autograd is ours (registered on the ``moekit::grouped_mm`` custom operator): the backward makes the incoming gradient dense and
 contiguous (torch's own grouped_mm backward fails on expanded gradients) and reuses the same kernels:
 ``dx = dy @ w[e]^T`` per group, ``dw[e] = x[rows of e]^T dy[rows of e]``.
+
+Gradient-accumulation fusion (``grouped_mm(..., fuse_grad_accumulation=True)``, Megatron-LM's
+``gradient_accumulation_fusion`` for expert banks): when ``w`` is a leaf parameter whose ``.grad``
+already exists, the backward adds ``x^T dy`` into ``w.grad`` with the GEMM itself (``addmm`` in place)
+and hands autograd no gradient for ``w``. Without it, every backward writes a fresh weight-sized
+gradient (hundreds of MB for a large bank, each page faulted in on first write) and autograd then adds
+it into the kept ``.grad``. The price is autograd's bookkeeping for ``w``: its gradient hooks do not run
+and ``torch.autograd.grad`` cannot be taken with respect to it. A missing ``.grad`` is created by the
+backward as usual.
 """
 from __future__ import annotations
 
@@ -79,7 +89,6 @@ def _mm_kernel(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
     if x_AD.shape[0] == 0:
         return x_AD.new_zeros(0, w_EDH.shape[-1])
     if x_AD.device.type == "cpu":          # one GEMM per non-empty group, written in place: no padding
-        # (faster than CPU F.grouped_mm at every size measured: up to 2.7x on the weight gradient)
         y_AH = x_AD.new_empty(x_AD.shape[0], w_EDH.shape[-1])
         start = 0
         for e, c in enumerate(counts_E.tolist()):
@@ -121,12 +130,12 @@ def _wgrad_kernel(x_AD: Tensor, dy_AH: Tensor, counts_E: Tensor) -> Tensor:
 # traces a grouped matmul as one opaque node (torch's own meta function for ``_grouped_mm`` accepts
 # bf16 only) and the dynamic per-expert sizes never reach the graph.
 @torch.library.custom_op("moekit::grouped_mm", mutates_args=())
-def _grouped_mm_op(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
+def _grouped_mm_op(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor, fuse_grad_accumulation: bool = False) -> Tensor:
     return _mm_kernel(x_AD.contiguous(), w_EDH, counts_E)
 
 
 @_grouped_mm_op.register_fake
-def _(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
+def _(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor, fuse_grad_accumulation: bool = False) -> Tensor:
     return x_AD.new_empty(x_AD.shape[0], w_EDH.shape[-1])
 
 
@@ -140,9 +149,35 @@ def _(x_AD: Tensor, dy_AH: Tensor, counts_E: Tensor) -> Tensor:
     return x_AD.new_empty(counts_E.shape[0], x_AD.shape[-1], dy_AH.shape[-1])
 
 
+@torch.library.custom_op("moekit::grouped_mm_wgrad_accumulate", mutates_args=("dw_EDH",))
+def _grouped_mm_wgrad_accumulate_op(x_AD: Tensor, dy_AH: Tensor, counts_E: Tensor, dw_EDH: Tensor) -> None:
+    """dw[e] += x[rows of e]^T @ dy[rows of e], in place."""
+    x_AD, dy_AH = x_AD.contiguous(), dy_AH.contiguous()
+    if x_AD.device.type != "cpu":
+        dw_EDH.add_(_wgrad_kernel(x_AD, dy_AH, counts_E).to(dw_EDH.dtype))
+        return
+    xt_DA = x_AD.t()
+    start = 0
+    for e, c in enumerate(counts_E.tolist()):
+        if c:                              # the GEMM adds into the gradient: no temporary, one pass
+            dw_EDH[e].addmm_(xt_DA[:, start:start + c], dy_AH[start:start + c])
+        start += c
+
+
+def _fusable(w: Tensor, x_AD: Tensor) -> bool:
+    """Whether the backward may add straight into ``w.grad``: a leaf whose gradient exists, matches it
+    and would otherwise only be accumulated (eager mode; under ``torch.compile`` autograd does it)."""
+    if torch.compiler.is_compiling() or not (w.is_leaf and w.requires_grad):
+        return False
+    g = w.grad
+    return (g is not None and g.shape == w.shape and g.dtype == w.dtype == x_AD.dtype and g.device == w.device
+            and g.layout == torch.strided and g.is_contiguous())
+
+
 def _setup_context(ctx, inputs, output):
-    x_AD, w_EDH, counts_E = inputs
+    x_AD, w_EDH, counts_E, fuse = inputs
     ctx.save_for_backward(x_AD, w_EDH, counts_E)
+    ctx.fuse_target = w_EDH if fuse else None     # the parameter itself: its .grad is read at backward time
 
 
 def _backward(ctx, dy_AH: Tensor):
@@ -152,21 +187,31 @@ def _backward(ctx, dy_AH: Tensor):
     if ctx.needs_input_grad[0]:
         dx = _grouped_mm_op(dy_AH, w_EDH.transpose(1, 2), counts_E)
     if ctx.needs_input_grad[1]:
-        dw = _grouped_mm_wgrad_op(x_AD, dy_AH, counts_E).to(w_EDH.dtype)
-    return dx, dw, None
+        target = ctx.fuse_target
+        if target is not None and _fusable(target, x_AD):
+            _grouped_mm_wgrad_accumulate_op(x_AD, dy_AH, counts_E, target.grad)
+        else:
+            dw = _grouped_mm_wgrad_op(x_AD, dy_AH, counts_E).to(w_EDH.dtype)
+    return dx, dw, None, None
 
 
 _grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def grouped_mm(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
-    """Differentiable grouped matmul. ``counts_E`` (int64, sum = A) gives each expert's row count."""
+def grouped_mm(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor, *, fuse_grad_accumulation: bool = False) -> Tensor:
+    """Differentiable grouped matmul. ``counts_E`` (int64, sum = A) gives each expert's row count.
+
+    ``fuse_grad_accumulation``: when ``w_EDH`` is a parameter whose ``.grad`` exists, the backward adds
+    its gradient into ``.grad`` directly (no temporary; autograd hooks on ``w_EDH`` do not run). See the
+    module docstring."""
     if x_AD.dim() != 2 or w_EDH.dim() != 3 or x_AD.shape[1] != w_EDH.shape[1]:
         raise ValueError(f"grouped_mm: expected x (A, D) and w (E, D, H), got {tuple(x_AD.shape)} and "
                          f"{tuple(w_EDH.shape)}")
     if counts_E.shape != (w_EDH.shape[0],):
         raise ValueError(f"counts: expected shape ({w_EDH.shape[0]},), got {tuple(counts_E.shape)}")
-    return _grouped_mm_op(x_AD, w_EDH, counts_E)
+    if not isinstance(fuse_grad_accumulation, bool):
+        raise TypeError(f"fuse_grad_accumulation: must be a bool, got {fuse_grad_accumulation!r}")
+    return _grouped_mm_op(x_AD, w_EDH, counts_E, fuse_grad_accumulation)
 
 
 def grouped_mm_reference(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
