@@ -42,6 +42,21 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
+def peak_mb(fn) -> float:
+    """Peak of the bytes that ``fn`` holds allocated through torch's CPU allocator, in MiB (from the
+    profiler's allocation events: the tensors alive at the worst moment, including gradients the step
+    creates; not what the C library keeps cached)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def dense_step(x_AD, w1, w2, expert):
     """The expert MLP of expert 0 as one matmul chain on all A = T·K rows, forward + backward."""
     h = x_AD @ w1
@@ -107,11 +122,12 @@ def measure(E, D, H, T, K, args, device, dtype) -> dict[str, float]:
     else:
         layer = moekit.MoE(D, H, E, top_k=K, expert=args.expert,
                            expert_options={"fuse_grad_accumulation": args.keep_grads}).to(device=device, dtype=dtype)
-    x_TD = torch.randn(T, D, device=device, dtype=dtype)
+    # a layer inside a network: every variant computes the gradient of its input too
+    x_TD = torch.randn(T, D, device=device, dtype=dtype, requires_grad=True)
     bank = layer.experts
     w1 = (bank.w_in if args.expert == "glu" else bank.w1)[0].detach().clone().requires_grad_()
     w2 = (bank.w_out if args.expert == "glu" else bank.w2)[0].detach().clone().requires_grad_()
-    x_AD = torch.randn(T * K, D, device=device, dtype=dtype, requires_grad=True)  # MoE needs dx too
+    x_AD = torch.randn(T * K, D, device=device, dtype=dtype, requires_grad=True)
     variants = {"dense": lambda: dense_step(x_AD, w1, w2, args.expert), "moekit": lambda: moe_step(layer, x_TD)}
     if block is not None:
         variants["transformers"] = lambda: peer_step(block, x_TD)
@@ -119,24 +135,33 @@ def measure(E, D, H, T, K, args, device, dtype) -> dict[str, float]:
         variants["loop"] = lambda: naive_loop_step(layer, x_TD)
     ratios: dict[str, list[float]] = {k: [] for k in variants if k != "dense"}
     dense_s: list[float] = []
+
+    def reset_grads():
+        layer.zero_grad(set_to_none=not args.keep_grads)
+        if block is not None:
+            block.zero_grad(set_to_none=not args.keep_grads)
+        for v in (w1, w2, x_AD, x_TD):
+            if args.keep_grads and v.grad is not None:
+                v.grad.zero_()
+            else:
+                v.grad = None
+
     for fn in variants.values():        # warm-up
         fn()
     for _ in range(args.repeats):       # interleaved rounds: drift hits every variant alike
         t = {}
         for name, fn in variants.items():
-            layer.zero_grad(set_to_none=not args.keep_grads)
-            if block is not None:
-                block.zero_grad(set_to_none=not args.keep_grads)
-            for v in (w1, w2, x_AD):
-                if args.keep_grads and v.grad is not None:
-                    v.grad.zero_()
-                else:
-                    v.grad = None
+            reset_grads()
             t[name] = timed(fn, device)
         for k in ratios:
             ratios[k].append(t[k] / t["dense"])
         dense_s.append(t["dense"])
-    return {"dense_ms": 1e3 * statistics.median(dense_s)} | {k: statistics.median(v) for k, v in ratios.items()}
+    out = {"dense_ms": 1e3 * statistics.median(dense_s)} | {k: statistics.median(v) for k, v in ratios.items()}
+    if args.memory and device.type == "cpu":
+        for name, fn in variants.items():
+            reset_grads()
+            out[f"{name}_mb"] = peak_mb(fn)
+    return out
 
 
 def main(argv=None):
@@ -151,6 +176,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch CPU thread counts (default: 1 2)")
     p.add_argument("--loop", action="store_true", help="also time a naive per-expert Python loop")
+    p.add_argument("--memory", action="store_true",
+                   help="also report each variant's peak allocated memory in one step (CPU)")
     p.add_argument("--keep-grads", action="store_true",
                    help="keep gradients between steps (zero_grad(set_to_none=False)) in every variant; moekit "
                         "fuses the accumulation (fuse_grad_accumulation=True)")
@@ -191,11 +218,14 @@ def main(argv=None):
     print(" ".join(cols))
     print("-" * len(" ".join(cols)))
     default_threads = torch.get_num_threads()
+    mems = []
     for E, D, H in configs:
         row = [f"{f'{E} ({D}, {H})':>16}"]
+        first_mem = None
         for n in args.threads:
             torch.set_num_threads(n)
             r = measure(E, D, H, T, K, args, device, dtype)
+            first_mem = r if first_mem is None else first_mem
             row += [f"{r['dense_ms']:12.0f}", f"{r['moekit']:10.2f}"]
             if args.peer:
                 row += [f"{r['transformers']:9.2f}", f"{r['moekit'] / r['transformers']:5.2f}"]
@@ -203,6 +233,15 @@ def main(argv=None):
                 row.append(f"{r['loop']:9.2f}")
         torch.set_num_threads(default_threads)
         print(" ".join(row), flush=True)
+        if args.memory:
+            mems.append((f"{E} ({D}, {H})", first_mem))
+    if mems:
+        names = [k[:-3] for k, v in mems[0][1].items() if k.endswith("_mb")]
+        print("\npeak memory allocated during one forward+backward, MiB (" +
+              ("gradients kept" if args.keep_grads else "gradients created by the step") + ")")
+        print(f"{'E (D, H)':>16} " + " ".join(f"{n:>13}" for n in names))
+        for label, r in mems:
+            print(f"{label:>16} " + " ".join(f"{r[n + '_mb']:13.0f}" for n in names))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,8 @@ def _mm_kernel(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
     the native kernel leaves them undefined, the fallback zero."""
     if x_AD.shape[0] == 0:
         return x_AD.new_zeros(0, w_EDH.shape[-1])
+    if native_supported(x_AD, w_EDH):
+        return F.grouped_mm(x_AD, w_EDH, offs=_offsets(counts_E))
     if x_AD.device.type == "cpu":          # one GEMM per non-empty group, written in place: no padding
         y_AH = x_AD.new_empty(x_AD.shape[0], w_EDH.shape[-1])
         start = 0
@@ -97,8 +99,6 @@ def _mm_kernel(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
             start += c
         y_AH[start:] = 0                   # padding rows
         return y_AH
-    if native_supported(x_AD, w_EDH):
-        return F.grouped_mm(x_AD, w_EDH, offs=_offsets(counts_E))
     E = w_EDH.shape[0]
     group_A, pos_A, M = _group_positions(counts_E, x_AD.shape[0])
     y_EMH = torch.bmm(_pad(x_AD, group_A, pos_A, E, M), w_EDH)
@@ -110,6 +110,8 @@ def _wgrad_kernel(x_AD: Tensor, dy_AH: Tensor, counts_E: Tensor) -> Tensor:
     """dw[e] = x[rows of e]^T @ dy[rows of e] (no autograd); padding rows are left out."""
     E = counts_E.shape[0]
     xt_DA = x_AD.t()
+    if x_AD.shape[0] > 0 and native_supported(x_AD, dy_AH):
+        return F.grouped_mm(xt_DA, dy_AH, offs=_offsets(counts_E))
     if x_AD.device.type == "cpu":
         dw_EDH = x_AD.new_empty(E, x_AD.shape[-1], dy_AH.shape[-1])
         start = 0
@@ -120,8 +122,6 @@ def _wgrad_kernel(x_AD: Tensor, dy_AH: Tensor, counts_E: Tensor) -> Tensor:
                 dw_EDH[e].zero_()          # an expert with no rows has a zero gradient
             start += c
         return dw_EDH
-    if x_AD.shape[0] > 0 and native_supported(x_AD, dy_AH):
-        return F.grouped_mm(xt_DA, dy_AH, offs=_offsets(counts_E))
     group_A, pos_A, M = _group_positions(counts_E, x_AD.shape[0])
     return torch.bmm(_pad(x_AD, group_A, pos_A, E, M).transpose(1, 2), _pad(dy_AH, group_A, pos_A, E, M))
 
