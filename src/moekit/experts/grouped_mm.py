@@ -4,14 +4,14 @@ Legend: A rows (token-expert assignments, sorted by expert), E experts, D in fea
 
 ``grouped_mm(x_AD, w_EDH, counts_E) -> y_AH`` with ``y[rows of e] = x[rows of e] @ w[e]``.
 Kernels:
-  * on CPU, one GEMM per non-empty group written in place (no padding: routing can be very uneven). It
-    reads the group sizes on the host (no device to synchronise with). It runs within ~10 % of CPU
-    ``torch.nn.functional.grouped_mm`` both ways (``benchmarks/grouped_mm_kernels.py``), takes any
-    dtype and alignment, and can add into an existing gradient (the fusion below), which that kernel
-    cannot;
-  * on GPU, ``torch.nn.functional.grouped_mm`` where it is supported (bf16 with compute capability
-    >= 8.0, 16-byte aligned operands), otherwise a loop-free padded ``bmm`` (rows scattered into an
-    (E, max_count, D) buffer; reads the largest group size on the host).
+  * ``torch.nn.functional.grouped_mm`` where it is supported: on CPU float32/bf16/fp16, on GPU bf16
+    with compute capability >= 8.0; 16-byte aligned operands;
+  * otherwise on CPU one GEMM per non-empty group written in place (no padding: routing can be very
+    uneven; the group sizes are read on the host, with no device to synchronise with). It runs within
+    ~10 % of torch's CPU kernel both ways (``benchmarks/grouped_mm_kernels.py``), takes any dtype and
+    alignment, and is the kernel that adds into an existing gradient (the fusion below);
+  * otherwise on GPU a loop-free padded ``bmm`` (rows scattered into an (E, max_count, D) buffer; reads
+    the largest group size on the host).
 Autograd is ours (registered on the ``moekit::grouped_mm`` custom operator): the backward makes the incoming gradient dense and
 contiguous (torch's own grouped_mm backward fails on expanded gradients) and reuses the same kernels:
 ``dx = dy @ w[e]^T`` per group, ``dw[e] = x[rows of e]^T dy[rows of e]``.
