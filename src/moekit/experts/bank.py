@@ -29,6 +29,12 @@ def _activation(name: str) -> Callable[[Tensor], Tensor]:
     return ACTIVATIONS[name]
 
 
+def _check_flag(name: str, value: bool) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: must be a bool, got {value!r}")
+    return value
+
+
 def _check_dims(**dims: int) -> None:
     for name, v in dims.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -135,9 +141,7 @@ class MLPExperts(ExpertBank):
                  bias: bool = False, fuse_grad_accumulation: bool = False):
         super().__init__()
         _check_dims(num_experts=num_experts, dim=dim, hidden_dim=hidden_dim)
-        if not isinstance(fuse_grad_accumulation, bool):
-            raise ValueError(f"fuse_grad_accumulation: must be a bool, got {fuse_grad_accumulation!r}")
-        self.fuse_grad_accumulation = fuse_grad_accumulation
+        self.fuse_grad_accumulation = _check_flag("fuse_grad_accumulation", fuse_grad_accumulation)
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
         self.activation = activation
         self.act = _activation(activation)
@@ -202,9 +206,7 @@ class GLUExperts(ExpertBank):
                  up_offset: float = 0.0, fuse_grad_accumulation: bool = False):
         super().__init__()
         _check_dims(num_experts=num_experts, dim=dim, hidden_dim=hidden_dim)
-        if not isinstance(fuse_grad_accumulation, bool):
-            raise ValueError(f"fuse_grad_accumulation: must be a bool, got {fuse_grad_accumulation!r}")
-        self.fuse_grad_accumulation = fuse_grad_accumulation
+        self.fuse_grad_accumulation = _check_flag("fuse_grad_accumulation", fuse_grad_accumulation)
         if alpha is not None and (activation != "silu" or not isinstance(alpha, (int, float)) or
                                   isinstance(alpha, bool) or not math.isfinite(alpha)):
             raise ValueError(f"alpha: a finite number scaling silu's sigmoid (activation='silu'), got alpha={alpha!r} "

@@ -106,22 +106,30 @@ def _mm_kernel(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
     return y_EMH[group_A, pos_A]
 
 
+def _cpu_wgrad_loop(x_AD: Tensor, dy_AH: Tensor, counts_E: Tensor, dw_EDH: Tensor, *, accumulate: bool) -> Tensor:
+    """One GEMM per group into ``dw_EDH``: ``dw[e] = x[rows of e]^T dy[rows of e]``, or ``+=`` with
+    ``accumulate`` (the GEMM adds into the gradient: no temporary, one pass). Padding rows are left out."""
+    xt_DA = x_AD.t()
+    start = 0
+    for e, c in enumerate(counts_E.tolist()):
+        if c and accumulate:
+            dw_EDH[e].addmm_(xt_DA[:, start:start + c], dy_AH[start:start + c])
+        elif c:
+            torch.mm(xt_DA[:, start:start + c], dy_AH[start:start + c], out=dw_EDH[e])
+        elif not accumulate:
+            dw_EDH[e].zero_()              # an expert with no rows has a zero gradient
+        start += c
+    return dw_EDH
+
+
 def _wgrad_kernel(x_AD: Tensor, dy_AH: Tensor, counts_E: Tensor) -> Tensor:
     """dw[e] = x[rows of e]^T @ dy[rows of e] (no autograd); padding rows are left out."""
     E = counts_E.shape[0]
-    xt_DA = x_AD.t()
     if x_AD.shape[0] > 0 and native_supported(x_AD, dy_AH):
-        return F.grouped_mm(xt_DA, dy_AH, offs=_offsets(counts_E))
+        return F.grouped_mm(x_AD.t(), dy_AH, offs=_offsets(counts_E))
     if x_AD.device.type == "cpu":
-        dw_EDH = x_AD.new_empty(E, x_AD.shape[-1], dy_AH.shape[-1])
-        start = 0
-        for e, c in enumerate(counts_E.tolist()):
-            if c:
-                torch.mm(xt_DA[:, start:start + c], dy_AH[start:start + c], out=dw_EDH[e])
-            else:
-                dw_EDH[e].zero_()          # an expert with no rows has a zero gradient
-            start += c
-        return dw_EDH
+        return _cpu_wgrad_loop(x_AD, dy_AH, counts_E, x_AD.new_empty(E, x_AD.shape[-1], dy_AH.shape[-1]),
+                               accumulate=False)
     group_A, pos_A, M = _group_positions(counts_E, x_AD.shape[0])
     return torch.bmm(_pad(x_AD, group_A, pos_A, E, M).transpose(1, 2), _pad(dy_AH, group_A, pos_A, E, M))
 
@@ -156,12 +164,7 @@ def _grouped_mm_wgrad_accumulate_op(x_AD: Tensor, dy_AH: Tensor, counts_E: Tenso
     if x_AD.device.type != "cpu":
         dw_EDH.add_(_wgrad_kernel(x_AD, dy_AH, counts_E).to(dw_EDH.dtype))
         return
-    xt_DA = x_AD.t()
-    start = 0
-    for e, c in enumerate(counts_E.tolist()):
-        if c:                              # the GEMM adds into the gradient: no temporary, one pass
-            dw_EDH[e].addmm_(xt_DA[:, start:start + c], dy_AH[start:start + c])
-        start += c
+    _cpu_wgrad_loop(x_AD, dy_AH, counts_E, dw_EDH, accumulate=True)
 
 
 def _fusable(w: Tensor, x_AD: Tensor) -> bool:
