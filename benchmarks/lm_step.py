@@ -1,6 +1,6 @@
 """Training-step time of the Shazeer et al. 2017 MoE language models against the compute-matched dense one.
 
-One training step = forward + cross-entropy + backward + Adam update of a :class:`moekit.models.ShazeerLM`
+One training step = forward + cross-entropy + backward + Adam update of a :class:`moekit.repro.models.ShazeerLM`
 on a batch of B sequences of L bytes. The dense baseline is ``4xLSTM`` (the MoE layer replaced by two more
 LSTM layers: the same ops per time step); the MoE models are flat ``MoE-256`` (k = 4) and hierarchical
 ``MoE-1024-h`` (32 groups × 32 experts, k = 2 · 2), plus ``MoE-4`` (all 4 experts active: the MoE
@@ -36,7 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moekit.models.shazeer_lm import ShazeerLM
+from moekit.repro.models.shazeer_lm import ShazeerLM
 
 MODELS = {
     "4xLSTM": dict(block="lstm", extra_lstm_layers=2),

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moekit.datasets.chen_clusters import make_chen_data
-from moekit.models.chen2022 import ChenMoE
+from moekit.repro.datasets.chen_clusters import make_chen_data
+from moekit.repro.models.chen2022 import ChenMoE
 
 
 def gen(seed):

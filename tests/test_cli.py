@@ -11,11 +11,11 @@ from typing import Literal
 import pytest
 import torch
 
-import moekit.experiments as registry
+import moekit.repro.experiments as registry
 from moekit.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, main
-from moekit.experiments.base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict
-from moekit.experiments.options import OptionError, option
-from moekit.experiments.runner import comparison_rows, run_experiment
+from moekit.repro.experiments.base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict
+from moekit.repro.experiments.options import OptionError, option
+from moekit.repro.experiments.runner import comparison_rows, run_experiment
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,7 @@ def test_experiment_without_options(toy_registry, tmp_path):
 
 
 def test_runner_rejects_bad_seeds(tmp_path):
-    from moekit.experiments.runner import RunError
+    from moekit.repro.experiments.runner import RunError
     with pytest.raises(RunError, match="--seeds"):
         run_experiment(TOY, argparse.Namespace(), tmp_path / "o", seeds=0, show_progress=False)
 

@@ -4,7 +4,7 @@ Exit status: 0 done (also ``--help``); 2 usage error (unknown experiment, a bad 
 ``--out`` that holds something without ``--overwrite``), printed in one line that names the flag, before
 any folder is created; 1 the run itself failed (its traceback is printed); 130 interrupted. The results
 table goes to stdout, progress and errors to stderr. A failed or interrupted run leaves ``--out`` as it
-was (see :mod:`moekit.experiments.runner`).
+was (see :mod:`moekit.repro.experiments.runner`).
 """
 from __future__ import annotations
 
@@ -88,9 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command != "list" or rest:
             top.error(f"unrecognized arguments: {' '.join(rest or argv)}")
 
-    from .experiments import available, get
-    from .experiments.options import OptionError
-    from .experiments.runner import RunError, default_out_dir, list_lines, run_experiment
+    from .repro.experiments import available, get
+    from .repro.experiments.options import OptionError
+    from .repro.experiments.runner import RunError, default_out_dir, list_lines, run_experiment
 
     if command == "list":
         for line in list_lines(available()):
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out if args.out is not None else default_out_dir(exp.name)
     try:
         config = exp.make_config(args, quick=args.quick)   # every option checked before any folder exists
-        from .experiments.runner import check_out_dir
+        from .repro.experiments.runner import check_out_dir
         check_out_dir(out, overwrite=args.overwrite)
     except (OptionError, RunError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

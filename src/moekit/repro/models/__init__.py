@@ -1,0 +1,24 @@
+"""Models from the papers, built from moekit's layers (kept apart from the library core).
+
+| model | paper | module |
+|---|---|---|
+| ``ChenMoE``, ``ChenSingle`` | Chen et al. 2022 (cluster structure; data: ``moekit.repro.datasets.chen_clusters``) | ``chen2022`` |
+| ``ShazeerMoEClassifier`` | Shazeer et al. 2017 (noisy top-k, balancing) | ``shazeer`` |
+| ``ShazeerLM`` | Shazeer et al. 2017 (LSTM language model with an MoE at every time step) | ``shazeer_lm`` |
+| ``CondConvNet`` | Yang et al. 2019 (CondConv), Chen et al. 2020 (Dynamic Conv) | ``cnn`` |
+| ``DeepMoEResNet``, ``deepmoe_resnet`` | Wang et al. 2020 (DeepMoE) | ``deepmoe_resnet`` |
+| ``ViT`` | Riquelme et al. 2021 (V-MoE, Batch Priority Routing) | ``vit`` |
+| ``MLPMixer``, ``SparseMixerBlock`` | Lou et al. 2021 (Sparse-MLP) | ``mixer`` |
+| ``PatchMoE``, ``PatchRouter``, ``SmallCNN`` | Chen et al. 2022 (rotate task) | ``patch_moe`` |
+"""
+from .chen2022 import ChenMoE, ChenSingle
+from .cnn import CondConvNet
+from .deepmoe_resnet import DeepMoEResNet, deepmoe_resnet
+from .mixer import MixerBlock, MLPMixer, SparseMixerBlock, count_parameters
+from .patch_moe import PatchMoE, PatchRouter, SmallCNN, patch_sum
+from .shazeer import ShazeerMoEClassifier
+from .shazeer_lm import ShazeerLM
+from .vit import ViT
+
+__all__ = ["ChenMoE", "ChenSingle", "CondConvNet", "DeepMoEResNet", "MLPMixer", "MixerBlock", "PatchMoE", "PatchRouter", "ShazeerLM", "ShazeerMoEClassifier", "SmallCNN",
+           "SparseMixerBlock", "ViT", "count_parameters", "deepmoe_resnet", "patch_sum"]

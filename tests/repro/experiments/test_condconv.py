@@ -1,0 +1,125 @@
+"""`moekit run condconv` in quick mode: contract, files, sane bands, determinism, option errors.
+
+Legend: E experts, K classes.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+from moekit.repro.datasets.digits import load_digits_split  # noqa: E402
+from moekit.repro.experiments.base import make_context, mean_std  # noqa: E402
+from moekit.repro.experiments.options import OptionError  # noqa: E402
+from moekit.repro.experiments.condconv import (EXPERIMENT, class_spread, class_variance_share,  # noqa: E402
+                                         shift_augment, train_one)
+
+
+def _ctx(out_dir, seeds=1, quick=True, argv=()):
+    return make_context(EXPERIMENT, out_dir, argv, seeds=seeds, quick=quick)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    ctx = _ctx(tmp_path_factory.mktemp("condconv"))
+    return ctx, EXPERIMENT.run(ctx)
+
+
+def test_contract_and_files(quick_run):
+    ctx, res = quick_run
+    assert EXPERIMENT.name == "condconv" and EXPERIMENT.quick_time == "<30 s"
+    assert [r.name for r in res.rows] == ["1 expert (plain conv)", "CondConv 4 experts"]
+    assert all(r.name.startswith("ImageNet") for r in res.paper) and len(res.paper) == 3
+    assert res.paper[2].metrics["test_acc"] == 78.3 and res.paper[2].metrics["madds_M"] == 413.0
+    for r in res.rows:
+        assert {"test_acc", "train_acc", "madds_M", "madds_ratio", "test_acc_gain"} <= set(r.metrics)
+        assert len(r.metrics["test_acc"]) == 1                       # one value per seed
+    routing_keys = {"class_var_early", "class_var_late", "class_spread_early", "class_spread_late"}
+    assert routing_keys <= set(res.rows[1].metrics)
+    assert res.config["experts"] == [1, 4] and res.config["quick"] is True
+    assert any("ImageNet" in n for n in res.notes)
+    assert any("early" in t for t in res.tables) and any("late" in t for t in res.tables)
+    assert any(t.startswith("Trend") for t in res.tables)
+    assert {"train_loss.png", "accuracy_vs_madds.png", "routing_condconv_4_experts.png"} <= set(ctx.figures)
+    for name in ctx.figures:
+        assert (ctx.out_dir / name).stat().st_size > 1000
+
+
+def test_sane_bands(quick_run):
+    _, res = quick_run
+    base, cond = res.rows
+    for r in res.rows:
+        # 10 classes (chance 10 %); 6 quick epochs of the width-4 CNN reach ≈ 70 %
+        assert 50.0 < mean_std(r.metrics["test_acc"])[0] <= 100.0, r.name
+    assert base.metrics["madds_ratio"] == 1.0
+    assert 1.0 < cond.metrics["madds_ratio"] < 1.1                    # nearly constant MADDs
+    assert cond.metrics["params_k"] > 3 * base.metrics["params_k"]     # but ~E× the conv parameters
+    for key in ("class_var_early", "class_var_late", "class_spread_early", "class_spread_late"):
+        assert 0.0 <= mean_std(cond.metrics[key])[0] <= 1.0
+
+
+def test_class_variance_share_by_hand():
+    labels = torch.tensor([0, 0, 1, 1])
+    same = torch.tensor([[0.2, 0.8], [0.8, 0.2], [0.2, 0.8], [0.8, 0.2]])      # class says nothing
+    assert class_variance_share(same, labels, 2) == pytest.approx(0.0)
+    by_class = torch.tensor([[0.1, 0.9], [0.1, 0.9], [0.7, 0.3], [0.7, 0.3]])  # class says everything
+    assert class_variance_share(by_class, labels, 2) == pytest.approx(1.0)
+    mixed = torch.tensor([[0.0], [1.0], [1.0], [2.0]])   # class means 0.5, 1.5; overall 1: between 1, total 2
+    assert class_variance_share(mixed, labels, 2) == pytest.approx(0.5)
+    assert class_spread(same, labels, 2) == pytest.approx(0.0)
+    # class means (0.1, 0.9) and (0.7, 0.3): std over 2 classes = 0.3 for both experts
+    assert class_spread(by_class, labels, 2) == pytest.approx(0.3)
+
+
+def test_shift_augment_moves_pixels_and_fills_background():
+    x = torch.arange(2 * 16, dtype=torch.float32).reshape(2, 1, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    y = shift_augment(x, g, fill=-1.0)
+    assert y.shape == x.shape
+    for b in range(2):
+        # every output is x shifted by (dr, dc) ∈ {-1, 0, 1}², uncovered pixels = fill
+        ok = False
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                pad = torch.nn.functional.pad(x[b], (1, 1, 1, 1), value=-1.0)
+                ok |= torch.equal(pad[:, 1 + dr:5 + dr, 1 + dc:5 + dc], y[b])
+        assert ok
+
+
+def test_same_seed_same_numbers(tmp_path):
+    data = load_digits_split(seed=0, images=True)
+    data.x_train, data.y_train = data.x_train[:128], data.y_train[:128]
+    ctx = _ctx(tmp_path, argv=["--epochs", "1", "--batch-size", "64", "--anneal-fraction", "0.5"])
+    cfg = ctx.config
+    m1, l1 = train_one(2, True, 0, data, cfg, ctx, "a")
+    m2, l2 = train_one(2, True, 0, data, cfg, ctx, "b")
+    m3, l3 = train_one(2, True, 1, data, cfg, ctx, "c")
+    assert l1 == l2 and l1 != l3
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+    assert all(float(b.router.temperature) == 1.0 for b in m1.blocks)   # evaluated at τ = 1
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--experts", "1,x"], "experts"),
+    (["--experts", "0,2"], "experts"),
+    (["--experts", "2,2"], "experts"),
+    (["--dynamic-experts", "1"], "dynamic-experts"),
+    (["--dynamic-experts", "a"], "dynamic-experts"),
+    (["--epochs", "0"], "epochs"),
+    (["--width", "0"], "width"),
+    (["--lr", "0"], "lr"),
+    (["--anneal-fraction", "1.5"], "anneal-fraction"),
+    (["--lr", "nan"], "--lr: must be a finite"),
+])
+def test_bad_options_raise(tmp_path, argv, match):
+    with pytest.raises(OptionError, match="--" + match.lstrip("-")):
+        _ctx(tmp_path, argv=argv)
+
+
+def test_verdicts(quick_run):
+    _, res = quick_run
+    assert [v.claim.split(" ")[0] for v in res.verdicts] == ["Accuracy", "The", "Routing"]
+    assert "4 experts" in res.verdicts[0].reason and "×" in res.verdicts[1].reason
+    assert all(r.source is not None for r in res.paper)
