@@ -279,3 +279,113 @@ def test_verdict_and_source_are_checked():
         Verdict("c", "partly", "two\nlines")
     with pytest.raises(ValueError, match="status"):
         Source("p", "Table 1", "guessed")
+
+
+# --- run safety: every bad request refused before anything is written; signals clean up like Ctrl-C ---
+
+def _listing(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999", "100000", "0", str((os.cpu_count() or 1) + 1), "two"])
+def test_threads_out_of_range_is_a_usage_error(toy_registry, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as e:
+        main(["run", "toy", "--out", str(tmp_path / "r"), "--threads", value, "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == EXIT_USAGE and "--threads" in err and f"1 to {os.cpu_count()}" in err
+    assert len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_threads_at_the_cpu_count_run(toy_registry, tmp_path):
+    assert _run(tmp_path, "toy", "--out", str(tmp_path / "r"), "--threads", str(os.cpu_count())) == 0
+
+
+def test_per_experiment_minimum_seeds_checked_before_any_folder(toy_registry, tmp_path, capsys):
+    toy_registry["pair"] = Experiment("pair", "x", "needs two seeds", "1 s", _toy_run, config=ToyConfig,
+                                      min_seeds=2)
+    assert _run(tmp_path, "pair", "--out", str(tmp_path / "r"), "--seeds", "1") == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--seeds" in err and "at least 2" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+    assert _run(tmp_path, "pair", "--out", str(tmp_path / "r"), "--seeds", "2") == 0
+    with pytest.raises(Exception, match="--seeds"):
+        run_experiment(toy_registry["pair"], argparse.Namespace(), tmp_path / "o", seeds=1, show_progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_mmoe_with_one_seed_is_refused_before_any_folder(tmp_path, capsys):
+    assert main(["run", "mmoe", "--seeds", "1", "--out", str(tmp_path / "r"), "--no-progress"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--seeds" in err and "Traceback" not in err and list(tmp_path.iterdir()) == []
+    assert main(["run", "mmoe", "--correlations", "0.5", "0.5", "--out", str(tmp_path / "r")]) == EXIT_USAGE
+    assert "--correlations" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", [".", "..", "work", "/"])
+def test_out_is_never_the_working_directory_or_a_parent(toy_registry, tmp_path, capsys, monkeypatch, where):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    out = str(work) if where == "work" else where
+    before = _listing(tmp_path)
+    assert _run(tmp_path, "toy", "--out", out, "--overwrite") == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--out" in err and "working directory" in err and len(err.strip().splitlines()) == 1
+    assert _listing(tmp_path) == before
+    from moekit.repro.experiments.runner import RunError
+    with pytest.raises(RunError, match="working directory"):
+        run_experiment(TOY, argparse.Namespace(), out, overwrite=True, show_progress=False)
+    assert _listing(tmp_path) == before
+    assert _run(tmp_path, "toy", "--out", "sub") == 0 and (work / "sub" / "results.json").exists()
+
+
+def test_a_second_run_cannot_write_an_out_that_is_being_written(toy_registry, tmp_path, capsys):
+    from moekit.repro.experiments.runner import out_dir_lock
+    out = tmp_path / "r"
+    with out_dir_lock(out):              # a run in progress holds the lock
+        assert _run(tmp_path, "toy", "--out", str(out)) == EXIT_USAGE
+        assert _run(tmp_path, "toy", "--out", str(out), "--overwrite") == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert "--out" in err and "another run" in err
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []          # the lock file goes with the run
+    assert _run(tmp_path, "toy", "--out", str(out)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_the_run_holds_the_lock_while_it_runs(toy_registry, tmp_path, capsys):
+    from moekit.repro.experiments.runner import RunError, out_dir_lock
+    out = tmp_path / "r"
+    seen = []
+
+    def nested(ctx):
+        with pytest.raises(RunError, match="another run"):
+            with out_dir_lock(out):
+                pass
+        seen.append(True)
+        return _toy_run(ctx)
+    toy_registry["nested"] = Experiment("nested", "x", "checks the lock", "1 s", nested, config=ToyConfig)
+    assert _run(tmp_path, "nested", "--out", str(out)) == 0 and seen == [True]
+
+
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_and_sighup_clean_up_like_ctrl_c(toy_registry, tmp_path, capsys, signame, code):
+    import signal
+    sig = getattr(signal, signame)
+    before_handler = signal.getsignal(sig)
+
+    def killed(ctx):
+        (ctx.out_dir / "partial.txt").write_text("half a result")
+        os.kill(os.getpid(), sig)
+        raise AssertionError("the signal should have stopped the run")
+    toy_registry["killed"] = Experiment("killed", "x", "gets a signal", "1 s", killed)
+    out = tmp_path / "r"
+    assert _run(tmp_path, "toy", "--out", str(out)) == 0
+    before = _listing(tmp_path)
+    assert _run(tmp_path, "killed", "--out", str(out), "--overwrite") == code
+    assert _listing(tmp_path) == before            # no .running-* or lock left, the old result kept
+    assert signame in capsys.readouterr().err
+    assert signal.getsignal(sig) == before_handler
+    assert _run(tmp_path, "killed", "--out", str(tmp_path / "new")) == code
+    assert _listing(tmp_path) == before

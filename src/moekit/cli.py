@@ -1,15 +1,20 @@
 """The ``moekit`` command: ``moekit list`` and ``moekit run NAME [options]``.
 
-Exit status: 0 done (also ``--help``); 2 usage error (unknown experiment, a bad option value, an
-``--out`` that holds something without ``--overwrite``), printed in one line that names the flag, before
-any folder is created; 1 the run itself failed (its traceback is printed); 130 interrupted. The results
-table goes to stdout, progress and errors to stderr. A failed or interrupted run leaves ``--out`` as it
-was (see :mod:`moekit.repro.experiments.runner`).
+Exit status: 0 done (also ``--help``); 2 usage error (unknown experiment, a bad option value or one out
+of range, an ``--out`` that holds something without ``--overwrite``, is the working directory or one of
+its parents, or is being written by another run), printed in one line that names the flag, before any
+folder is created; 1 the run itself failed (its traceback is printed); 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM), 129 hung up (SIGHUP). The results table goes to stdout, progress and errors to
+stderr. A failed, interrupted or terminated run leaves ``--out`` as it was (see
+:mod:`moekit.repro.experiments.runner`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shlex
+import signal
 import sys
 import traceback
 from typing import Sequence
@@ -20,6 +25,35 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+class Terminated(BaseException):
+    """Raised in the main thread by SIGTERM/SIGHUP so the run cleans up as after Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _terminate_as_exception():
+    """While the body runs, SIGTERM and SIGHUP raise :class:`Terminated` (the previous handlers come back
+    afterwards). Outside the main thread signals cannot be caught and nothing changes."""
+    wanted = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    previous = {}
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+    try:
+        for sig in wanted:
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:      # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -27,6 +61,21 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _max_threads() -> int:
+    return os.cpu_count() or 1
+
+
+def _thread_count(text: str) -> int:
+    top = _max_threads()
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {top} (the CPU count), got {text!r}") from None
+    if not 1 <= v <= top:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {top} (the CPU count), got {v}")
     return v
 
 
@@ -56,11 +105,13 @@ def _run_parser(name: str, exp) -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out, but only once the new run is complete")
     quick_seeds = f", --quick: {exp.quick_seeds}" if exp.quick_seeds is not None else ""
+    least = f"; at least {exp.min_seeds}" if exp.min_seeds > 1 else ""
     g.add_argument("--seeds", type=_positive_int, default=None,
-                   help=f"number of seeds, run as 0..N-1 (default {exp.default_seeds}{quick_seeds})")
+                   help=f"number of seeds, run as 0..N-1 (default {exp.default_seeds}{quick_seeds}{least}; "
+                        "a claim is graded only from 2 or more)")
     g.add_argument("--quick", action="store_true", help=f"reduced run ({exp.quick_time})")
-    g.add_argument("--threads", type=_positive_int, default=1,
-                   help="torch CPU threads (default 1: the experiments' small matmuls gain little from more "
+    g.add_argument("--threads", type=_thread_count, default=1,
+                   help=f"torch CPU threads, 1 to {_max_threads()} (default 1: the experiments' small matmuls gain little from more "
                         "and slow down badly on a busy machine; the thread count can change the last digits)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     exp.add_flags(p.add_argument_group(f"{name} options"))
@@ -113,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv[2:])          # usage errors exit 2, --help exits 0
     out = args.out if args.out is not None else default_out_dir(exp.name)
     try:
+        seeds = args.seeds if args.seeds is not None else exp.seeds_for(args.quick)
+        if seeds < exp.min_seeds:
+            raise RunError(f"--seeds: {exp.name} needs at least {exp.min_seeds} seeds, got {seeds}")
         config = exp.make_config(args, quick=args.quick)   # every option checked before any folder exists
         from .repro.experiments.runner import check_out_dir
         check_out_dir(out, overwrite=args.overwrite)
@@ -122,11 +176,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     torch.set_num_threads(args.threads)
     try:
-        run_experiment(exp, args, out, seeds=args.seeds, quick=args.quick, show_progress=not args.no_progress,
-                       command="moekit " + shlex.join(argv), overwrite=args.overwrite, config=config)
+        with _terminate_as_exception():
+            run_experiment(exp, args, out, seeds=seeds, quick=args.quick, show_progress=not args.no_progress,
+                           command="moekit " + shlex.join(argv), overwrite=args.overwrite, config=config)
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted; {out} left as it was", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated as e:
+        name = signal.Signals(e.signum).name
+        print(f"\n{prog}: stopped by {name}; {out} left as it was", file=sys.stderr)
+        return 128 + e.signum
     except RunError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -149,6 +149,7 @@ class Experiment:
     default_seeds: int = 1    # seeds of a full run when --seeds is not given
     config: type | None = None  # the options dataclass (flags, help and validation derive from it); None: no options
     quick_seeds: int | None = None  # seeds of a --quick run when --seeds is not given (None: default_seeds)
+    min_seeds: int = 1        # fewest seeds the run accepts (checked with the other options, before any folder)
 
     def seeds_for(self, quick: bool) -> int:
         """Seeds of a run when --seeds is not given."""

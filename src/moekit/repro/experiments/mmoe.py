@@ -64,6 +64,10 @@ class Config:
     n_test: int = option(1000, "held-out examples per run", ge=10, quick=300)
     eval_every: int = option(100, "steps between test-loss evaluations (the curves)", ge=1, quick=50)
 
+    def check(self) -> None:
+        if len(set(self.correlations)) != len(self.correlations):
+            raise OptionError("--correlations", f"values must be distinct, got {self.correlations}")
+
 
 # --------------------------------------------------------------------------------------------------
 # Model
@@ -292,8 +296,6 @@ def run(ctx: RunContext) -> ExperimentResult:
     from moekit.analysis import plots
 
     c: Config = ctx.config
-    if len(set(c.correlations)) != len(c.correlations):
-        raise OptionError("--correlations", f"values must be distinct, got {c.correlations}")
     runs, ps, P = ctx.seeds, c.correlations, len(c.correlations)
     if runs < 2:
         raise OptionError("--seeds", f"the run-to-run spread needs at least 2 runs, got {runs}")
@@ -378,5 +380,6 @@ EXPERIMENT = Experiment(
     run=run,
     config=Config,
     default_seeds=24,
+    min_seeds=2,
     quick_seeds=3,
 )

@@ -4,11 +4,18 @@ A run never deletes or overwrites a complete result: it writes everything into a
 beside ``--out`` and only when the run has finished swaps it into place (an existing ``--out`` is refused
 unless ``overwrite=True``, and is then kept until the new result is complete). An interrupted or failed
 run leaves ``--out`` as it was. Files get the usual modes (``0666`` minus the umask).
+
+Two runs cannot write one ``--out``: a run holds a lock (``.NAME.lock`` beside ``--out``, removed when the
+run ends) from its first check of ``--out`` until its result is in place; a second run is refused. The
+working directory and its parents are never accepted as ``--out`` (they could not be swapped out).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import errno
+import fcntl
 import json
 import math
 import os
@@ -49,6 +56,10 @@ def check_out_dir(out: Path | str, overwrite: bool = False) -> Path:
     ``out`` must not exist, or be an empty directory, or (with ``overwrite``) be a directory; its
     nearest existing parent must be a writable directory."""
     out = Path(out)
+    here, target = Path.cwd().resolve(), out.resolve()
+    if target == here or target in here.parents:
+        raise RunError(f"--out: {out} is the working directory or one of its parents; a run replaces --out "
+                       "as a whole, so choose a new folder (e.g. runs/NAME)")
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise RunError(f"--out: {out} exists and is not a directory")
@@ -61,6 +72,50 @@ def check_out_dir(out: Path | str, overwrite: bool = False) -> Path:
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise RunError(f"--out: cannot create {out}: {parent} is not a writable directory")
     return out
+
+
+def _lock_path(out: Path) -> Path:
+    return out.absolute().parent / f".{out.name}.lock"
+
+
+@contextlib.contextmanager
+def out_dir_lock(out: Path | str) -> Iterator[None]:
+    """Hold the lock of ``out`` for the body (RunError naming --out if another run holds it). The lock
+    file is created beside ``out`` (with its missing parents) and removed on leaving."""
+    out = Path(out)
+    path = _lock_path(out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--out: cannot write beside {out} ({e.strerror or e})") from None
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as e:
+            raise RunError(f"--out: cannot write beside {out} ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise RunError(f"--out: another run is writing {out} (lock {path}); wait for it or choose "
+                               "another directory") from None
+            raise
+        try:   # the holder before us may have removed the file after we opened it: lock the current one
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def prepare_out_dir(out: Path | str, overwrite: bool = False) -> Path:
@@ -80,6 +135,9 @@ def finish_out_dir(tmp: Path, out: Path | str) -> Path:
     """Move the complete run in ``tmp`` to ``out``; an earlier ``out`` is replaced only now."""
     out = Path(out)
     old = None
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out: {out} became something other than a directory during the run; "
+                       f"the result is kept in {tmp}")
     if out.exists():
         old = Path(tempfile.mkdtemp(dir=out.absolute().parent, prefix=f".{out.name}.old-"))
         os.replace(out, old / "previous")
@@ -294,17 +352,29 @@ def run_experiment(exp: Experiment, args: argparse.Namespace | None, out_dir: Pa
     :class:`~moekit.repro.experiments.options.OptionError` is raised before anything is created).
     ``out_dir`` must not hold anything unless ``overwrite``; the run writes into a temporary folder that
     replaces ``out_dir`` only once it is complete."""
-    import torch
-    from moekit import __version__
 
     args = argparse.Namespace() if args is None else args
     if seeds is None:
         seeds = exp.seeds_for(quick)
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise RunError(f"--seeds: must be a positive integer, got {seeds!r}")
+    if seeds < exp.min_seeds:
+        raise RunError(f"--seeds: {exp.name} needs at least {exp.min_seeds} seeds, got {seeds}")
     if config is None:
         config = exp.make_config(args, quick=quick)
-    tmp = prepare_out_dir(out_dir, overwrite=overwrite)
+    with out_dir_lock(out_dir):
+        tmp = prepare_out_dir(out_dir, overwrite=overwrite)
+        result, wall, out = _run_into(exp, args, tmp, out_dir, seeds, quick, show_progress, command, config)
+    if print_results:
+        print_table(exp, result, wall, out)
+    return result, out
+
+
+def _run_into(exp: Experiment, args: argparse.Namespace, tmp: Path, out_dir: Path | str, seeds: int, quick: bool,
+              show_progress: bool, command: str | None, config: Any) -> tuple[ExperimentResult, float, Path]:
+    """Run ``exp`` writing into ``tmp``, then move ``tmp`` to ``out_dir``; ``tmp`` is removed on any failure."""
+    import torch
+    from moekit import __version__
     try:
         console = _rich_console() if show_progress else None
         track, progress = _make_progress(console)
@@ -341,9 +411,7 @@ def run_experiment(exp: Experiment, args: argparse.Namespace | None, out_dir: Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if print_results:
-        print_table(exp, result, wall, out)
-    return result, out
+    return result, wall, out
 
 
 def list_lines(experiments: dict[str, Experiment]) -> list[str]:
@@ -352,5 +420,5 @@ def list_lines(experiments: dict[str, Experiment]) -> list[str]:
             for name, e in experiments.items()]
 
 
-__all__ = ["RunError", "atomic_write_text", "check_out_dir", "comparison_rows", "default_out_dir", "finish_out_dir",
+__all__ = ["RunError", "atomic_write_text", "out_dir_lock", "check_out_dir", "comparison_rows", "default_out_dir", "finish_out_dir",
            "list_lines", "prepare_out_dir", "print_table", "report_markdown", "results_json", "run_experiment"]
