@@ -12,7 +12,7 @@ import pkgutil
 from .base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict, mean_std
 from .options import OptionError, option
 
-_NOT_EXPERIMENTS = {"base", "options", "runner", "train"}
+_NOT_EXPERIMENTS = {"base", "options", "runner", "train", "verdicts"}
 
 
 def available() -> dict[str, Experiment]:

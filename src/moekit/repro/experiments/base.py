@@ -11,8 +11,10 @@ gets the validated config as ``ctx.config``.
     or a list of per-seed floats; the runner reports mean ± std over seeds.
   * ``paper`` – the published numbers in the same shape (a metric may carry ``std``), each row with
     its :class:`Source` (paper, table/figure, checked or recalled).
-  * ``verdicts`` – one :class:`Verdict` per claim of the paper: reproduced / partly / not reproduced,
-    with the reason in one line, decided from the measured numbers.
+  * ``verdicts`` – one :class:`Verdict` per claim of the paper, graded by
+    :func:`moekit.repro.experiments.verdicts.grade` from per-seed statistics and the claim's
+    prerequisites: reproduced / partly / not reproduced, inconclusive (fewer than 2 seeds) or not
+    testable (a prerequisite failed), with the measured reason in one line.
   * ``config`` – every setting that determines the numbers (so a run can be repeated).
   * ``tables`` – extra markdown tables for the report (e.g. an expert-by-cluster routing table).
 Plots are written with ``ctx.savefig(fig, "name.png")`` so the runner can inline them in the report.
@@ -32,7 +34,7 @@ MetricValue = float | Sequence[float]
 
 SOURCE_STATUS = {"paper": "checked against the paper's text", "code": "checked against the official code",
                  "recalled": "recalled, not checked against the paper"}
-VERDICTS = ("reproduced", "partly", "not reproduced")
+VERDICTS = ("reproduced", "partly", "not reproduced", "inconclusive", "not testable")
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,8 @@ class Row:
 @dataclass(frozen=True)
 class Verdict:
     """One claim of the paper and whether our run reproduces it (``verdict`` in :data:`VERDICTS`),
-    with the measured reason in one line."""
+    with the measured reason in one line. Experiments get theirs from
+    :func:`moekit.repro.experiments.verdicts.grade`."""
     claim: str
     verdict: str
     reason: str

@@ -1,0 +1,196 @@
+"""Grading a paper's claim from measured numbers: the one place a verdict is decided.
+
+A claim is graded by :func:`grade` from
+
+* its **prerequisites** (:class:`Prerequisite`): conditions under which the run can test the claim at all
+  (the baseline is not saturated, the router follows the clusters, the nets converged). If one fails the
+  verdict is ``"not testable"`` with the failed condition and its measurement as the reason;
+* one or more **tests** (:class:`Check`): a statistic measured once per seed (a paired difference, a
+  per-seed slope, a rate) and two thresholds. A test *holds* when its confidence bound (the mean minus
+  ``k`` standard errors, for a statistic that should be high) clears ``reproduced``; it *leans* when the
+  mean alone clears ``partly``; otherwise it *fails*;
+* the seeds: a statistic from fewer than 2 seeds has no standard error, so the verdict is
+  ``"inconclusive"`` whatever the numbers (the measured values are still in the reason).
+
+The verdict is ``"reproduced"`` when every test holds, ``"not reproduced"`` when every test fails, and
+``"partly"`` otherwise. A non-finite value (a diverged run) never clears a threshold: it makes its test fail.
+
+Compare models by paired statistics (:func:`paired`: the per-seed difference of two models trained on the
+same seed) or by per-seed trends (:func:`slopes`), not by orderings of means.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from .base import Verdict
+
+MIN_SEEDS = 2   # fewest per-seed values a test needs for a standard error
+
+
+@dataclass(frozen=True)
+class Prerequisite:
+    """A condition the claim needs to be testable at all: ``what`` it is (said positively: "widening the
+    dense model helps"), whether it ``holds``, and the ``measured`` numbers behind that (one line)."""
+    what: str
+    holds: bool
+    measured: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "holds", bool(self.holds))
+
+
+def _fmt(v: float) -> str:
+    if not math.isfinite(v):
+        return str(v)
+    a = abs(v)
+    if a != 0 and (a >= 1e4 or a < 1e-3):
+        return f"{v:.3g}"
+    return f"{v:.3f}" if a < 10 else f"{v:.2f}"
+
+
+@dataclass(frozen=True)
+class Check:
+    """A statistic measured once per seed (``values``) and its thresholds.
+
+    ``higher=True``: the claim wants the statistic high; the test holds when ``mean - k·se >= reproduced``
+    and leans when ``mean >= partly``. ``higher=False`` mirrors both (``mean + k·se <= reproduced``,
+    ``mean <= partly``). ``se`` is the sample standard deviation over ``sqrt(n)``."""
+    name: str
+    values: tuple[float, ...]
+    reproduced: float
+    partly: float
+    higher: bool = True
+    k: float = 2.0
+    unit: str = ""
+
+    def __post_init__(self) -> None:
+        vals = tuple(float(v) for v in (self.values if isinstance(self.values, Iterable) else [self.values]))
+        if not vals:
+            raise ValueError(f"check {self.name!r}: no values")
+        object.__setattr__(self, "values", vals)
+        ok = self.partly <= self.reproduced if self.higher else self.partly >= self.reproduced
+        if not ok:
+            raise ValueError(f"check {self.name!r}: the 'partly' threshold must be on the weaker side of "
+                             f"'reproduced' ({self.partly} vs {self.reproduced}, higher={self.higher})")
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(v) for v in self.values)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / self.n
+
+    @property
+    def se(self) -> float:
+        """Standard error of the mean (nan with one value)."""
+        if self.n < 2:
+            return math.nan
+        m = self.mean
+        return math.sqrt(sum((v - m) ** 2 for v in self.values) / (self.n - 1) / self.n)
+
+    @property
+    def bound(self) -> float:
+        """The confidence bound on the claim's side: ``mean - k·se`` (``+`` when lower is better)."""
+        return self.mean - self.k * self.se if self.higher else self.mean + self.k * self.se
+
+    def outcome(self) -> str:
+        """``"holds"``, ``"leans"`` or ``"fails"`` (also for non-finite values); ``"unknown"`` with one value."""
+        if not self.finite:
+            return "fails"
+        if self.n < MIN_SEEDS:
+            return "unknown"
+        clears = (lambda v, t: v >= t) if self.higher else (lambda v, t: v <= t)
+        if clears(self.bound, self.reproduced):
+            return "holds"
+        return "leans" if clears(self.mean, self.partly) else "fails"
+
+    def describe(self) -> str:
+        u = f" {self.unit}" if self.unit else ""
+        if not self.finite:
+            bad = sum(not math.isfinite(v) for v in self.values)
+            return f"{self.name}: {bad} of {self.n} seeds non-finite (diverged)"
+        if self.n < MIN_SEEDS:
+            return f"{self.name} = {_fmt(self.mean)}{u} (1 seed)"
+        op = "≥" if self.higher else "≤"
+        side = "-" if self.higher else "+"
+        return (f"{self.name} = {_fmt(self.mean)} ± {_fmt(self.se)}{u} (n={self.n}; "
+                f"mean {side} {self.k:g}·se = {_fmt(self.bound)}, needs {op} {_fmt(self.reproduced)}; "
+                f"{self.outcome()})")
+
+
+def grade(claim: str, tests: Check | Sequence[Check], prerequisites: Sequence[Prerequisite] = (),
+          note: str = "") -> Verdict:
+    """The verdict on ``claim`` from its ``checks`` and ``prerequisites`` (see the module docstring);
+    ``note`` is appended to the reason."""
+    tests = [tests] if isinstance(tests, Check) else list(tests)
+    if not tests:
+        raise ValueError(f"claim {claim!r}: no test")
+    tail = f"; {note}" if note else ""
+    failed = [p for p in prerequisites if not p.holds]
+    if failed:
+        why = "; ".join(f"needs {p.what}, but {p.measured}" for p in failed)
+        return Verdict(claim, "not testable", _one_line(why + tail))
+    outcomes = [t.outcome() for t in tests]
+    body = "; ".join(t.describe() for t in tests)
+    if "unknown" in outcomes:
+        return Verdict(claim, "inconclusive", _one_line(f"fewer than {MIN_SEEDS} seeds, no standard error: "
+                                                        f"{body}{tail}"))
+    if all(o == "holds" for o in outcomes):
+        verdict = "reproduced"
+    elif all(o == "fails" for o in outcomes):
+        verdict = "not reproduced"
+    else:
+        verdict = "partly"
+    return Verdict(claim, verdict, _one_line(body + tail))
+
+
+def _one_line(s: str) -> str:
+    return " ".join(s.split())
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, ...]:
+    """Per-seed differences ``a[i] - b[i]`` of two models trained on the same seeds."""
+    if len(a) != len(b):
+        raise ValueError(f"paired: {len(a)} vs {len(b)} values")
+    return tuple(float(x) - float(y) for x, y in zip(a, b))
+
+
+def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ``ys`` on ``xs``."""
+    if len(xs) != len(ys) or len(xs) < 2:
+        raise ValueError("slope: needs two or more (x, y) pairs of equal length")
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        raise ValueError("slope: the x values are all equal")
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+
+
+def slopes(xs: Sequence[float], per_x: Sequence[Sequence[float]]) -> tuple[float, ...]:
+    """Per-seed slopes: ``per_x[j][s]`` is the value at ``xs[j]`` for seed ``s``; returns one slope per seed."""
+    n = {len(v) for v in per_x}
+    if len(n) != 1:
+        raise ValueError(f"slopes: unequal seed counts {sorted(n)}")
+    return tuple(slope(xs, [float(v[s]) for v in per_x]) for s in range(n.pop()))
+
+
+@dataclass
+class Claims:
+    """Collects the verdicts of one run in order (``claims.grade(...)`` = :func:`grade` plus append)."""
+    verdicts: list[Verdict] = field(default_factory=list)
+
+    def grade(self, claim: str, tests: Check | Sequence[Check], prerequisites: Sequence[Prerequisite] = (),
+              note: str = "") -> Verdict:
+        v = grade(claim, tests, prerequisites, note)
+        self.verdicts.append(v)
+        return v
+
+
+__all__ = ["Claims", "MIN_SEEDS", "Prerequisite", "Check", "grade", "paired", "slope", "slopes"]
