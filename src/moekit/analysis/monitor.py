@@ -5,11 +5,18 @@ Legend: E experts, N recorded steps of one layer.
 Forward hooks on every :class:`moekit.MoE` inside a model (moekit's own models, or a transformers
 model after :func:`moekit.hf.patch` / :func:`moekit.hf.upcycle`) keep, per layer and forward, the
 detached per-expert token counts, dropped and total assignments and the router entropy. The hooks
-only keep references to tensors the layer already computed (no host synchronisation); numbers are
-read when a summary, table or report is asked for.
+only keep references to tensors the layer already computed or small counts computed from them (no host
+synchronisation); numbers are read when a summary, table or report is asked for.
+
+Padding: only real tokens are counted. A layer called with its own ``mask`` already leaves masked
+tokens out of its metrics. A layer called without one (a patched transformers model calls its MoE
+blocks without a mask) routes the padding like any token; the monitor then takes the token mask of the
+model forward (the ``attention_mask`` the model was called with, or one given with :meth:`set_mask`) and
+counts, from the layer's routing decision, the assignments of the real tokens only.
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +24,26 @@ import torch
 from torch import Tensor, nn
 
 from .tables import markdown_table
+
+
+def _capacity_keep_of(layer: nn.Module, d: Any, mask_R: Tensor | None, group_size: int | None) -> Tensor | None:
+    """``keep_RK`` of a token-choice layer's capacity queues for the decision ``d`` it routed with the
+    router mask ``mask_R`` (the layer's own group padding), or None when the layer is dropless."""
+    from .. import dispatch
+    priority = layer._priority(d) if hasattr(layer, "_priority") else d.priority
+    policy_cls = getattr(dispatch.capacity, "CapacityPolicy", None)
+    policy = next((v for v in vars(layer).values() if policy_cls is not None and isinstance(v, policy_cls)), None)
+    if policy is not None:
+        if policy.dropless:
+            return None
+        return policy.keep(d.expert_ids, layer.num_experts, mask_T=mask_R, group_size=group_size, priority_T=priority)
+    factor, capacity = getattr(layer, "capacity_factor", None), getattr(layer, "capacity", None)
+    if factor is None and capacity is None:
+        return None
+    return dispatch.capacity_keep(d.expert_ids, layer.num_experts, factor, capacity=capacity, mask_T=mask_R,
+                                  group_size=group_size,
+                                  priority_T=priority if getattr(layer, "batch_priority", False) else None,
+                                  multiple_of=getattr(layer, "capacity_multiple_of", 1))
 
 
 class RoutingMonitor:
@@ -30,9 +57,17 @@ class RoutingMonitor:
     dropped assignments (fraction of all assignments), mean router entropy (nats), dead experts
     (no token in any recorded step), mean over steps of max/mean expert load, and the max/mean of the
     load summed over steps.
+
+    Padded batches: with ``capture_attention_mask`` (the default) a pre-hook on ``model`` keeps the
+    ``attention_mask`` argument of each model forward (transformers' convention, 1 = real token, shape
+    (B, L) with the layer's S tokens the last S columns, as in generation with a cache) while that
+    forward runs, and the layers' counts leave out the tokens it marks as padding. Encoder-decoder
+    models are not captured (their attention mask covers the encoder's tokens only): call
+    :meth:`set_mask` there, or for a model of your own whose layers run without a mask. A layer called
+    with its own ``mask`` is counted with that mask.
     """
 
-    def __init__(self, model: nn.Module, max_steps: int | None = None):
+    def __init__(self, model: nn.Module, max_steps: int | None = None, *, capture_attention_mask: bool = True):
         from ..layers.moe import MoE
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -42,23 +77,142 @@ class RoutingMonitor:
         self.layers: dict[str, MoE] = {n or "<model>": m for n, m in model.named_modules() if isinstance(m, MoE)}
         if not self.layers:
             raise ValueError("model: has no moekit MoE layer (for a transformers model, call moekit.hf.patch first)")
+        if not isinstance(capture_attention_mask, bool):
+            raise TypeError(f"capture_attention_mask: expected a bool, got {capture_attention_mask!r}")
         self.records: dict[str, list[dict[str, Tensor]]] = {n: [] for n in self.layers}
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers.items()]
+        self._mask: Tensor | None = None                  # set_mask: until cleared
+        self._forward_mask: Tensor | None = None          # captured attention_mask of the running model forward
+        self._router_call: dict[str, tuple[tuple, dict, Any]] = {}
+        self._handles = []
+        for n, m in self.layers.items():
+            self._handles.append(m.router.register_forward_hook(self._router_hook(n), with_kwargs=True))
+            self._handles.append(m.register_forward_hook(self._hook(n), with_kwargs=True))
+        config = getattr(model, "config", None)
+        if capture_attention_mask and not getattr(config, "is_encoder_decoder", False):
+            try:
+                self._signature: inspect.Signature | None = inspect.signature(model.forward)
+            except (TypeError, ValueError):
+                self._signature = None
+            self._handles.append(model.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
+            self._handles.append(model.register_forward_hook(self._release_mask, always_call=True))
+
+    # ---- token masks ------------------------------------------------------------------------------
+    def set_mask(self, mask: Tensor | None) -> None:
+        """Count only the tokens where ``mask`` is true (1) in the following forwards, until
+        ``set_mask(None)``; it takes precedence over a captured ``attention_mask``. ``mask`` has the
+        layers' leading token shape (e.g. (B, S)) or is (B, L) with the layers' S tokens the last S
+        columns. Layers called with their own ``mask`` are counted with that one."""
+        if mask is not None:
+            if not isinstance(mask, Tensor):
+                raise TypeError(f"mask: expected a tensor or None, got {type(mask).__name__}")
+            if mask.is_floating_point() or mask.is_complex():
+                raise TypeError(f"mask: expected a bool or integer (0/1) tensor, got {mask.dtype}")
+        self._mask = mask
+
+    def _capture_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and args and self._signature is not None:
+            try:
+                mask = self._signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+            except TypeError:
+                mask = None
+        # only a (B, L) padding mask; an additive or 4-D attention mask is not a token mask
+        if isinstance(mask, Tensor) and mask.dim() == 2 and not mask.is_floating_point():
+            self._forward_mask = mask
+        else:
+            self._forward_mask = None
+
+    def _release_mask(self, module: nn.Module, args: Any, out: Any) -> None:
+        self._forward_mask = None
+
+    def _token_mask(self, x: Tensor, dim: int) -> Tensor | None:
+        """The real-token mask (T,) for a layer input ``x`` (..., dim), or None (all tokens real)."""
+        mask = self._mask if self._mask is not None else self._forward_mask
+        if mask is None:
+            return None
+        lead = tuple(x.shape[:-1])
+        T = x.numel() // dim
+        if tuple(mask.shape) == lead or (mask.numel() == T and len(lead) == 1):
+            m = mask.reshape(-1)
+        elif mask.dim() == 2 and len(lead) == 2 and mask.shape[0] == lead[0] and mask.shape[1] >= lead[1]:
+            m = mask[:, mask.shape[1] - lead[1]:].reshape(-1)    # cached tokens first, this forward's last
+        else:
+            source = "set_mask" if self._mask is not None else "the model's attention_mask"
+            raise ValueError(f"mask: the token mask from {source} has shape {tuple(mask.shape)}, which does not "
+                             f"match the {T} tokens of a MoE layer input of shape {tuple(x.shape)}; give one "
+                             f"with RoutingMonitor.set_mask")
+        return m.to(device=x.device, dtype=torch.bool)
+
+    # ---- hooks ------------------------------------------------------------------------------------
+    def _router_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, decision: Any) -> None:
+            self._router_call[name] = (args, kwargs, decision)
+        return hook
 
     def _hook(self, name: str):
-        def hook(module: nn.Module, args: Any, out: Any) -> None:
-            metrics = out.metrics
-            load = metrics.get("tokens_per_expert", metrics.get("slots_per_expert"))
-            dropped = metrics["dropped_assignments"]
-            self.records[name].append({
-                "tokens_per_expert": load,
-                "dropped": dropped,
-                "total": load.sum() + dropped,            # executed + dropped assignments
-                "entropy": metrics["router_entropy"],
-            })
+        def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            x = args[0] if args else kwargs["x"]
+            layer_mask = args[1] if len(args) > 1 else kwargs.get("mask")
+            call = self._router_call.pop(name, None)
+            real_T = None if layer_mask is not None else self._token_mask(x, module.dim)
+            if real_T is None or call is None:
+                rec = self._from_metrics(out.metrics)
+            else:
+                rec = self._real_tokens(module, call, real_T, out.metrics)
+            self.records[name].append(rec)
             if self.max_steps is not None and len(self.records[name]) > self.max_steps:
                 del self.records[name][0]
         return hook
+
+    @staticmethod
+    def _from_metrics(metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+        load = metrics.get("tokens_per_expert", metrics.get("slots_per_expert"))
+        dropped = metrics["dropped_assignments"]
+        return {
+            "tokens_per_expert": load,
+            "dropped": dropped,
+            "total": load.sum() + dropped,            # executed + dropped assignments
+            "entropy": metrics["router_entropy"],
+        }
+
+    @staticmethod
+    def _real_tokens(layer: nn.Module, call: tuple[tuple, dict, Any], real_T: Tensor,
+                     metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The step's record counted over the real tokens ``real_T`` only, from the routing decision of
+        a layer that ran without a mask (the padding took part in routing and in the capacity queues)."""
+        args, kwargs, d = call
+        E = layer.num_experts
+        router_mask = args[1] if len(args) > 1 else kwargs.get("mask_T", kwargs.get("mask"))
+        R = d.probs.shape[0]                          # routed rows: the tokens, then the layer's group padding
+        if R < real_T.numel():
+            raise ValueError(f"mask: {real_T.numel()} tokens in the mask, the router saw {R}")
+        real_R = torch.cat([real_T, real_T.new_zeros(R - real_T.numel())])
+        probs_RE = d.probs.detach().float()
+        ent_R = -(probs_RE * probs_RE.clamp_min(1e-20).log()).sum(-1)
+        n_real = real_R.sum()
+        entropy = (ent_R * real_R).sum() / n_real.clamp_min(1)
+        if d.kind == "soft":                          # slots mix every token: their count has no padding
+            load = metrics["slots_per_expert"]
+            dropped = metrics["dropped_assignments"]
+            total = load.sum() + dropped
+        elif d.kind == "expert_choice":               # the experts' picks of real tokens
+            token_A, expert_A, _ = d.assignments()
+            keep_A = real_R[token_A]
+            load = torch.bincount(expert_A[keep_A], minlength=E)
+            dropped = torch.zeros((), device=load.device)
+            total = keep_A.sum()
+        else:
+            ids_RK = d.expert_ids
+            K = ids_RK.shape[-1]
+            executed_RK = real_R[:, None].expand(R, K)
+            keep_RK = _capacity_keep_of(layer, d, router_mask, kwargs.get("group_size"))
+            if keep_RK is not None:    # the layer's own queues: the padding it did not know of took places too
+                executed_RK = executed_RK & keep_RK
+            load = torch.bincount(ids_RK[executed_RK], minlength=E)
+            total = n_real * K
+            dropped = total - executed_RK.sum()
+        return {"tokens_per_expert": load.detach(), "dropped": dropped.detach(), "total": total.detach(),
+                "entropy": entropy.detach()}
 
     def remove(self) -> None:
         for h in self._handles:
@@ -68,6 +222,7 @@ class RoutingMonitor:
     def reset(self) -> None:
         for v in self.records.values():
             v.clear()
+        self._router_call.clear()
 
     def __enter__(self) -> "RoutingMonitor":
         return self
