@@ -19,7 +19,8 @@ from torch import Tensor
 
 from moekit.repro.datasets.chen_clusters import ChenData, make_chen_data
 from moekit.repro.models.chen2022 import ChenMoE, ChenSingle
-from .base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict, mean_std
+from .base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict
+from .verdicts import Check, Claims, paired
 from .options import OptionError, config_dict, option
 from .train import EarlyStop, RunAdam, RunNormalizedGD, RunSGD, TrainLog, fit, seed_generator
 
@@ -230,42 +231,41 @@ def run(ctx: RunContext) -> ExperimentResult:
 
 
 def _verdicts(ours: dict[str, dict], paper: dict[str, tuple[dict, dict]]) -> list[Verdict]:
-    """The paper's claims, decided from the measured numbers (means over seeds)."""
-    def m(name: str, metric: str = "test_acc") -> tuple[float, float]:
-        return mean_std(ours[name][metric])
+    """The paper's claims, graded from per-seed numbers (the models of one seed share its data and index)."""
+    def v(name: str, metric: str = "test_acc") -> list[float]:
+        return [float(x) for x in ours[name][metric]]
 
     def p(name: str, metric: str = "test_acc") -> float:
         return paper[name][0][metric]
 
-    def near(name: str, tol: float) -> bool:
-        return abs(m(name)[0] - p(name)) <= tol
+    def near(name: str, tol: float) -> Check:
+        return Check(f"|{name} − paper {p(name):.2f}|", [abs(x - p(name)) for x in v(name)], reproduced=tol,
+                     partly=2 * tol, higher=False, unit="points")
 
-    out = []
-    mc, ml = m("MoE cubic"), m("MoE linear")
-    sl, sc = m("single linear"), m("single cubic")
-    out.append(Verdict(
-        f"A cubic (nonlinear) MoE nearly solves the task ({p('MoE cubic'):.2f} %)",
-        "reproduced" if mc[0] >= p("MoE cubic") - 1.5 else "partly" if mc[0] >= 95 else "not reproduced",
-        f"ours {mc[0]:.2f} ± {mc[1]:.2f} %"))
-    below = max(sl[0], sc[0]) < min(ml[0], mc[0])
-    out.append(Verdict(
-        f"Single models fail ({p('single linear'):.1f} % linear, {p('single cubic'):.1f} % cubic), below both MoEs",
-        "reproduced" if below and near("single linear", 3) and near("single cubic", 3)
-        else "partly" if below else "not reproduced",
-        f"ours {sl[0]:.2f} / {sc[0]:.2f} %, MoEs {ml[0]:.2f} / {mc[0]:.2f} %"))
-    out.append(Verdict(
-        f"A linear MoE lies in between ({p('MoE linear'):.2f} ± {paper['MoE linear'][1]['test_acc']:.2f} %)",
-        "reproduced" if near("MoE linear", 3) and sc[0] < ml[0] < mc[0]
-        else "partly" if sc[0] < ml[0] < mc[0] else "not reproduced",
-        f"ours {ml[0]:.2f} ± {ml[1]:.2f} %"))
-    hc, hl = m("MoE cubic", "entropy"), m("MoE linear", "entropy")
-    out.append(Verdict(
-        f"The cubic MoE's router sends each cluster to one expert (dispatch entropy {p('MoE cubic', 'entropy'):.3f}), "
-        f"the linear MoE's does not ({p('MoE linear', 'entropy'):.3f})",
-        "reproduced" if hc[0] < 0.3 and hl[0] > 0.8 else "partly" if hc[0] < hl[0] else "not reproduced",
-        f"ours {hc[0]:.3f} ± {hc[1]:.3f} (cubic) vs {hl[0]:.3f} ± {hl[1]:.3f} (linear); ln K = "
-        f"{math.log(4):.3f} is cluster-blind"))
-    return out
+    claims = Claims()
+    claims.grade(f"A cubic (nonlinear) MoE nearly solves the task ({p('MoE cubic'):.2f} %)",
+                 Check("MoE cubic test acc", v("MoE cubic"), reproduced=p("MoE cubic") - 1.5, partly=95.0, unit="%"))
+    best_single = [max(a, b) for a, b in zip(v("single linear"), v("single cubic"))]
+    worst_moe = [min(a, b) for a, b in zip(v("MoE linear"), v("MoE cubic"))]
+    claims.grade(f"Single models fail ({p('single linear'):.1f} % linear, {p('single cubic'):.1f} % cubic), "
+                 "below both MoEs",
+                 [Check("worse MoE − better single (paired)", paired(worst_moe, best_single), reproduced=0.0,
+                        partly=0.0, unit="points"), near("single linear", 3), near("single cubic", 3)])
+    claims.grade(f"A linear MoE lies in between ({p('MoE linear'):.2f} ± {paper['MoE linear'][1]['test_acc']:.2f} %)",
+                 [near("MoE linear", 3),
+                  Check("MoE linear − single cubic (paired)", paired(v("MoE linear"), v("single cubic")),
+                        reproduced=0.0, partly=0.0, unit="points"),
+                  Check("MoE cubic − MoE linear (paired)", paired(v("MoE cubic"), v("MoE linear")),
+                        reproduced=0.0, partly=0.0, unit="points")])
+    claims.grade(f"The cubic MoE's router sends each cluster to one expert (dispatch entropy "
+                 f"{p('MoE cubic', 'entropy'):.3f}), the linear MoE's does not ({p('MoE linear', 'entropy'):.3f})",
+                 [Check("MoE cubic dispatch entropy", v("MoE cubic", "entropy"), reproduced=0.3, partly=0.6,
+                        higher=False, unit="nats"),
+                  Check("MoE linear − MoE cubic entropy (paired)",
+                        paired(v("MoE linear", "entropy"), v("MoE cubic", "entropy")), reproduced=0.5, partly=0.0,
+                        unit="nats")],
+                 note=f"ln K = {math.log(4):.3f} is cluster-blind")
+    return claims.verdicts
 
 
 EXPERIMENT = Experiment(

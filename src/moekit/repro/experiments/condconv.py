@@ -23,6 +23,7 @@ from torch import Tensor
 
 from moekit.repro.models.cnn import CondConvNet
 from .base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict, mean_std
+from .verdicts import Check, Claims, paired, slopes
 from .options import config_dict, option
 from .train import cosine, fit, seed_generator, seeded_global
 
@@ -318,37 +319,35 @@ def run(ctx: RunContext) -> ExperimentResult:
 
 
 def _verdicts(rows: list[Row], experts: list[int], row_name) -> list[Verdict]:
-    """The paper's claims, decided from the measured numbers (means over seeds)."""
+    """The paper's claims, graded from per-seed numbers (gains are paired with the plain conv of the same seed)."""
     by = {r.name: r.metrics for r in rows}
     cond = [e for e in experts if e > 1]
-    out = []
+    claims = Claims()
     if 1 in experts and cond:
-        gains = {e: mean_std(by[row_name(e, False)]["test_acc_gain"]) for e in cond}
-        rising = all(gains[a][0] <= gains[b][0] for a, b in zip(cond, cond[1:]))
-        clear = [e for e, (g, sd) in gains.items() if g > 0 and g > sd]
-        positive = [e for e, (g, _) in gains.items() if g > 0]
-        out.append(Verdict(
+        gains = [[float(g) for g in by[row_name(e, False)]["test_acc_gain"]] for e in cond]
+        seeds = len(gains[0])
+        xs = [0.0] + [math.log2(e) for e in cond]               # the plain conv: gain 0 at log2 1 = 0
+        per_x = [[0.0] * seeds] + gains
+        trend = slopes(xs, per_x) if len(xs) >= 2 else ()
+        claims.grade(
             "Accuracy rises with the number of experts per layer (ImageNet B0: 77.3 → 77.8 → 78.3 % for 1/4/8)",
-            "reproduced" if rising and len(clear) == len(cond) else "partly" if positive else "not reproduced",
-            "gain over the plain conv, paired by seed: " + ", ".join(
-                f"{e} experts {g:+.2f} ± {sd:.2f}" for e, (g, sd) in gains.items())
-            + ("; rises with E" if rising else "; does not rise monotonically with E")))
+            [Check("per-seed slope of the gain over log2(experts)", trend, reproduced=0.0, partly=0.0,
+                   unit="points per doubling"),
+             Check(f"gain of {max(cond)} experts over the plain conv (paired)", gains[-1], reproduced=0.0,
+                   partly=0.0, unit="points")])
         top = max(cond)
-        ratio = by[row_name(top, False)]["madds_ratio"]
-        out.append(Verdict(
+        claims.grade(
             "The extra experts cost almost no compute (ImageNet B0: +2.8 % MADDs with 4 experts, +5.6 % with 8)",
-            "reproduced" if ratio <= 1.10 else "partly" if ratio <= 1.25 else "not reproduced",
-            f"{top} experts: {ratio:.3f}× the plain CNN's MADDs (every block here is CondConv on 8×8 maps, "
-            "so the kernel sums weigh more than in EfficientNet's last stages)"))
-        late = [mean_std(by[row_name(e, False)]["class_var_late"])[0] for e in cond]
-        early = [mean_std(by[row_name(e, False)]["class_var_early"])[0] for e in cond]
-        ok = [lt - er >= 0.2 for lt, er in zip(late, early)]
-        out.append(Verdict(
+            Check(f"{top} experts: MADDs / plain CNN's", [float(by[row_name(top, False)]["madds_ratio"])],
+                  reproduced=1.10, partly=1.25, higher=False, exact=True),
+            note="every block here is CondConv on 8×8 maps, so the kernel sums weigh more than in "
+                 "EfficientNet's last stages")
+        claims.grade(
             "Routing is similar for all classes in early layers and class-specific in late layers",
-            "reproduced" if all(ok) else "partly" if any(lt > er for lt, er in zip(late, early)) else "not reproduced",
-            "share of routing variance explained by the class, early → late block: " + ", ".join(
-                f"{e} experts {er:.2f} → {lt:.2f}" for e, er, lt in zip(cond, early, late))))
-    return out
+            [Check(f"{e} experts: class share of routing variance, late − early block (paired)",
+                   paired(by[row_name(e, False)]["class_var_late"], by[row_name(e, False)]["class_var_early"]),
+                   reproduced=0.2, partly=0.0) for e in cond])
+    return claims.verdicts
 
 
 EXPERIMENT = Experiment(

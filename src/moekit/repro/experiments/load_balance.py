@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict, mean_std
+from .base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict
+from .verdicts import Check, Claims, paired
 from .options import OptionError, option
 from .train import fit, seed_generator, seeded_global
 
@@ -229,35 +230,32 @@ def run(ctx: RunContext) -> ExperimentResult:
 
 
 def _verdicts(rows: list[Row]) -> list[Verdict]:
-    """The paper's claims, decided from the measured numbers (means over seeds)."""
-    by = {r.name: {m: mean_std(v) for m, v in r.metrics.items()} for r in rows}
+    """The paper's claims, graded from per-seed numbers (the settings of one seed share its data)."""
+    by = {r.name: r.metrics for r in rows}
     off, both = by[setting_name(0.0, 0.0)], by[setting_name(0.1, 0.1)]
-    out = []
-    cut = off["cv_load"][0] / max(both["cv_load"][0], 1e-9)
-    tr = both["train_cv_load"][0]
-    out.append(Verdict(
+    claims = Claims()
+    cut = [a / max(b, 1e-9) for a, b in zip(off["cv_load"], both["cv_load"])]
+    claims.grade(
         "The importance + load losses balance the experts (CV of importance and load ≈3 → ≈0.05 on the batch)",
-        "reproduced" if cut >= 3 and tr <= 0.25 else "partly" if cut > 1.5 else "not reproduced",
-        f"test-set CV(load) {off['cv_load'][0]:.2f} → {both['cv_load'][0]:.2f} ({cut:.1f}× lower) with "
-        f"(0.1, 0.1); training batch {off['train_cv_load'][0]:.2f} → {tr:.2f}; the (0,0) imbalance (paper 3.01) "
-        f"is bounded by the setup, see notes"))
-    da, sa = both["test_acc"][0] - off["test_acc"][0], math.hypot(both["test_acc"][1], off["test_acc"][1])
-    out.append(Verdict(
+        [Check("test-set CV(load) without / with the (0.1, 0.1) losses", cut, reproduced=3.0, partly=1.5),
+         Check("training-batch CV(load) with (0.1, 0.1)", both["train_cv_load"], reproduced=0.25, partly=0.5,
+               higher=False)],
+        note="the (0,0) imbalance (paper 3.01) is bounded by the setup, see notes")
+    claims.grade(
         "Balancing does not cost quality (the paper's perplexity even improves, 39.8 → 35.6)",
-        "reproduced" if da >= -max(sa, 0.25) else "partly" if da >= -3 * max(sa, 0.25) else "not reproduced",
-        f"test accuracy {off['test_acc'][0]:.2f} → {both['test_acc'][0]:.2f} % ({da:+.2f}, seed spread {sa:.2f})"))
+        Check("test accuracy with − without the losses (paired)", paired(both["test_acc"], off["test_acc"]),
+              reproduced=-0.25, partly=-0.75, unit="points"))
     imp, load = by.get(setting_name(0.2, 0.0)), by.get(setting_name(0.0, 0.2))
     if imp is not None and load is not None:
-        ok = [imp["train_cv_load"][0] > imp["train_cv_importance"][0],
-              load["train_cv_load"][0] < load["train_cv_importance"][0]]
-        out.append(Verdict(
+        claims.grade(
             "Each loss balances mainly its own quantity: importance loss alone leaves CV(load) > CV(importance), "
             "load loss alone the reverse",
-            "reproduced" if all(ok) else "partly" if any(ok) else "not reproduced",
-            f"training batch CV(imp)/CV(load): w_imp=0.2 {imp['train_cv_importance'][0]:.2f}/"
-            f"{imp['train_cv_load'][0]:.2f}, w_load=0.2 {load['train_cv_importance'][0]:.2f}/"
-            f"{load['train_cv_load'][0]:.2f} (paper 0.06/0.17 and 0.22/0.04)"))
-    return out
+            [Check("w_imp=0.2: CV(load) − CV(importance) on the training batch",
+                   paired(imp["train_cv_load"], imp["train_cv_importance"]), reproduced=0.0, partly=0.0),
+             Check("w_load=0.2: CV(importance) − CV(load) on the training batch",
+                   paired(load["train_cv_importance"], load["train_cv_load"]), reproduced=0.0, partly=0.0)],
+            note="paper 0.06/0.17 and 0.22/0.04")
+    return claims.verdicts
 
 
 EXPERIMENT = Experiment(

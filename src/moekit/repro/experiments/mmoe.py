@@ -35,6 +35,7 @@ from moekit.analysis.tables import markdown_table
 from moekit.repro.datasets.synthetic import RelatedTasks
 from moekit.layers.multitask import MultiGateMoE
 from .base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict, mean_std
+from .verdicts import Check, Claims
 from .options import OptionError, config_dict, option
 from .train import fit, seed_generator, seeded_global
 
@@ -197,12 +198,6 @@ def train_model(ctx: RunContext, name: str, spec: tuple[int, int, int], c: Confi
 # Verdicts
 # --------------------------------------------------------------------------------------------------
 
-def _paired(diff_R: Tensor) -> tuple[float, float]:
-    """Mean and standard error of paired differences."""
-    d = diff_R.double()
-    return float(d.mean()), float(d.std(unbiased=True) / math.sqrt(d.numel())) if d.numel() > 1 else math.inf
-
-
 def log_ratio(final: dict[str, Tensor], base: str) -> Tensor:
     """(P, R) ``log(loss_base / loss_MMoE)`` per run: > 0 where MMoE is better; the log keeps one bad run
     from dominating the average."""
@@ -214,36 +209,31 @@ def _pct(log_r: float) -> str:
 
 
 def verdicts(ps: tuple[float, ...], final: dict[str, Tensor]) -> list[Verdict]:
+    """The paper's claims, graded from per-run statistics paired over runs (one run = one data + init seed)."""
     hi, lo = max(range(len(ps)), key=lambda i: ps[i]), min(range(len(ps)), key=lambda i: ps[i])
-    out = []
+    claims = Claims()
     # 1. MMoE's advantage over each baseline grows as the correlation falls (paired over runs)
-    grows, parts = [], []
-    for base in ("OMoE", "shared-bottom"):
-        r_PR = log_ratio(final, base)
-        rise, se = _paired(r_PR[lo] - r_PR[hi])
-        grows.append((rise > 2 * se, rise > 0))
-        parts.append(f"{base}/MMoE {_pct(float(r_PR[hi].mean()))} at p={ps[hi]:g} → "
-                     f"{_pct(float(r_PR[lo].mean()))} at p={ps[lo]:g} (change {rise:+.3f} ± {se:.3f} in log ratio)")
-    v = "reproduced" if all(g for g, _ in grows) else "partly" if any(r for _, r in grows) else "not reproduced"
-    out.append(Verdict("MMoE's advantage over OMoE and shared-bottom grows as the task correlation falls",
-                       v, "; ".join(parts) + " (geometric means over runs)"))
+    claims.grade("MMoE's advantage over OMoE and shared-bottom grows as the task correlation falls",
+                 [Check(f"log(loss {base} / loss MMoE) at p={ps[lo]:g} minus at p={ps[hi]:g} (paired)",
+                        (log_ratio(final, base)[lo] - log_ratio(final, base)[hi]).tolist(), reproduced=0.0,
+                        partly=0.0) for base in ("OMoE", "shared-bottom")],
+                 note="; ".join(f"{base}/MMoE {_pct(float(log_ratio(final, base)[hi].mean()))} at p={ps[hi]:g} → "
+                                f"{_pct(float(log_ratio(final, base)[lo].mean()))} at p={ps[lo]:g}"
+                                for base in ("OMoE", "shared-bottom")) + " (geometric means over runs)")
     # 2. MMoE beats both baselines when the tasks are least related
-    wins = []
-    for base in ("OMoE", "shared-bottom"):
-        m, se = _paired(log_ratio(final, base)[lo])
-        wins.append((m > 2 * se, m > 0, f"{base}/MMoE {_pct(m)} (log ratio {m:+.3f} ± {se:.3f})"))
-    v = "reproduced" if all(w for w, _, _ in wins) else "partly" if any(w for _, w, _ in wins) else "not reproduced"
-    out.append(Verdict(f"MMoE has the lowest loss at the lowest correlation (p={ps[lo]:g})", v,
-                       "; ".join(s for _, _, s in wins) + " (test MSE, paired over runs, ± s.e.)"))
-    # 3. trainability: MMoE's final losses vary less over runs (data + initialisation) than the others'
-    spread = {m: [float(final[m][i].std(unbiased=False)) for i in range(len(ps))] for m in MODELS}
-    n_best = sum(all(spread["MMoE"][i] < spread[b][i] for b in ("OMoE", "shared-bottom")) for i in range(len(ps)))
-    v = "reproduced" if n_best == len(ps) else "partly" if n_best > 0 else "not reproduced"
-    out.append(Verdict("MMoE trains more reliably: its final losses over runs spread less", v,
-                       f"MMoE has the smallest std over runs at {n_best}/{len(ps)} correlations; at p={ps[lo]:g} std / "
-                       "worst run: " + ", ".join(f"{m} {spread[m][lo]:.3f} / {float(final[m][lo].max()):.3f}"
-                                                 for m in MODELS)))
-    return out
+    claims.grade(f"MMoE has the lowest loss at the lowest correlation (p={ps[lo]:g})",
+                 [Check(f"log(test MSE {base} / MMoE) at p={ps[lo]:g} (paired)", log_ratio(final, base)[lo].tolist(),
+                        reproduced=0.0, partly=0.0) for base in ("OMoE", "shared-bottom")])
+    # 3. trainability: MMoE's final losses vary less over runs (data + initialisation) than the others';
+    #    one spread per correlation, the correlations are the replicates
+    spread = {m: [float(final[m][i].std(unbiased=True)) for i in range(len(ps))] for m in MODELS}
+    claims.grade("MMoE trains more reliably: its final losses over runs spread less",
+                 [Check(f"log(std over runs {base} / MMoE), one value per correlation",
+                        [math.log(max(b, 1e-12) / max(m, 1e-12)) for b, m in zip(spread[base], spread["MMoE"])],
+                        reproduced=0.0, partly=0.0) for base in ("OMoE", "shared-bottom")],
+                 note=f"at p={ps[lo]:g} std / worst run: " + ", ".join(
+                     f"{m} {spread[m][lo]:.3f} / {float(final[m][lo].max()):.3f}" for m in MODELS))
+    return claims.verdicts
 
 
 # --------------------------------------------------------------------------------------------------

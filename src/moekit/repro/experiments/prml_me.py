@@ -36,7 +36,8 @@ from moekit.analysis.tables import markdown_table
 from moekit.repro.datasets.synthetic import inverse_sinusoid, inverse_sinusoid_log_density
 from moekit.layers.classic import HierarchicalMixtureOfExperts, MixtureOfLocalExperts
 from moekit.repro.models.mixture_regression import MixtureOfLinearRegressions
-from .base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict, mean_std
+from .base import Experiment, ExperimentResult, Row, RunContext, Source, mean_std
+from .verdicts import Check, Claims, paired
 from .options import config_dict, option
 from .train import fit, seed_generator, seeded_global
 
@@ -157,6 +158,8 @@ def run(ctx: RunContext) -> ExperimentResult:
     em_rows, em_traces = [], []
     em_decreases, em_min_step = 0, math.inf
     first: dict[str, object] = {}
+    gate_by_seed: list[Tensor] = []     # ME (linear gate): gate values at x = 0, 1, 0.5 per seed
+    em_decreases_by_seed: list[int] = []
     first_data: tuple[Tensor, Tensor] | None = None
     for s in ctx.track(seeds, len(seeds), "prml-me: seeds"):
         x_tr, t_tr = inverse_sinusoid(c.n_train, seed_generator(s, _DATA), amplitude=c.amplitude, noise=c.noise)
@@ -191,6 +194,7 @@ def run(ctx: RunContext) -> ExperimentResult:
         # ---- EM: every restart's trace is checked ----
         g = seed_generator(s, _EM)
         best = None
+        decreases_before = em_decreases
         for _ in range(c.em_restarts):
             m = MixtureOfLinearRegressions.fit(_phi(x_tr), t_tr, c.components, max_iter=c.em_iters, generator=g)
             tr = torch.tensor(m.log_likelihood_trace, dtype=torch.float64)
@@ -200,6 +204,7 @@ def run(ctx: RunContext) -> ExperimentResult:
                 em_decreases += int((steps < -1e-9 * tr.abs().max()).sum())
             if best is None or m.log_likelihood_trace[-1] > best.log_likelihood_trace[-1]:
                 best = m
+        em_decreases_by_seed.append(em_decreases - decreases_before)
         em_traces.append(best.log_likelihood_trace)
         em_rows.append([str(s), str(len(best.log_likelihood_trace) - 1),
                         f"{best.log_likelihood_trace[0] / c.n_train:.3f}", f"{best.log_likelihood_trace[-1] / c.n_train:.3f}",
@@ -210,49 +215,36 @@ def run(ctx: RunContext) -> ExperimentResult:
             mse[name].append(float((conditional_mean(models[name], x_te) - t_te.double()).pow(2).mean()))
         if not first:
             first = dict(models)
-
-    # ---- gate behaviour of the flat ME with a linear gate (first seed) ----
-    x_ends = torch.tensor([0.0, 1.0, 0.5])
-    gate_me = _components(first["ME"], x_ends)[0].exp()
-    ends_sharp = bool((gate_me[0].max() > 0.8) and (gate_me[1].max() > 0.8) and gate_me[0].argmax() != gate_me[1].argmax())
-    middle_shared = int((gate_me[2] > 0.15).sum())
+        gate_by_seed.append(_components(models["ME"], torch.tensor([0.0, 1.0, 0.5]))[0].exp())
 
     rows = [Row(m, {"test_nll": nll[m], "test_mse_of_mean": mse[m]}) for m in MODELS]
     rows.append(Row(ORACLE, {"test_nll": nll[ORACLE]}))
 
-    def gap(a: str, b: str) -> tuple[float, float]:
-        d = torch.tensor(nll[a]) - torch.tensor(nll[b])
-        se = float(d.std(unbiased=True) / math.sqrt(len(d))) if len(d) > 1 else 0.0
-        return float(d.mean()), se
-
-    verdicts = []
-    worse = [gap("single net", m) for m in ("ME", "ME, MLP gate", "HME")]
-    v = ("reproduced" if all(d > max(2 * se, 0.05) for d, se in worse)
-         else "partly" if any(d > 0 for d, _ in worse) else "not reproduced")
-    verdicts.append(Verdict("A single least-squares network, which predicts the conditional mean, models the "
-                            "multimodal inverse problem worse than mixtures of experts (test NLL)", v,
-                            "single − (ME, ME MLP gate, HME) = " + ", ".join(f"{d:+.3f}±{se:.3f}" for d, se in worse)
-                            + " nats"))
-    v = "reproduced" if em_decreases == 0 else "not reproduced"
-    verdicts.append(Verdict("EM never decreases the log-likelihood (PRML §14.5.1)", v,
-                            f"{em_decreases} decreasing steps over {len(seeds)}×{c.em_restarts} EM runs; smallest step "
-                            f"{em_min_step:+.2e} nats"))
-    d_me, se_me = gap("mixture of linear regressions (EM)", "ME")
-    d_mlp, se_mlp = gap("mixture of linear regressions (EM)", "ME, MLP gate")
-    v = ("reproduced" if d_me > 2 * se_me and d_mlp > 2 * se_mlp else "partly" if d_me > 0 or d_mlp > 0
-         else "not reproduced")
-    verdicts.append(Verdict("Input-dependent gates (ME) beat the input-independent mixing coefficients of the "
-                            "mixture of linear regressions (PRML §14.5.3)", v,
-                            f"NLL(EM mixture) − NLL(ME) = {d_me:+.3f}±{se_me:.3f}; − NLL(ME, MLP gate) = "
-                            f"{d_mlp:+.3f}±{se_mlp:.3f} nats"))
-    v = "reproduced" if ends_sharp and middle_shared >= 2 else "partly" if ends_sharp or middle_shared >= 2 \
-        else "not reproduced"
-    verdicts.append(Verdict("The gate divides the input: one expert at each end of the range, several share the "
-                            "multi-valued middle (PRML Fig. 5.21's mixing coefficients)", v,
-                            f"ME (linear gate), seed 0: max gate {float(gate_me[0].max()):.2f} at x=0 and "
-                            f"{float(gate_me[1].max()):.2f} at x=1 (different experts: "
-                            f"{bool(gate_me[0].argmax() != gate_me[1].argmax())}); {middle_shared} experts with gate > "
-                            "0.15 at x=0.5"))
+    claims = Claims()
+    claims.grade("A single least-squares network, which predicts the conditional mean, models the multimodal "
+                 "inverse problem worse than mixtures of experts (test NLL)",
+                 [Check(f"NLL(single) − NLL({m}) (paired)", paired(nll["single net"], nll[m]), reproduced=0.05,
+                        partly=0.0, unit="nats") for m in ("ME", "ME, MLP gate", "HME")])
+    claims.grade("EM never decreases the log-likelihood (PRML §14.5.1)",
+                 Check(f"decreasing steps per seed over {c.em_restarts} EM runs", em_decreases_by_seed,
+                       reproduced=0.0, partly=0.0, higher=False),
+                 note=f"smallest step {em_min_step:+.2e} nats")
+    em = "mixture of linear regressions (EM)"
+    claims.grade("Input-dependent gates (ME) beat the input-independent mixing coefficients of the mixture of "
+                 "linear regressions (PRML §14.5.3)",
+                 [Check(f"NLL(EM mixture) − NLL({m}) (paired)", paired(nll[em], nll[m]), reproduced=0.0,
+                        partly=0.0, unit="nats") for m in ("ME", "ME, MLP gate")])
+    # every seed's gate: the larger of the two end gates' maxima must be sharp, the ends on different
+    # experts, and at least two experts must share the middle
+    end_sharpness = [float(min(gv[0].max(), gv[1].max())) if gv[0].argmax() != gv[1].argmax() else 0.0
+                     for gv in gate_by_seed]
+    middle_shared = [float((gv[2] > 0.15).sum()) for gv in gate_by_seed]
+    claims.grade("The gate divides the input: one expert at each end of the range, several share the "
+                 "multi-valued middle (PRML Fig. 5.21's mixing coefficients)",
+                 [Check("ME (linear gate): the weaker end's top gate at x=0 / x=1, 0 when both ends pick one expert",
+                        end_sharpness, reproduced=0.8, partly=0.5),
+                  Check("experts with gate > 0.15 at x=0.5", middle_shared, reproduced=2.0, partly=1.5)])
+    verdicts = claims.verdicts
 
     tables = {
         "EM for the mixture of linear regressions (best of the restarts, per seed; log-likelihood per example)":

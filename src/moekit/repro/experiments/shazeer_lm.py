@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict, mean_std
+from .verdicts import Check, Claims, paired, slopes
 from .options import OptionError, config_dict, option
 from .train import fit, seed_generator, seeded_global, warmup_cosine
 
@@ -189,79 +190,68 @@ def train_one(corpus, name: str, seed: int, c: Config, ctx: RunContext | None = 
 
 
 # ------------------------------------------------------------------------------------------------------
-# verdicts: decided from the measured means and stds
+# verdicts: graded from per-seed statistics (the models of one seed share its data order)
 # ------------------------------------------------------------------------------------------------------
 
 def _ms(results: dict[str, list[dict[str, Any]]], name: str, key: str = "test_ppl") -> tuple[float, float]:
     return mean_std([r[key] for r in results[name]])
 
 
-def _better(results, a: str, b: str) -> tuple[bool, bool]:
-    """``(a's mean ppl is below b's, and by more than the sum of their stds)``."""
-    (ma, sa), (mb, sb) = _ms(results, a), _ms(results, b)
-    return ma < mb, (mb - ma) > sa + sb
+def _per_seed(results: dict[str, list[dict[str, Any]]], name: str, key: str = "test_ppl") -> list[float]:
+    return [float(r[key]) for r in results[name]]
 
 
 def verdicts(results: dict[str, list[dict[str, Any]]], ablation: dict[str, Any] | None) -> list[Verdict]:
-    """One :class:`Verdict` per claim whose models were run, decided from the measured means and stds."""
-    out: list[Verdict] = []
-
-    def ppl(n: str) -> str:
-        m, s = _ms(results, n)
-        return f"{n} {m:.3f} ± {s:.3f}"
-
+    """One :class:`Verdict` per claim whose models were run, graded by
+    :func:`~moekit.repro.experiments.verdicts.grade` from per-seed perplexities."""
+    claims = Claims()
     flat = [n for n in FLAT if n in results]
     if len(flat) >= 2:
-        pairs = [_better(results, b, a) for a, b in zip(flat, flat[1:])]
-        if all(clear for _, clear in pairs):
-            v = "reproduced"                     # every step down, each by more than the seeds' spread
-        elif _better(results, flat[-1], flat[0])[0]:
-            v = "partly"                         # the most experts beat the fewest, but not step by step
-        else:
-            v = "not reproduced"
-        out.append(Verdict("At fixed ops/timestep, test perplexity falls as flat experts are added (4 → 32 → 256)", v,
-                    "; ".join(ppl(n) for n in flat)))
+        trend = slopes([math.log2(FLAT[n]) for n in flat], [[math.log(p) for p in _per_seed(results, n)]
+                                                            for n in flat])
+        claims.grade("At fixed ops/timestep, test perplexity falls as flat experts are added (4 → 32 → 256)",
+                     [Check("per-seed slope of log test ppl over log2(experts)", trend, reproduced=0.0, partly=0.0,
+                            higher=False),
+                      Check(f"{flat[0]} − {flat[-1]} test ppl (paired)",
+                            paired(_per_seed(results, flat[0]), _per_seed(results, flat[-1])), reproduced=0.0,
+                            partly=0.0)])
     dense = [n for n in DENSE if n in results]
     moes = [n for n in [*FLAT, *HIERARCHICAL] if n in results and n != "MoE-4"]
     if dense and moes:
-        best_dense = min(dense, key=lambda n: _ms(results, n)[0])
-        best_moe = min(moes, key=lambda n: _ms(results, n)[0])
-        lower, clear = _better(results, best_moe, best_dense)
-        n_beat = sum(_better(results, m, best_dense)[0] for m in moes)
-        v = "reproduced" if clear and n_beat == len(moes) else ("partly" if lower else "not reproduced")
-        out.append(Verdict("MoE models with many experts beat the compute-matched dense LSTM baselines", v,
-                    f"best dense {ppl(best_dense)}; best MoE {ppl(best_moe)}; {n_beat} of {len(moes)} MoE models "
-                    f"(32+ experts) below the best dense"))
+        best_dense = [min(vals) for vals in zip(*(_per_seed(results, d) for d in dense))]   # per seed
+        claims.grade("MoE models with many experts beat the compute-matched dense LSTM baselines",
+                     [Check(f"best dense − {m} test ppl (paired)", paired(best_dense, _per_seed(results, m)),
+                            reproduced=0.0, partly=0.0) for m in moes])
     if "MoE-4" in results and dense:
-        m4 = _ms(results, "MoE-4")
-        spread = [abs(m4[0] - _ms(results, d)[0]) / _ms(results, d)[0] for d in dense]
-        v = "reproduced" if min(spread) < 0.03 else ("partly" if min(spread) < 0.06 else "not reproduced")
-        out.append(Verdict("MoE-4 (all 4 experts active, a dense model) is on par with the dense baselines "
-                    "(paper: within 3 %)", v, f"{ppl('MoE-4')} vs " + ", ".join(ppl(d) for d in dense)))
+        m4 = _per_seed(results, "MoE-4")
+        rel = [min(abs(a - b) / b for b in vals) for a, vals in zip(m4, zip(*(_per_seed(results, d) for d in dense)))]
+        claims.grade("MoE-4 (all 4 experts active, a dense model) is on par with the dense baselines "
+                     "(paper: within 3 %)",
+                     Check("|MoE-4 − nearest dense| / dense test ppl", rel, reproduced=0.03, partly=0.06,
+                           higher=False))
     if "MoE-256" in results and "MoE-256-h" in results:
-        a, b = _ms(results, "MoE-256"), _ms(results, "MoE-256-h")
-        rel = abs(a[0] - b[0]) / a[0]
-        v = "reproduced" if rel < 0.02 else ("partly" if rel < 0.05 else "not reproduced")
-        out.append(Verdict("Hierarchical and flat MoE with 256 experts perform alike (paper 36.0 vs 35.7)", v,
-                    f"{ppl('MoE-256')}, {ppl('MoE-256-h')} ({100 * rel:.1f} % apart)"))
+        a, b = _per_seed(results, "MoE-256"), _per_seed(results, "MoE-256-h")
+        claims.grade("Hierarchical and flat MoE with 256 experts perform alike (paper 36.0 vs 35.7)",
+                     Check("|MoE-256 − MoE-256-h| / MoE-256 test ppl", [abs(x - y) / x for x, y in zip(a, b)],
+                           reproduced=0.02, partly=0.05, higher=False))
     if "MoE-256-h" in results and "MoE-1024-h" in results:
-        lower, clear = _better(results, "MoE-1024-h", "MoE-256-h")
-        v = "reproduced" if clear else ("partly" if lower else "not reproduced")
-        out.append(Verdict("More hierarchical experts help further (256-h → 1024-h)", v,
-                    f"{ppl('MoE-256-h')}; {ppl('MoE-1024-h')}"))
+        claims.grade("More hierarchical experts help further (256-h → 1024-h)",
+                     Check("MoE-256-h − MoE-1024-h test ppl (paired)",
+                           paired(_per_seed(results, "MoE-256-h"), _per_seed(results, "MoE-1024-h")),
+                           reproduced=0.0, partly=0.0))
     if ablation is not None:
         off, on = ablation["off"], ablation["on"]
 
-        def m(rs, key):
-            return mean_std([r[key] for r in rs])[0]
-        imbalance = m(off, "cv_load") > 3 * m(on, "cv_load") and m(off, "max_over_mean_load") > m(on, "max_over_mean_load")
-        worse = m(off, "test_ppl") > m(on, "test_ppl")
-        v = "reproduced" if imbalance and worse else ("partly" if imbalance or worse else "not reproduced")
-        out.append(Verdict("Without the importance and load losses routing is far less balanced and perplexity is worse",
-                    v, f"{ablation['model']}: CV(load) {m(off, 'cv_load'):.2f} vs {m(on, 'cv_load'):.2f}, max/mean load "
-                       f"{m(off, 'max_over_mean_load'):.2f} vs {m(on, 'max_over_mean_load'):.2f}, test ppl "
-                       f"{m(off, 'test_ppl'):.3f} vs {m(on, 'test_ppl'):.3f} ((0,0) vs (0.1,0.1))"))
-    return out
+        def v(rs, key):
+            return [float(r[key]) for r in rs]
+        claims.grade("Without the importance and load losses routing is far less balanced and perplexity is worse",
+                     [Check("CV(load) without / with the losses", [a / max(b, 1e-9) for a, b in
+                                                                 zip(v(off, "cv_load"), v(on, "cv_load"))],
+                            reproduced=3.0, partly=1.5),
+                      Check("test ppl without − with the losses (paired)", paired(v(off, "test_ppl"), v(on, "test_ppl")),
+                            reproduced=0.0, partly=0.0)],
+                     note=f"{ablation['model']}, (0,0) vs (0.1,0.1)")
+    return claims.verdicts
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from moekit.repro.envs.gridnav import (CATEGORIES, NUM_ACTIONS, VIEW_FAMILY, VIE
                             random_walk_policy)
 from moekit.layers.fusion import SituationalFusion
 from .base import Experiment, ExperimentResult, Row, RunContext, Verdict, mean_std
+from .verdicts import Check, Claims, Prerequisite, paired
 from .options import config_dict, option
 from .train import cosine, fit, seed_generator, seeded_global
 
@@ -353,8 +354,10 @@ def _notes(cfg: Config) -> list[str]:
         "of sight only by chance: the 'in-sight oracle' row (shortest-path actions while the target is in sight, "
         "a random walk otherwise) measures that ceiling.",
         "Policies sample their actions; the random walk draws one of the 8 moves uniformly and never stops.",
-        "Verdict rule: 'reproduced' when the paper's inequality holds on the mean and in every seed, 'partly' when it "
-        "holds on the mean but not in every seed (or only one of its two parts holds), 'not reproduced' otherwise.",
+        "Verdict rule (moekit.repro.experiments.verdicts.grade): 'reproduced' when every per-seed difference's mean "
+        "minus 2 standard errors is above 0, 'partly' when some is only above 0 on the mean, 'not reproduced' "
+        "otherwise; inconclusive with one seed. The robustness claims are not testable here: the gate reads every "
+        "view, so a dropped or noised view changes the fusion weights as well.",
         "Training regimes: each number of training maps trains every model afresh on the first N maps of the same "
         "sequence; the unseen test maps and test episodes are the same in every regime.",
     ]
@@ -366,82 +369,78 @@ def _retained(r: dict, kind: str, name: str) -> float:
     return 100.0 * sum(r["robust"][kind][name]) / len(VIEWS) / intact if intact > 0 else math.nan
 
 
-def _holds(values: list[float]) -> str:
-    """Verdict of 'difference > 0' from per-seed differences."""
-    mu = sum(values) / len(values)
-    if mu > 0 and all(v > 0 for v in values):
-        return "reproduced"
-    if mu > 0:
-        return "partly"
-    return "not reproduced"
+def _above(name: str, diffs: list[float], unit: str = "points") -> Check:
+    """'difference > 0' from per-seed differences."""
+    return Check(name, diffs, reproduced=0.0, partly=0.0, unit=unit)
+
+
+# the fused policies read every view, and so does their gate: dropping or noising a view changes the gate's
+# input as well as the view's own vote, so a robustness difference cannot be put on the fusion level alone
+GATE_SEES_EVERY_VIEW = Prerequisite(
+    "a gate whose input does not depend on the changed view", False,
+    "the fusion weights here are computed from all views (SituationalFusion.fusion_weights of every feature), so "
+    "the change also moves the gate")
 
 
 def _verdicts(per_seed: list[dict]) -> list[Verdict]:
     S = len(per_seed)
     succ = lambda n: [r["success"][n] for r in per_seed]  # noqa: E731
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    out = []
-    act, singles = succ("action fusion"), {v: succ(f"single: {v}") for v in VIEWS}
+    claims = Claims()
+    act = succ("action fusion")
     best = [max(r["success"][f"single: {v}"] for v in VIEWS) for r in per_seed]
-    d = [a - b for a, b in zip(act, best)]
-    out.append(["action-level fusion beats every single-representation policy", _holds(d),
-                f"action fusion {mean(act):.1f} % vs best single view {mean(best):.1f} % (per seed Δ {', '.join(f'{x:+.1f}' for x in d)})"])
+    claims.grade("action-level fusion beats every single-representation policy",
+                 _above("action fusion − best single view success (paired)", paired(act, best)))
     for other in ("concat", "feature fusion"):
-        o = succ(other)
-        d = [a - b for a, b in zip(act, o)]
-        out.append([f"action-level fusion beats {other}", _holds(d),
-                    f"{mean(act):.1f} % vs {mean(o):.1f} % (per seed Δ {', '.join(f'{x:+.1f}' for x in d)})"])
+        claims.grade(f"action-level fusion beats {other}",
+                     _above(f"action fusion − {other} success (paired)", paired(act, succ(other))))
     gap = {n: [r["seen"][n] - r["success"][n] for r in per_seed] for n in ("concat", "action fusion")}
-    d = [a - b for a, b in zip(gap["concat"], gap["action fusion"])]
-    out.append(["action-level fusion overfits the training environments less than concat (smaller seen − unseen gap)",
-                _holds(d), f"training-map minus unseen-map success: concat {mean(gap['concat']):.1f}, action fusion "
-                f"{mean(gap['action fusion']):.1f} points"])
+    claims.grade("action-level fusion overfits the training environments less than concat (smaller seen − unseen gap)",
+                 _above("concat − action fusion in (training-map − unseen-map success) (paired)",
+                        paired(gap["concat"], gap["action fusion"])))
     aa = succ("action fusion + affinity")
     base = [max(r["success"]["concat"], r["success"]["feature fusion"]) for r in per_seed]
-    d = [a - b for a, b in zip(aa, base)]
-    out.append(["the full method (action-level fusion + affinity regulariser) beats concat and feature fusion", _holds(d),
-                f"{mean(aa):.1f} % vs the better of the two {mean(base):.1f} % (per seed Δ {', '.join(f'{x:+.1f}' for x in d)})"])
-    d = [a - b for a, b in zip(aa, act)]
-    out.append(["the inter-task affinity regulariser improves action-level fusion", _holds(d),
-                f"{mean(aa):.1f} % vs {mean(act):.1f} % (per seed Δ {', '.join(f'{x:+.1f}' for x in d)})"])
+    claims.grade("the full method (action-level fusion + affinity regulariser) beats concat and feature fusion",
+                 _above("action fusion + affinity − better of concat / feature fusion (paired)", paired(aa, base)))
+    claims.grade("the inter-task affinity regulariser improves action-level fusion",
+                 _above("action fusion + affinity − action fusion (paired)", paired(aa, act)))
     fam_best = {f: [max(r["success"][f"single: {v}"] for v in VIEWS if VIEW_FAMILY[v] == f) for r in per_seed]
                 for f in FAMILIES}
     d3 = [a - max(b, c) for a, b, c in zip(fam_best["3D"], fam_best["2D"], fam_best["low-level"])]
     dl = [min(r["success"][f"single: {v}"] for v in VIEWS if VIEW_FAMILY[v] != "low-level") - r["success"]["single: vanishing"]
           for r in per_seed]
-    both = [min(a, b) for a, b in zip(d3, dl)]
-    v = _holds(both) if _holds(both) != "not reproduced" else ("partly" if mean(d3) > 0 or mean(dl) > 0 else "not reproduced")
-    out.append(["single views: 3D representations beat 2D and low-level ones; the low-level one is the weakest", v,
-                f"best 3D {mean(fam_best['3D']):.1f} %, semantic {mean(fam_best['semantic']):.1f} %, 2D {mean(fam_best['2D']):.1f} %, "
-                f"low-level {mean(fam_best['low-level']):.1f} %"])
+    claims.grade("single views: 3D representations beat 2D and low-level ones; the low-level one is the weakest",
+                 [_above("best 3D − best of 2D / low-level single view", d3),
+                  _above("weakest other single view − low-level single view", dl)],
+                 note=f"best 3D {mean(fam_best['3D']):.1f} %, semantic {mean(fam_best['semantic']):.1f} %, "
+                      f"2D {mean(fam_best['2D']):.1f} %, low-level {mean(fam_best['low-level']):.1f} %")
     for model in ("action fusion", "action fusion + affinity"):
         fam = lambda s, f: [_family(r["situations"][model][s])[f] for r in per_seed]  # noqa: E731
         c3, r3 = fam("corridor", "3D"), fam("room", "3D")
         cs, rs = fam("corridor", "semantic"), fam("clearance ≥3", "semantic")
-        d_a = [a - b for a, b in zip(c3, r3)]
-        d_b = [a - b for a, b in zip(rs, cs)]
-        va, vb = _holds(d_a), _holds(d_b)
-        v = va if va == vb else "partly"
-        dom_c = mean(c3) >= max(mean(fam("corridor", f)) for f in FAMILIES)
-        dom_o = mean(rs) >= max(mean(fam("clearance ≥3", f)) for f in FAMILIES)
-        if v == "reproduced" and not (dom_c and dom_o):
-            v = "partly"
+        top_c = [a - max(fam("corridor", f)[k] for f in FAMILIES if f != "3D") for k, a in enumerate(c3)]
+        top_o = [a - max(fam("clearance ≥3", f)[k] for f in FAMILIES if f != "semantic") for k, a in enumerate(rs)]
         vis, hid = fam("room, target visible", "semantic"), fam("room, target not visible", "semantic")
-        out.append([f"{model}: 3D views weigh most in narrow corridors, the semantic view in open rooms", v,
-                    f"3D weight corridor {mean(c3):.2f} vs room {mean(r3):.2f}; semantic weight open (clearance ≥3) "
-                    f"{mean(rs):.2f} vs corridor {mean(cs):.2f}; 3D largest in corridors: {dom_c}, semantic largest in "
-                    f"open space: {dom_o} (semantic weight in rooms with the target in sight {mean(vis):.2f}, out of sight {mean(hid):.2f})"])
+        claims.grade(f"{model}: 3D views weigh most in narrow corridors, the semantic view in open rooms",
+                     [_above("3D weight, corridor − room", paired(c3, r3), unit=""),
+                      _above("semantic weight, open (clearance ≥3) − corridor", paired(rs, cs), unit=""),
+                      _above("3D − largest other family weight in corridors", top_c, unit=""),
+                      _above("semantic − largest other family weight in open space", top_o, unit="")],
+                     note=f"semantic weight in rooms with the target in sight {mean(vis):.2f}, out of sight "
+                          f"{mean(hid):.2f}")
     for kind in ("drop", "noise"):
         kept = {n: [_retained(r, kind, n) for r in per_seed] for n in ("feature fusion", "action fusion")}
-        d = [a - b for a, b in zip(kept["action fusion"], kept["feature fusion"])]
-        out.append([f"action-level fusion is more robust than feature-level fusion to one representation {'dropped' if kind == 'drop' else 'noised'}",
-                    _holds(d), f"success kept with one view {'dropped' if kind == 'drop' else 'noised'} (mean over views): action "
-                    f"{mean(kept['action fusion']):.0f} % vs feature {mean(kept['feature fusion']):.0f} % of intact"])
+        what = "dropped" if kind == "drop" else "noised"
+        claims.grade(f"action-level fusion is more robust than feature-level fusion to one representation {what}",
+                     _above(f"action − feature fusion in success kept with one view {what} (% of intact, paired)",
+                            paired(kept["action fusion"], kept["feature fusion"])),
+                     [GATE_SEES_EVERY_VIEW])
     rw = succ("random walk")
     worst = [min(r["success"][n] for n in r["success"] if n not in ("random walk", "in-sight oracle")) for r in per_seed]
-    out.append(["every learned policy beats a random walk", _holds([a - b for a, b in zip(worst, rw)]),
-                f"worst learned policy {mean(worst):.1f} % vs random walk {mean(rw):.1f} % (over {S} seeds)"])
-    return [Verdict(claim, verdict, reason) for claim, verdict, reason in out]
+    claims.grade("every learned policy beats a random walk",
+                 _above("worst learned policy − random walk success (paired)", paired(worst, rw)),
+                 note=f"over {S} seeds")
+    return claims.verdicts
 
 
 def _plots(ctx: RunContext, per_seed: list[dict], names: list[str], n_train: int) -> None:

@@ -32,13 +32,23 @@ MIN_SEEDS = 2   # fewest per-seed values a test needs for a standard error
 @dataclass(frozen=True)
 class Prerequisite:
     """A condition the claim needs to be testable at all: ``what`` it is (said positively: "widening the
-    dense model helps"), whether it ``holds``, and the ``measured`` numbers behind that (one line)."""
+    dense model helps"), whether it ``holds`` (``None``: not known from this run, e.g. one seed), and the
+    ``measured`` numbers behind that (one line)."""
     what: str
-    holds: bool
+    holds: bool | None
     measured: str
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "holds", bool(self.holds))
+        if self.holds is not None:
+            object.__setattr__(self, "holds", bool(self.holds))
+
+    @classmethod
+    def from_check(cls, what: str, check: "Check") -> "Prerequisite":
+        """A prerequisite that is itself measured: it holds when ``check`` holds (its confidence bound clears
+        the ``reproduced`` threshold); with one seed it is unknown (``holds=None``), which makes the claim
+        inconclusive rather than untestable."""
+        outcome = check.outcome()
+        return cls(what, None if outcome == "unknown" else outcome == "holds", check.describe())
 
 
 def _fmt(v: float) -> str:
@@ -56,7 +66,8 @@ class Check:
 
     ``higher=True``: the claim wants the statistic high; the test holds when ``mean - k·se >= reproduced``
     and leans when ``mean >= partly``. ``higher=False`` mirrors both (``mean + k·se <= reproduced``,
-    ``mean <= partly``). ``se`` is the sample standard deviation over ``sqrt(n)``."""
+    ``mean <= partly``). ``se`` is the sample standard deviation over ``sqrt(n)``. ``exact=True`` marks a
+    quantity that is the same for every seed (counted, not measured): its value is graded with ``se = 0``."""
     name: str
     values: tuple[float, ...]
     reproduced: float
@@ -64,6 +75,8 @@ class Check:
     higher: bool = True
     k: float = 2.0
     unit: str = ""
+    exact: bool = False   # a quantity that does not vary with the seed (a FLOP count): graded by its value
+
 
     def __post_init__(self) -> None:
         vals = tuple(float(v) for v in (self.values if isinstance(self.values, Iterable) else [self.values]))
@@ -89,7 +102,9 @@ class Check:
 
     @property
     def se(self) -> float:
-        """Standard error of the mean (nan with one value)."""
+        """Standard error of the mean (nan with one value; 0 for an exact quantity)."""
+        if self.exact:
+            return 0.0
         if self.n < 2:
             return math.nan
         m = self.mean
@@ -104,7 +119,7 @@ class Check:
         """``"holds"``, ``"leans"`` or ``"fails"`` (also for non-finite values); ``"unknown"`` with one value."""
         if not self.finite:
             return "fails"
-        if self.n < MIN_SEEDS:
+        if self.n < MIN_SEEDS and not self.exact:
             return "unknown"
         clears = (lambda v, t: v >= t) if self.higher else (lambda v, t: v <= t)
         if clears(self.bound, self.reproduced):
@@ -116,9 +131,12 @@ class Check:
         if not self.finite:
             bad = sum(not math.isfinite(v) for v in self.values)
             return f"{self.name}: {bad} of {self.n} seeds non-finite (diverged)"
+        op = "≥" if self.higher else "≤"
+        if self.exact:
+            return (f"{self.name} = {_fmt(self.mean)}{u} (exact; needs {op} {_fmt(self.reproduced)}; "
+                    f"{self.outcome()})")
         if self.n < MIN_SEEDS:
             return f"{self.name} = {_fmt(self.mean)}{u} (1 seed)"
-        op = "≥" if self.higher else "≤"
         side = "-" if self.higher else "+"
         return (f"{self.name} = {_fmt(self.mean)} ± {_fmt(self.se)}{u} (n={self.n}; "
                 f"mean {side} {self.k:g}·se = {_fmt(self.bound)}, needs {op} {_fmt(self.reproduced)}; "
@@ -133,13 +151,16 @@ def grade(claim: str, tests: Check | Sequence[Check], prerequisites: Sequence[Pr
     if not tests:
         raise ValueError(f"claim {claim!r}: no test")
     tail = f"; {note}" if note else ""
-    failed = [p for p in prerequisites if not p.holds]
+    failed = [p for p in prerequisites if p.holds is False]
     if failed:
         why = "; ".join(f"needs {p.what}, but {p.measured}" for p in failed)
         return Verdict(claim, "not testable", _one_line(why + tail))
     outcomes = [t.outcome() for t in tests]
     body = "; ".join(t.describe() for t in tests)
-    if "unknown" in outcomes:
+    unknown = [p for p in prerequisites if p.holds is None]
+    if unknown:
+        body = "; ".join(f"prerequisite {p.what} unknown: {p.measured}" for p in unknown) + "; " + body
+    if "unknown" in outcomes or unknown:
         return Verdict(claim, "inconclusive", _one_line(f"fewer than {MIN_SEEDS} seeds, no standard error: "
                                                         f"{body}{tail}"))
     if all(o == "holds" for o in outcomes):

@@ -20,7 +20,6 @@ token, R seeds, Q capacity ratios.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict, mean_std
+from .verdicts import Check, Claims, Prerequisite, paired
 from .options import OptionError, config_dict, option
 from .train import OneCycle, fit, seed_generator, seeded_global
 
@@ -276,40 +276,53 @@ def run(ctx: RunContext) -> ExperimentResult:
         "quick": ctx.quick,
     }
     return ExperimentResult(rows=rows, paper=list(PAPER_ROWS), config=config, tables=tables, notes=notes,
-                            verdicts=_verdicts(res, ratios, corr, c_low))
+                            verdicts=_verdicts(res, ratios, opts, ink_P, c_low))
 
 
-def _verdicts(res: dict[str, list[dict[str, Any]]], ratios: list[float], corr: dict[str, float],
-              c_low: float) -> list[Verdict]:
-    """The paper's BPR claims, decided from the measured numbers (means over seeds)."""
-    def acc(name: str) -> tuple[float, float]:
-        return mean_std([float(r["accuracy"]) for r in res[name]])
-
-    dropless = acc("dropless")[0]
+def _skip_ink_corr(res: dict[str, list[dict[str, Any]]], name: str, opts: Config, ink_P: Tensor) -> list[float]:
+    """Per seed: correlation over patch positions between the skip rate of run ``name`` and the patch ink."""
+    offset = 1 if opts.pool == "cls" else 0
     out = []
-    half = min(ratios, key=lambda c: abs(c - 0.5))
-    drop = dropless - acc(f"BPR c={half:g}")[0]
-    out.append(Verdict(
-        "With Batch Priority Routing accuracy degrades gracefully as the capacity ratio falls to about 0.5",
-        "reproduced" if abs(half - 0.5) <= 0.1 and drop <= 1.0 else "partly" if drop <= 3.0 else "not reproduced",
-        f"BPR at c={half:g}: {acc(f'BPR c={half:g}')[0]:.2f} % vs {dropless:.2f} % without a capacity limit "
-        f"({-drop:+.2f})"))
-    c_min = min(ratios)
-    diffs = [float(b["accuracy"]) - float(v["accuracy"]) for b, v in zip(res[f"BPR c={c_min:g}"],
-                                                                         res[f"vanilla c={c_min:g}"])]
-    gap, sd = mean_std(diffs)
-    out.append(Verdict(
-        "Vanilla routing (tokens served in order) loses much more accuracy than BPR at low capacity",
-        "reproduced" if gap > max(2 * sd, 2.0) else "partly" if gap > 0 else "not reproduced",
-        f"BPR − vanilla at c={c_min:g}: {gap:+.2f} ± {sd:.2f} points (paired by seed); the dense blocks carry "
-        "much of the task, see notes"))
-    out.append(Verdict(
-        "BPR drops the least important tokens first (in V-MoE: background patches)",
-        "reproduced" if corr["BPR"] < -0.3 and corr["BPR"] < corr["vanilla"] else
-        "partly" if corr["BPR"] < corr["vanilla"] else "not reproduced",
-        f"correlation of skip rate with patch ink at c={c_low:g}: BPR {corr['BPR']:+.2f}, vanilla "
-        f"{corr['vanilla']:+.2f} (negative = blank patches skipped first)"))
+    for r in res[name]:
+        skip_P = r["skip_N"][offset:].double()
+        out.append(float(torch.corrcoef(torch.stack([skip_P, ink_P]))[0, 1]))
     return out
+
+
+def _verdicts(res: dict[str, list[dict[str, Any]]], ratios: list[float], opts: Config, ink_P: Tensor,
+              c_low: float) -> list[Verdict]:
+    """The paper's BPR claims, graded from per-seed paired differences."""
+    def acc(name: str) -> list[float]:
+        return [float(r["accuracy"]) for r in res[name]]
+
+    claims = Claims()
+    half = min(ratios, key=lambda c: abs(c - 0.5))
+    claims.grade(
+        "With Batch Priority Routing accuracy degrades gracefully as the capacity ratio falls to about 0.5",
+        Check(f"dropless − BPR at c={half:g} (paired)", paired(acc("dropless"), acc(f"BPR c={half:g}")),
+              reproduced=1.0, partly=3.0, higher=False, unit="points"),
+        [Prerequisite("a capacity ratio near 0.5 in --capacity-ratios", abs(half - 0.5) <= 0.1,
+                      f"the nearest is {half:g}")])
+    low = [c for c in ratios if c <= 0.75]
+    seeds = len(res["dropless"])
+    gap = [sum(acc(f"BPR c={c:g}")[s] - acc(f"vanilla c={c:g}")[s] for c in low) / max(len(low), 1)
+           for s in range(seeds)]
+    claims.grade(
+        "Vanilla routing (tokens served in order) loses much more accuracy than BPR at low capacity",
+        Check(f"BPR − vanilla averaged over c ∈ {{{', '.join(f'{c:g}' for c in low)}}} (paired)", gap,
+              reproduced=2.0, partly=0.0, unit="points"),
+        [Prerequisite("capacity ratios at or below 0.75 in --capacity-ratios", bool(low), f"got {ratios}")],
+        note="the dense blocks carry much of the task, see notes")
+    bpr = _skip_ink_corr(res, f"BPR c={c_low:g}", opts, ink_P)
+    van = _skip_ink_corr(res, f"vanilla c={c_low:g}", opts, ink_P)
+    claims.grade(
+        "BPR drops the least important tokens first (in V-MoE: background patches)",
+        [Check(f"corr(skip rate, patch ink) under BPR at c={c_low:g}", bpr, reproduced=-0.3, partly=0.0,
+               higher=False),
+         Check("BPR − vanilla in that correlation (paired)", paired(bpr, van), reproduced=0.0, partly=0.0,
+               higher=False)],
+        note="negative = blank patches skipped first")
+    return claims.verdicts
 
 
 def _position_maps(res: dict[str, list[dict[str, Any]]], c: float, opts: Config,
