@@ -30,7 +30,11 @@ def _capacity_keep_of(layer: nn.Module, d: Any, mask_R: Tensor | None, group_siz
     """``keep_RK`` of a token-choice layer's capacity queues for the decision ``d`` it routed with the
     router mask ``mask_R`` (the layer's own group padding), or None when the layer is dropless."""
     from .. import dispatch
-    priority = layer._priority(d) if hasattr(layer, "_priority") else d.priority
+    if hasattr(layer, "_priority"):
+        priority = layer._priority(d)
+    else:                                      # a routing plan: its Batch Priority Routing key
+        key = getattr(d, "priority_T", None)
+        priority = key() if callable(key) else getattr(d, "priority", None)
     policy_cls = getattr(dispatch.capacity, "CapacityPolicy", None)
     policy = next((v for v in vars(layer).values() if policy_cls is not None and isinstance(v, policy_cls)), None)
     if policy is not None:
