@@ -33,6 +33,7 @@ MetricValue = float | Sequence[float]
 
 
 SOURCE_STATUS = {"paper": "checked against the paper's text", "code": "checked against the official code",
+                 "review": "checked against a public review of the paper (docs/papers.md quotes the line)",
                  "recalled": "recalled, not checked against the paper"}
 VERDICTS = ("reproduced", "partly", "not reproduced", "inconclusive", "not testable")
 
@@ -41,7 +42,8 @@ VERDICTS = ("reproduced", "partly", "not reproduced", "inconclusive", "not testa
 class Source:
     """Where a paper number comes from: the paper, the table/figure, and how it was obtained
     (``status``: ``"paper"`` checked against the paper's text, ``"code"`` checked against the
-    authors' official code or its README, ``"recalled"`` not checked). docs/papers.md lists them all."""
+    authors' official code or its README, ``"review"`` checked against a public review or slide deck of
+    the paper (docs/papers.md names it and quotes the line), ``"recalled"`` not checked). docs/papers.md lists them all."""
     paper: str
     where: str
     status: str

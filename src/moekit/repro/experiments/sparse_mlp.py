@@ -29,8 +29,8 @@ from .options import OptionError, config_dict, option
 from .train import fit, seed_generator, seeded_global, warmup_cosine
 
 FULL_EPOCHS, QUICK_EPOCHS = 30, 4
-SOURCE = Source("Lou et al. 2021 (Sparse-MLP)", "abstract and main ImageNet-1k comparison with MLP-Mixer",
-                "recalled")
+SOURCE = Source("Lou et al. 2021 (Sparse-MLP)", "abstract and main ImageNet-1k comparison with MLP-Mixer (after MoCo v3 "
+                "self-supervised pre-training)", "review")
 SPARSE, DENSE_SAME, DENSE_MATCHED = "Sparse-MLP", "MLP-Mixer (same widths)", "MLP-Mixer (matched active)"
 PAPER_ROW = "Sparse-MLP vs MLP-Mixer (paper: ImageNet-1k, large models)"
 
