@@ -1,50 +1,58 @@
-"""Worker for the expert-parallel tests, launched under ``torchrun --nproc-per-node N``.
+"""Worker for the expert-parallel tests, launched N times by ``launch`` in test_expert_parallel.py (the
+torchrun environment: RANK / WORLD_SIZE / MASTER_*).
 
-    ep_worker.py equivalence OUT_DIR          # EP (and EP×DP) == one process, fp64
-    ep_worker.py save MODEL_SEED CKPT         # build the reference model, shard it, save
-    ep_worker.py reload CKPT OUT_DIR          # load at this EP size, write outputs, save again
+    ep_worker.py equivalence OUT_DIR     # EP (1-D, dp×ep, a sub-mesh) == one process, fp64
+    ep_worker.py errors OUT_DIR          # bad input: errors naming the argument
+    ep_worker.py invariance OUT_DIR SPEC # one cell of the parallel-configuration matrix (json SPEC)
 
-Each rank writes what it checked to OUT_DIR/rank<r>.json (the test reads those files); any failed
-check raises, so the launch exits non-zero.
-Legend: W world size, T tokens per rank, D dim, E experts.
+Each rank writes what it checked to OUT_DIR/rank<r>.json; a failed check raises, so the launch exits
+non-zero. Legend: W ranks of the mesh, T tokens per rank per micro-batch, D dim, E experts.
 """
 from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from moekit import MoE, checkpoint
-from moekit.parallel import expert_parallel, sync_gradients
+from moekit import MoE
+from moekit.parallel import clip_grad_norm_, expert_parallel, fully_shard_moe, replicate_moe, sync_gradients
 
 D, H, E, T = 6, 10, 8, 12
 CONFIGS = {
     "topk": dict(router="topk", top_k=2, w_z=1e-3),
     "sigmoid_shared": dict(router="sigmoid", top_k=2, num_shared_experts=1, router_options={"bias_update_rate": 0.1}),
+    "scored_bias": dict(router="scored", top_k=2, router_options={"selection_bias": True, "bias_update_rate": 0.1}),
     "switch_capacity": dict(router="switch", capacity_factor=1.0),
 }
 
 
-def close(a, b, what, tol=1e-6):
+def close(a, b, what, tol=1e-9):
     err = (a - b).abs().max().item() if a.numel() else 0.0
     if not err <= tol:
         raise AssertionError(f"{what}: max |diff| {err:.3g} > {tol}")
     return err
 
 
-def global_batch(W, seed=0):
+def full(t):
+    """The whole tensor of a (possibly sharded) parameter or gradient."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def global_batch(W, seed=0, n=T):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(W * T, D, generator=g, dtype=torch.float64), torch.randn(W * T, D, generator=g,
-                                                                                   dtype=torch.float64)
+    return (torch.randn(W * n, D, generator=g, dtype=torch.float64),
+            torch.randn(W * n, D, generator=g, dtype=torch.float64))
 
 
-def check_equivalence(name, mesh, W, rank, dp_rank, ep_size):
+def check_equivalence(name, mesh, W, rank):
+    """``mesh``: the (sub-)mesh the layer is expert-parallel over; ``rank``: this rank's index in it."""
     kw = dict(CONFIGS[name])
     capacity = "capacity_factor" in kw
     torch.manual_seed(1)
@@ -55,12 +63,10 @@ def check_equivalence(name, mesh, W, rank, dp_rank, ep_size):
     ep.group_size = None                        # one rank's batch is one group (== the reference's groups)
     expert_parallel(ep, mesh, global_balance=not capacity)
     X, target = global_batch(W)
-    # reference: the whole global batch in one process
     xr = X.clone().requires_grad_()
     out_r = ref(xr)
     loss_r = (out_r.y - target).square().sum(-1).mean() + out_r.aux_loss
     loss_r.backward()
-    # this rank's slice
     sl = slice(rank * T, (rank + 1) * T)
     xe = X[sl].clone().requires_grad_()
     out_e = ep(xe)
@@ -71,86 +77,184 @@ def check_equivalence(name, mesh, W, rank, dp_rank, ep_size):
             "x_grad": close(xe.grad / W, xr.grad[sl], f"{name}: input gradients")}
     aux = out_e.aux_loss.detach().clone()
     if capacity:                                 # per-rank losses: their mean is the reference's
-        dist.all_reduce(aux)
+        dist.all_reduce(aux, group=mesh.get_group() if mesh.ndim == 1 else mesh._flatten().get_group())
         aux /= W
     errs["aux"] = close(aux, out_r.aux_loss.detach(), f"{name}: aux loss")
-    info = ep.ep
     ref_params = dict(ref.named_parameters())
     for pname, p in ep.named_parameters():
-        g_ref = ref_params[pname].grad
+        errs[f"grad {pname}"] = close(full(p.grad), ref_params[pname].grad, f"{name}: gradient of {pname}")
         if pname.startswith("experts."):
-            g_ref = g_ref[info.first:info.first + info.num_local]
-        errs[f"grad {pname}"] = close(p.grad, g_ref, f"{name}: gradient of {pname}")
-    if name == "sigmoid_shared":                 # bias update from all-reduced counts
+            assert type(p).__name__ in ("DTensor", "Parameter") and hasattr(p, "to_local"), pname
+            assert p.to_local().shape[0] == E // mesh["ep"].size(), pname
+    if hasattr(ep.router, "bias_group"):         # selection-bias update from the counts over the whole mesh
         ref.router.update_bias(out_r.metrics["tokens_per_expert"])
         ep.router.update_bias(out_e.metrics["tokens_per_expert"])
-        errs["bias"] = close(ep.router.expert_bias, ref.router.expert_bias, "sigmoid bias")
-        biases = [torch.empty_like(ep.router.expert_bias) for _ in range(W)]
-        dist.all_gather(biases, ep.router.expert_bias)
-        assert all(torch.equal(b, biases[0]) for b in biases), "bias differs across ranks"
+        errs["bias"] = close(ep.router.expert_bias, ref.router.expert_bias, "selection bias")
+        assert ep.router.expert_bias.abs().sum() > 0
     return errs
 
 
 def equivalence(out_dir):
     W, rank = dist.get_world_size(), dist.get_rank()
     results = {}
-    meshes = {"ep": (init_device_mesh("cpu", (W,)), rank, W)}
+    meshes = {"ep": (init_device_mesh("cpu", (W,), mesh_dim_names=("ep",)), W, rank)}
     if W == 4:
-        meshes["dp2xep2"] = (init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep")), rank // 2, 2)
-    for mesh_name, (mesh, dp_rank, ep_size) in meshes.items():
+        meshes["dp2xep2"] = (init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep")), W, rank)
+        # a sub-mesh: two independent 2-rank groups (one "pipeline stage" each); nothing crosses them
+        pp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "ep"))
+        meshes["submesh"] = (pp["ep"], 2, rank % 2)
+    for mesh_name, (mesh, w, r) in meshes.items():
         for name in CONFIGS:
-            results[f"{mesh_name}/{name}"] = check_equivalence(name, mesh, W, rank, dp_rank, ep_size)
-    # E not divisible by the EP size: a ValueError naming both
-    try:
-        expert_parallel(MoE(D, H, W + 1 if W > 1 else 3, expert="mlp"), init_device_mesh("cpu", (W,)))
-        results["indivisible"] = "no error" if W > 1 else "ok"
-    except ValueError as e:
-        results["indivisible"] = str(e)
+            results[f"{mesh_name}/{name}"] = check_equivalence(name, mesh, w, r)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
 
-def model(seed):
-    torch.manual_seed(seed)
-    m = torch.nn.Sequential(torch.nn.Linear(D, D), MoE(D, H, E, router="topk", top_k=2, expert="glu"),)
+def _error(fn):
+    try:
+        fn()
+    except (ValueError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def errors(out_dir):
+    W, rank = dist.get_world_size(), dist.get_rank()
+    mesh = init_device_mesh("cpu", (W,), mesh_dim_names=("ep",))
+    res = {}
+    torch.manual_seed(0)
+    res["no_ep_dim"] = _error(lambda: expert_parallel(MoE(D, H, E), init_device_mesh("cpu", (W,),
+                                                                                     mesh_dim_names=("dp",))))
+    res["indivisible"] = _error(lambda: expert_parallel(MoE(D, H, W + 1), mesh))
+    torch.manual_seed(rank)                      # every rank a different init
+    res["differ"] = _error(lambda: expert_parallel(MoE(D, H, E), mesh))
+    torch.manual_seed(0)
+    m = MoE(D, H, E)
+    expert_parallel(m, mesh)
+    res["twice"] = _error(lambda: expert_parallel(m, mesh))
+    torch.manual_seed(0)
+    wrapped = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(D, D), MoE(D, H, E)))
+    res["wrapped"] = _error(lambda: expert_parallel(wrapped, mesh))
+    torch.manual_seed(0)
+    untouched = MoE(D, H, E)
+    before = {k: v.clone() for k, v in untouched.state_dict().items()}
+    res["indivisible_untouched"] = _error(lambda: expert_parallel(nn.Sequential(untouched, MoE(D, H, W + 1)), mesh))
+    res["untouched"] = all(torch.equal(before[k], v) for k, v in untouched.state_dict().items()) and \
+        not hasattr(untouched.experts.w_in, "to_local")
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
+
+
+# --------------------------------------------------------------------------------------------------
+# Parallel-configuration invariance: one process vs (EP × FSDP2 × accumulation × capacity × empty
+# experts × activation checkpointing)
+class Block(nn.Module):
+    def __init__(self, moe_kw, checkpointing):
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.moe = MoE(D, H, E, expert="glu", **moe_kw)
+        self.out = nn.Linear(D, D)
+        self.checkpointing = checkpointing
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.checkpointing:
+            from torch.utils.checkpoint import checkpoint
+            y, aux, tpe = checkpoint(self._moe, h, use_reentrant=False)
+        else:
+            y, aux, tpe = self._moe(h)
+        return self.out(h + y), aux, tpe
+
+    def _moe(self, h):
+        o = self.moe(h)
+        return o.y, o.aux_loss, o.metrics["tokens_per_expert"]
+
+
+def make_model(spec):
+    moe_kw = {"sigmoid": dict(router="sigmoid", top_k=2, num_shared_experts=1,
+                              router_options={"bias_update_rate": 0.05}),
+              "capacity": dict(router="topk", top_k=2, capacity_factor=0.75, w_switch=1e-2),
+              }[spec["router"]]
+    torch.manual_seed(3)
+    m = Block(moe_kw, spec.get("checkpointing", False)).double()
+    with torch.no_grad():
+        m.moe.router.gate.weight.normal_()
+        if spec.get("empty") and spec["router"] == "sigmoid":        # experts 0 and E-1 are never chosen
+            m.moe.router.expert_bias[0] = -1e3
+            m.moe.router.expert_bias[E - 1] = -1e3
     return m
 
 
-def run_model(m, x):
-    h = m[0](x)
-    return m[1](h).y
+def step(model, batches, targets, micro, max_norm, lr):
+    """One training step over ``micro`` micro-batches; returns (loss, grad norm, tokens per expert)."""
+    total, tpe = 0.0, 0
+    for x, t in zip(batches.chunk(micro), targets.chunk(micro)):
+        y, aux, tpe_E = model(x)
+        loss = ((y - t).square().sum(-1).mean() + aux) / micro
+        loss.backward()
+        total += loss.detach()
+        tpe = tpe + tpe_E
+    return total, tpe
 
 
-def save_cmd(seed, ckpt):
-    W = dist.get_world_size()
-    m = model(int(seed))
-    expert_parallel(m, init_device_mesh("cpu", (W,)))
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    X, _ = global_batch(1, seed=5)
-    loss = run_model(m, X.float()).square().mean()
-    loss.backward()
-    sync_gradients(m)
-    opt.step()                                       # non-trivial optimizer state, sharded
-    checkpoint.save(m, ckpt, optimizer=opt, extra={"step": 1, "world": W})
-
-
-def reload_cmd(ckpt, out_dir):
+def invariance(out_dir, spec_json):
+    spec = json.loads(spec_json)
     W, rank = dist.get_world_size(), dist.get_rank()
-    m = model(123)                                   # different init: everything must come from the file
-    expert_parallel(m, init_device_mesh("cpu", (W,)))
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    extra = checkpoint.load(m, ckpt, optimizer=opt)
-    X, _ = global_batch(1, seed=6)
-    with torch.no_grad():
-        y = run_model(m, X.float())                   # every rank: the same full batch
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"y": y.tolist(), "extra": extra}))
-    checkpoint.save(m, Path(out_dir) / "resaved.safetensors", optimizer=opt, extra=extra)
+    ep_size, micro, fsdp = spec["ep"], spec.get("micro", 1), spec.get("fsdp", False)
+    dp = W // ep_size
+    capacity = spec["router"] == "capacity"
+    Tm = T                      # tokens per rank per micro-batch
+    X, target = global_batch(W * micro, seed=11, n=Tm)            # (micro·W·T, D)
+    # reference: one process, micro-batch m = the m-th micro-batch of every rank, concatenated
+    ref = make_model(spec)
+    if capacity:
+        ref.moe.group_size = Tm                   # each rank's micro-batch is one routing group
+    Xr = X.view(W, micro, Tm, D).transpose(0, 1).reshape(-1, D)
+    tr = target.view(W, micro, Tm, D).transpose(0, 1).reshape(-1, D)
+    loss_r, tpe_r = step(ref, Xr, tr, micro, None, None)
+    norm_r = torch.nn.utils.clip_grad_norm_(ref.parameters(), spec["max_norm"])
+    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    torch.optim.SGD(ref.parameters(), lr=0.5).step()
+    ref.moe.router.update_bias(tpe_r) if hasattr(ref.moe.router, "bias_group") else None
+
+    model = make_model(spec)
+    names = ("dp", "ep") if dp > 1 else ("ep",)
+    mesh = init_device_mesh("cpu", (dp, ep_size) if dp > 1 else (ep_size,), mesh_dim_names=names)
+    expert_parallel(model, mesh, global_balance=not capacity)
+    inner = model
+    if fsdp:
+        fully_shard_moe(model, mesh)
+    elif spec.get("ddp"):
+        model = replicate_moe(model, mesh)
+    Xl = X.view(W, micro * Tm, D)[rank]
+    tl = target.view(W, micro * Tm, D)[rank]
+    loss, tpe = step(model, Xl, tl, micro, None, None)
+    if not fsdp and not spec.get("ddp"):
+        sync_gradients(inner)
+    norm = clip_grad_norm_(inner, spec["max_norm"])
+    res = {}
+    dist.all_reduce(loss)                         # the mean of the ranks' losses is the global-batch loss
+    loss = loss / W
+    res["loss"] = close(loss, loss_r, "loss")
+    res["norm"] = close(norm, norm_r, "grad norm")
+    for n, p in inner.named_parameters():
+        res[f"grad {n}"] = close(full(p.grad), ref_grads[n], f"gradient of {n}")
+    torch.optim.SGD(inner.parameters(), lr=0.5).step()
+    ref_params = dict(ref.named_parameters())
+    for n, p in inner.named_parameters():
+        res[f"param {n}"] = close(full(p.detach()), ref_params[n].detach(), f"clipped update of {n}")
+    if hasattr(inner.moe.router, "bias_group"):
+        inner.moe.router.update_bias(tpe)
+        res["bias"] = close(inner.moe.router.expert_bias, ref.moe.router.expert_bias, "bias update")
+        if spec.get("empty"):
+            assert tpe_r[0] == 0 and tpe_r[E - 1] == 0, tpe_r
+    res["clipped"] = float(norm_r) > spec["max_norm"]
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
 
 
 def main(argv):
     dist.init_process_group("gloo")
     try:
         cmd, *args = argv
-        {"equivalence": equivalence, "save": save_cmd, "reload": reload_cmd}[cmd](*args)
+        {"equivalence": equivalence, "errors": errors, "invariance": invariance}[cmd](*args)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -158,9 +262,3 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-    # Everything is written and the process group is destroyed. Leave without interpreter finalization:
-    # gloo's worker threads can still be torn down during it, which now and then aborts the process
-    # ("terminate called without an active exception") after all the work succeeded.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

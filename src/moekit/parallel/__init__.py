@@ -1,5 +1,8 @@
-"""Distributed MoE on torch.distributed: expert parallelism (all-to-all dispatch) × data parallelism."""
+"""Distributed MoE on torch.distributed: experts as DTensors on a named DeviceMesh (all-to-all dispatch
+over its ``ep`` dimension), composed with FSDP2/DDP, the global gradient norm, DCP checkpoints."""
 from .dispatcher import AllToAllDispatcher
-from .expert_parallel import ExpertParallelInfo, expert_parallel, is_expert_parameter, sync_gradients
+from .expert_parallel import expert_parallel, expert_parameters, moe_layers, parallel_mesh, sync_gradients
+from .fsdp import clip_grad_norm_, fully_shard_moe, replicate_moe
 
-__all__ = ["AllToAllDispatcher", "ExpertParallelInfo", "expert_parallel", "is_expert_parameter", "sync_gradients"]
+__all__ = ["AllToAllDispatcher", "clip_grad_norm_", "expert_parallel", "expert_parameters", "fully_shard_moe",
+           "moe_layers", "parallel_mesh", "replicate_moe", "sync_gradients"]
