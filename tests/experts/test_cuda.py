@@ -5,6 +5,7 @@ import torch
 from moekit import MoE
 from moekit.experts.grouped_mm import grouped_mm, grouped_mm_reference
 
+pytestmark = pytest.mark.gpu
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
