@@ -1,44 +1,50 @@
-"""Checkpoints that survive crashes and expert-parallel resharding: ``save(module, path)`` / ``load(module, path)``.
+"""Checkpoints on torch.distributed.checkpoint (DCP): ``save(module, path)`` / ``load(module, path)``.
 
-One safetensors file (never pickle) holds:
-  * ``model/<name>`` — every parameter and buffer, *unsharded*: expert-parallel layers gather their
-    experts from the expert-parallel group, so the file is the same whatever the EP size it was saved at;
-  * ``optim/<param name>/<key>`` — the optimizer's per-parameter state (gathered the same way), with the
-    param groups' hyper-parameters in the metadata;
-  * ``rng/...`` — the CPU (and CUDA) RNG states of the saving rank;
-  * metadata: each MoE layer's routing configuration (router, kind, top-k, capacity, renormalisation,
-    number of experts, expert kind, …), checked field by field at load — a mismatch raises a
-    ``ValueError`` naming the layer and the field — and the caller's ``extra`` JSON (step, data-loader
-    position, loss history).
+A checkpoint is a directory. Every rank writes its own shards of the model and the optimizer (expert
+DTensors sharded over ``ep``, FSDP2 shards, replicated tensors once): no rank ever holds the whole
+model. ``load`` reshards to the module's current layout — any expert-parallel and FSDP2 sizes, or a
+single process without torch.distributed — with bit-identical tensors. The directory holds:
 
-Writes are atomic: the file is written to a temporary name in the same directory, flushed to disk and
-renamed over ``path``, so a save killed midway leaves the previous checkpoint intact. Under
-torch.distributed every rank calls ``save``/``load`` (the gathers are collective); global rank 0 writes.
-``load`` slices the expert tensors for the current EP size and rank — resharding is automatic.
+* DCP's files (``.metadata`` and ``__<rank>_<n>.distcp``): ``model.<name>`` for every entry of the
+  model's state dict (tied weights under each of their names) and ``optim.<param>.<key>`` for every
+  tensor of the optimizer state (through ``torch.distributed.checkpoint.state_dict``);
+* ``moekit.json``: the format, each MoE layer's complete configuration (``layer.config.to_dict()``:
+  every option that changes the output), the optimizer's class, param groups and non-tensor state, the
+  saving world size and the caller's ``extra`` JSON (step, data position, loss history);
+* ``rng/rank<r>.json``: the CPU (and CUDA) RNG states of every saving rank.
+
+``load`` is strict and validates everything before it changes anything: a MoE layer configured
+differently (the first differing field is named), tensors the module lacks or the file lacks, another
+shape or dtype (dtypes are never cast: the error names the tensor and both dtypes), an optimizer of
+another class or over parameters that are not the module's, a damaged ``moekit.json`` or RNG state —
+each raises ``ValueError`` and leaves module and optimizer as they were. RNG states are restored when
+the world size equals the saving one (otherwise left alone: another number of ranks draws other
+streams anyway).
+
+Atomic: ``path`` is a symbolic link to a hidden sibling directory ``.<name>.<n>``; a save writes a new
+one, flushes it and swaps the link with one ``rename``. A save killed at any point leaves the previous
+checkpoint readable; the next save removes what a killed one left behind. Files are created with the
+process's umask; a replaced checkpoint keeps the directory mode of the one it replaces. Optimizer state
+that is neither a tensor nor a JSON value (``torch.optim.LBFGS`` keeps lists of tensors) is refused
+with a ``ValueError`` naming the optimizer and the entry. Under torch.distributed every rank calls
+``save``/``load`` (they are collective); the directory must be on a file system all ranks share.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
-import tempfile
+import shutil
+import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .layers.moe import MoE
-
-FORMAT = "moekit-checkpoint-1"
-
-
-def _safetensors():
-    try:
-        import safetensors.torch as st
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("moekit.checkpoint needs safetensors: pip install safetensors "
-                          "(or the 'distributed' extra)") from e
-    return st
+FORMAT = "moekit-checkpoint-2"
+META = "moekit.json"
 
 
 def _dist():
@@ -46,226 +52,421 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def routing_config(layer: MoE) -> dict[str, Any]:
-    """The settings that determine how ``layer`` routes (stored beside the weights, checked at load)."""
-    r = layer.router
-    cfg: dict[str, Any] = {
-        "router": f"{type(r).__module__}.{type(r).__qualname__}",
-        "kind": layer.kind,
-        "dim": layer.dim,
-        "hidden_dim": layer.hidden_dim,
-        "num_experts": layer.num_experts,
-        "top_k": layer.top_k,
-        "capacity_factor": layer.capacity_factor,
-        "capacity_multiple_of": layer.capacity_multiple_of,
-        "group_size": layer.group_size,
-        "batch_priority": layer.batch_priority,
-        "expert": type(layer.experts).__qualname__,
-        "shared_experts": None if layer.shared is None else layer.shared.hidden_dim,
-    }
-    for name in ("renormalize", "noise_std", "jitter", "normalize", "scale", "slots_per_expert", "capacity_factor"):
-        if hasattr(r, name) and not isinstance(getattr(r, name), (Tensor, nn.Module)):
-            cfg[f"router.{name}"] = getattr(r, name)
-    for name in ("w_importance", "w_load", "w_switch", "w_z"):
-        cfg[f"router.{name}"] = getattr(r, name)
-    bank = layer.experts
-    if hasattr(bank, "activation"):
-        cfg["activation"] = bank.activation
-    return cfg
-
-
-def _moe_layers(module: nn.Module) -> dict[str, MoE]:
-    return {name: m for name, m in module.named_modules() if isinstance(m, MoE)}
-
-
-def _expert_params(module: nn.Module) -> dict[str, Any]:
-    """``{full parameter name: ExpertParallelInfo}`` for the expert parameters of expert-parallel layers."""
-    out = {}
-    for lname, layer in _moe_layers(module).items():
-        info = getattr(layer, "ep", None)
-        if info is None:
-            continue
-        for pname, _ in layer.experts.named_parameters():
-            out[f"{lname}.experts.{pname}" if lname else f"experts.{pname}"] = info
-    return out
-
-
-def _gather(t: Tensor, info) -> Tensor:
-    """Concatenate the expert shards of ``t`` (leading dim) over the expert-parallel group."""
+def _rank_world() -> tuple[int, int]:
     dist = _dist()
-    parts = [torch.empty_like(t) for _ in range(info.ep_size)]
-    dist.all_gather(parts, t.contiguous(), group=info.ep_group)
-    return torch.cat(parts, dim=0)
+    return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
 
 
-def _shard(t: Tensor, info) -> Tensor:
-    if t.shape[0] != info.num_experts:
-        raise ValueError(f"checkpoint: an expert tensor has leading size {t.shape[0]}, expected "
-                         f"num_experts={info.num_experts}")
-    return t[info.first:info.first + info.num_local].clone()
-
-
-def save(module: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None,
-         extra: dict[str, Any] | None = None) -> None:
-    """Write ``module`` (and ``optimizer``, the RNG state and ``extra``) to ``path`` atomically.
-
-    Under torch.distributed every rank must call it; global rank 0 writes the file; all ranks return
-    after it is complete.
-    """
-    st = _safetensors()
-    path = Path(path)
-    if extra is not None:
-        try:
-            extra_json = json.dumps(extra)
-        except TypeError as e:
-            raise ValueError(f"extra: must be JSON-serialisable ({e})") from None
-    else:
-        extra_json = "null"
-    experts = _expert_params(module)
-    tensors: dict[str, Tensor] = {}
-    for name, t in module.state_dict().items():
-        t = t.detach()
-        if name in experts:
-            t = _gather(t, experts[name])
-        tensors[f"model/{name}"] = t.cpu().contiguous()
-
-    optim_meta = None
-    if optimizer is not None:
-        names = {id(p): n for n, p in module.named_parameters()}
-        groups = []
-        for g in optimizer.param_groups:
-            hyper = {k: v for k, v in g.items() if k != "params"}
-            try:
-                json.dumps(hyper)
-            except TypeError as e:
-                raise ValueError(f"optimizer: a param-group setting is not JSON-serialisable ({e})") from None
-            missing = [p for p in g["params"] if id(p) not in names]
-            if missing:
-                raise ValueError("optimizer: holds parameters that are not in module")
-            groups.append({"params": [names[id(p)] for p in g["params"]], "hyper": hyper})
-        scalars: dict[str, dict[str, Any]] = {}
-        for g in optimizer.param_groups:
-            for p in g["params"]:
-                name = names[id(p)]
-                for k, v in optimizer.state.get(p, {}).items():
-                    if isinstance(v, Tensor):
-                        v = v.detach()
-                        if name in experts and v.dim() > 0 and v.shape == p.shape:
-                            v = _gather(v, experts[name])
-                        tensors[f"optim/{name}/{k}"] = v.cpu().contiguous()
-                    else:
-                        scalars.setdefault(name, {})[k] = v
-        optim_meta = {"class": type(optimizer).__name__, "groups": groups, "scalars": scalars}
-
-    tensors["rng/cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{i}"] = s
-    meta = {
-        "format": FORMAT,
-        "moe": json.dumps({name: routing_config(m) for name, m in _moe_layers(module).items()}),
-        "optimizer": json.dumps(optim_meta),
-        "extra": extra_json,
-    }
+def _barrier() -> None:
     dist = _dist()
-    if dist is None or dist.get_rank() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            st.save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
     if dist is not None:
         dist.barrier()
 
 
-def _check_config(saved: dict[str, dict[str, Any]], module: nn.Module) -> None:
-    current = {name: routing_config(m) for name, m in _moe_layers(module).items()}
+def _layers(module: nn.Module) -> dict[str, Any]:
+    from .layers.moe import MoE
+    return {name: m for name, m in module.named_modules() if isinstance(m, MoE)}
+
+
+def layer_configs(module: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{layer name: complete configuration dict}`` of every MoE layer (what a checkpoint stores)."""
+    return {name: layer.config.to_dict() for name, layer in _layers(module).items()}
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def _global_shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)          # a DTensor reports its global shape
+
+
+def _json_ok(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# state (model and optimizer) through torch.distributed.checkpoint.state_dict
+def _check_optimizer(module: nn.Module, optimizer) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    ids = {id(p) for p in module.parameters()}
+    for gi, g in enumerate(optimizer.param_groups):
+        for p in g["params"]:
+            if id(p) not in ids:
+                raise ValueError(f"optimizer: {type(optimizer).__name__} holds a parameter of shape {tuple(p.shape)} "
+                                 f"(param group {gi}) that is not a parameter of module; build the optimizer "
+                                 "over module.parameters()")
+
+
+def _model_state(module: nn.Module) -> dict[str, Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(module, options=StateDictOptions(ignore_frozen_params=False))
+
+
+def _optim_state(module: nn.Module, optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors ``{"<param>.<key>": t}``, JSON ``{"class", "param_groups", "scalars"}``)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    osd = get_optimizer_state_dict(module, optimizer)
+    name = type(optimizer).__name__
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pname, entry in osd["state"].items():
+        for k, v in entry.items():
+            if isinstance(v, Tensor):
+                tensors[f"{pname}.{k}"] = v
+            elif _json_ok(v):
+                scalars.setdefault(pname, {})[k] = v
+            else:
+                raise ValueError(f"optimizer: {name} keeps state {k!r} of parameter {pname!r} as a "
+                                 f"{type(v).__name__}, which moekit.checkpoint cannot store (tensors and JSON "
+                                 "values only); checkpoint such an optimizer yourself")
+    groups = []
+    for gi, g in enumerate(osd["param_groups"]):
+        hyper = {}
+        for k, v in g.items():
+            if isinstance(v, Tensor) and v.numel() == 1:
+                v = v.item()
+            if not _json_ok(v):
+                raise ValueError(f"optimizer: {name} param group {gi} setting {k!r} is a {type(v).__name__}, not "
+                                 "a JSON value; moekit.checkpoint cannot store it")
+            hyper[k] = list(v) if isinstance(v, tuple) else v
+        groups.append(hyper)
+    return tensors, {"class": name, "param_groups": groups, "scalars": scalars}
+
+
+# ---------------------------------------------------------------------------------------------------
+# directory layout: path -> .<name>.<id> (a symbolic link swapped atomically)
+def _versions(path: Path) -> list[Path]:
+    if not path.parent.exists():
+        return []
+    return [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _broadcast(obj):
+    dist = _dist()
+    if dist is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _rng_json() -> dict[str, Any]:
+    out = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def _prepare(module: nn.Module, path, optimizer, extra):
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module: expected an nn.Module, got {type(module).__name__}")
+    path = Path(path)
+    if path.exists() and not path.is_symlink():
+        raise ValueError(f"path: {path} exists and is not a moekit checkpoint (a checkpoint path is a link moekit "
+                         "manages); choose another path")
+    if extra is not None and not _json_ok(extra):
+        raise ValueError("extra: must be JSON-serialisable")
+    if optimizer is not None:
+        _check_optimizer(module, optimizer)
+    model = _model_state(module)
+    optim_tensors, optim_meta = _optim_state(module, optimizer) if optimizer is not None else ({}, None)
+    rank, world = _rank_world()
+    meta = {"format": FORMAT, "world_size": world, "layers": layer_configs(module), "optimizer": optim_meta,
+            "extra": extra}
+    state = {"model": model}
+    if optim_tensors:
+        state["optim"] = optim_tensors
+    return path, state, meta
+
+
+def _finish(path: Path, tmp: Path, old_mode: int | None) -> None:
+    """Rank 0: make ``tmp`` the checkpoint ``path`` points to, then remove every other version."""
+    _fsync_tree(tmp)
+    if old_mode is not None:
+        os.chmod(tmp, old_mode)
+    link = path.parent / f".{path.name}.link-{uuid.uuid4().hex[:8]}"
+    os.symlink(tmp.name, link)
+    os.replace(link, path)                                   # the one atomic step
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for p in _versions(path):                                # the previous version and any litter
+        if p.name != tmp.name:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
+def _start(path: Path) -> tuple[Path, int | None]:
+    """Rank 0 picks the new version's directory; every rank gets its name."""
+    rank, _ = _rank_world()
+    name, old_mode = None, None
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        name = f".{path.name}.{uuid.uuid4().hex[:12]}"
+        (path.parent / name / "rng").mkdir(parents=True)
+        if path.is_symlink() and path.resolve().is_dir():
+            old_mode = path.resolve().stat().st_mode & 0o7777
+    name, old_mode = _broadcast((name, old_mode))
+    return path.parent / name, old_mode
+
+
+def save(module: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None,
+         extra: dict[str, Any] | None = None) -> None:
+    """Write ``module`` (and ``optimizer``, every rank's RNG state and ``extra``) to the checkpoint
+    directory ``path``, atomically (see the module docstring). Collective under torch.distributed."""
+    import torch.distributed.checkpoint as dcp
+    path, state, meta = _prepare(module, path, optimizer, extra)
+    rank, _ = _rank_world()
+    tmp, old_mode = _start(path)
+    try:
+        _write_json(tmp / "rng" / f"rank{rank}.json", _rng_json())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+            dcp.save(state, checkpoint_id=str(tmp))
+        if rank == 0:
+            _write_json(tmp / META, meta)
+        _barrier()
+        if rank == 0:
+            _finish(path, tmp, old_mode)
+        _barrier()
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class AsyncSave:
+    """A save in flight (from :func:`async_save`): call :meth:`result` on every rank before the next save
+    (it waits for the writes, then makes the new checkpoint current)."""
+
+    def __init__(self, future, path: Path, tmp: Path, old_mode: int | None, meta: dict):
+        self._future, self._path, self._tmp, self._old_mode, self._meta = future, path, tmp, old_mode, meta
+        self._done = False
+
+    def result(self) -> None:
+        if self._done:
+            return
+        rank, _ = _rank_world()
+        try:
+            self._future.result()
+            if rank == 0:
+                _write_json(self._tmp / META, self._meta)
+            _barrier()
+            if rank == 0:
+                _finish(self._path, self._tmp, self._old_mode)
+            _barrier()
+        except BaseException:
+            if rank == 0:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
+        finally:
+            self._done = True
+
+
+def async_save(module: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None,
+               extra: dict[str, Any] | None = None) -> AsyncSave:
+    """Like :func:`save`, but returns once the state is copied (DCP's ``async_save`` stages it); the
+    writes continue in the background and training may change the module meanwhile. Call ``.result()``
+    on the returned object on every rank before the next save; the checkpoint becomes current then."""
+    import torch.distributed.checkpoint as dcp
+    path, state, meta = _prepare(module, path, optimizer, extra)
+    rank, _ = _rank_world()
+    tmp, old_mode = _start(path)
+    try:
+        _write_json(tmp / "rng" / f"rank{rank}.json", _rng_json())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            future = dcp.async_save(state, checkpoint_id=str(tmp))
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return AsyncSave(future, path, tmp, old_mode, meta)
+
+
+# ---------------------------------------------------------------------------------------------------
+def _invalid(path: Path, why: str) -> ValueError:
+    return ValueError(f"path: {path} is not a valid moekit checkpoint ({why})")
+
+
+def _read_meta(path: Path) -> tuple[dict, Any]:
+    import torch.distributed.checkpoint as dcp
+    if not path.exists():
+        raise FileNotFoundError(f"path: no checkpoint at {path}")
+    if not path.is_dir():
+        raise _invalid(path, "not a directory")
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError) as e:
+        raise _invalid(path, f"{META}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _invalid(path, f"format {meta.get('format') if isinstance(meta, dict) else meta!r:.80}, expected {FORMAT}")
+    for key, kind in (("layers", dict), ("world_size", int)):
+        if not isinstance(meta.get(key), kind):
+            raise _invalid(path, f"{META} has no valid {key!r}")
+    if meta.get("optimizer") is not None and not isinstance(meta["optimizer"], dict):
+        raise _invalid(path, f"{META} has no valid 'optimizer'")
+    try:
+        tensors = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - any unreadable DCP metadata is a damaged checkpoint
+        raise _invalid(path, f"DCP metadata: {type(e).__name__}: {e}") from None
+    return meta, tensors
+
+
+def _check_layers(saved: dict, module: nn.Module) -> None:
+    from .config import first_difference
+    current = layer_configs(module)
     if set(saved) != set(current):
         raise ValueError(f"checkpoint: MoE layers {sorted(saved)} in the file, {sorted(current)} in the module")
     for name, cfg in current.items():
-        for field in sorted(set(cfg) | set(saved[name])):
-            a, b = saved[name].get(field), cfg.get(field)
-            if a != b and not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b)):
-                raise ValueError(f"checkpoint: MoE layer {name!r} was saved with {field}={a!r}, but the module has "
-                                 f"{field}={b!r}")
+        field = first_difference(saved[name], cfg)
+        if field is not None:
+            a, b = _lookup(saved[name], field), _lookup(cfg, field)
+            raise ValueError(f"checkpoint: MoE layer {name or '<root>'!r} was saved with {field}={a!r}, but the "
+                             f"module has {field}={b!r}")
+
+
+def _lookup(d, dotted: str):
+    for part in dotted.split("."):
+        if isinstance(d, dict) and part in d:
+            d = d[part]
+        else:
+            return "<absent>"
+    return d
+
+
+def _check_tensors(prefix: str, current: dict[str, Tensor], saved_md: dict, what: str) -> None:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    saved = {k[len(prefix):]: v for k, v in saved_md.items() if k.startswith(prefix)}
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing from the file: {missing[:8]}{' …' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"in the file but not in the {what}: {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
+        raise ValueError(f"checkpoint: the {what}'s tensors differ from the file's — " + "; ".join(parts))
+    for name, t in current.items():
+        md = saved[name]
+        if not isinstance(md, TensorStorageMetadata):
+            raise ValueError(f"checkpoint: {name!r} is not a tensor in the file")
+        if tuple(md.size) != _global_shape(t):
+            raise ValueError(f"checkpoint: tensor {name!r} has shape {tuple(md.size)} in the file, "
+                             f"{_global_shape(t)} in the {what}")
+        if md.properties.dtype != t.dtype:
+            raise ValueError(f"checkpoint: tensor {name!r} is {md.properties.dtype} in the file but {t.dtype} in "
+                             f"the {what}; cast the {what} (or the file) first — load never casts")
+
+
+def _read_rng(path: Path, meta: dict) -> dict | None:
+    rank, world = _rank_world()
+    if world != meta["world_size"]:
+        return None
+    f = path / "rng" / f"rank{rank}.json"
+    try:
+        d = json.loads(f.read_text())
+        cpu = torch.frombuffer(bytearray(base64.b64decode(d["cpu"], validate=True)), dtype=torch.uint8)
+        cuda = [torch.frombuffer(bytearray(base64.b64decode(s, validate=True)), dtype=torch.uint8)
+                for s in d.get("cuda", [])]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _invalid(path, f"RNG state of rank {rank}: {type(e).__name__}: {e}") from None
+    if cpu.numel() != torch.get_rng_state().numel():
+        raise _invalid(path, f"RNG state of rank {rank} has {cpu.numel()} bytes, expected "
+                             f"{torch.get_rng_state().numel()}")
+    return {"cpu": cpu, "cuda": cuda}
 
 
 def load(module: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None, *,
          restore_rng: bool = True) -> dict[str, Any] | None:
-    """Load a checkpoint written by :func:`save` into ``module`` (and ``optimizer``), resharding the
-    experts to the module's current expert-parallel size; returns the saved ``extra``.
-
-    Raises ``ValueError`` naming the layer and field when a MoE layer's routing configuration differs
-    from the saved one, and when the file is not a moekit checkpoint.
-    """
-    st = _safetensors()
+    """Load the checkpoint at ``path`` into ``module`` (and ``optimizer``), resharding to the module's
+    current layout; returns the saved ``extra``. Validates everything first (see the module docstring):
+    on any ``ValueError`` module and optimizer are unchanged. Collective under torch.distributed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module: expected an nn.Module, got {type(module).__name__}")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"path: no checkpoint at {path}")
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"path: {path} is not a moekit checkpoint (format {meta.get('format')!r})")
-    _check_config(json.loads(meta["moe"]), module)
-    tensors = st.load_file(str(path))
-    experts = _expert_params(module)
-    state = {}
-    for name, ref in module.state_dict().items():
-        key = f"model/{name}"
-        if key not in tensors:
-            raise ValueError(f"checkpoint: no tensor for {name!r}")
-        t = tensors[key]
-        if name in experts:
-            t = _shard(t, experts[name])
-        state[name] = t.to(device=ref.device, dtype=ref.dtype)
-    module.load_state_dict(state)
-
-    optim_meta = json.loads(meta["optimizer"])
+    meta, tensors_md = _read_meta(path)
+    _check_layers(meta["layers"], module)
+    model = _model_state(module)
+    _check_tensors("model.", model, tensors_md, "module")
+    optim_meta = meta.get("optimizer")
+    optim_current: dict[str, Tensor] = {}
     if optimizer is not None:
+        _check_optimizer(module, optimizer)
         if optim_meta is None:
             raise ValueError("optimizer: the checkpoint holds no optimizer state")
-        if optim_meta["class"] != type(optimizer).__name__:
-            raise ValueError(f"optimizer: saved from {optim_meta['class']}, loading into {type(optimizer).__name__}")
-        names = {id(p): n for n, p in module.named_parameters()}
-        params = {n: p for n, p in module.named_parameters()}
-        current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-        saved = [g["params"] for g in optim_meta["groups"]]
-        if current != saved:
-            raise ValueError("optimizer: its parameter groups differ from the saved ones")
-        saved_state: dict[str, dict[str, Tensor]] = {}        # "optim/<param>/<key>", grouped once
-        for key, t in tensors.items():
-            if key.startswith("optim/"):
-                name, _, k = key[len("optim/"):].rpartition("/")
-                saved_state.setdefault(name, {})[k] = t
-        osd = {"state": {}, "param_groups": []}
-        index = 0
-        for g, gm in zip(optimizer.param_groups, optim_meta["groups"]):
-            ids = []
-            for name in gm["params"]:
-                entry = dict(optim_meta["scalars"].get(name, {}))
-                for k, t in saved_state.get(name, {}).items():
-                    if name in experts and t.dim() > 0 and t.shape[0] == experts[name].num_experts and \
-                            t.shape[1:] == params[name].shape[1:]:
-                        t = _shard(t, experts[name])
-                    entry[k] = t.to(params[name].device)
-                if entry:
-                    osd["state"][index] = entry
-                ids.append(index)
-                index += 1
-            osd["param_groups"].append({**gm["hyper"], "params": ids})
-        optimizer.load_state_dict(osd)
-    if restore_rng:
-        torch.set_rng_state(tensors["rng/cpu"])
-        cuda = sorted(k for k in tensors if k.startswith("rng/cuda/"))
-        if cuda and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
-    return json.loads(meta["extra"])
+        if optim_meta.get("class") != type(optimizer).__name__:
+            raise ValueError(f"optimizer: the checkpoint was saved from {optim_meta.get('class')}, loading into "
+                             f"{type(optimizer).__name__}")
+        saved_names = [g.get("params") for g in optim_meta["param_groups"]]
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        current_osd = get_optimizer_state_dict(module, optimizer)
+        current_names = [g["params"] for g in current_osd["param_groups"]]
+        if saved_names != current_names:
+            raise ValueError("optimizer: its parameter groups differ from the saved ones (other parameters or "
+                             "another grouping)")
+        optim_current, _ = _optim_state(module, optimizer)
+        _check_tensors("optim.", optim_current, tensors_md, "optimizer")
+    rng = _read_rng(path, meta) if restore_rng else None
+
+    # Read into copies (same sharding as the module's tensors); the module changes only after success.
+    state = {"model": {k: v.detach().clone() for k, v in model.items()}}
+    if optim_current:
+        state["optim"] = {k: v.detach().clone() for k, v in optim_current.items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:  # noqa: BLE001 - unreadable shard files: a damaged checkpoint
+        raise _invalid(path, f"reading tensors: {type(e).__name__}: {e}") from None
+    set_model_state_dict(module, state["model"], options=StateDictOptions(strict=True))
+    if optimizer is not None:
+        osd_state: dict[str, dict[str, Any]] = {}
+        for pname, entry in optim_meta.get("scalars", {}).items():
+            osd_state.setdefault(pname, {}).update(entry)
+        for key, t in state.get("optim", {}).items():
+            pname, _, k = key.rpartition(".")
+            osd_state.setdefault(pname, {})[k] = t
+        groups = []
+        for g, cur in zip(optim_meta["param_groups"], current_osd["param_groups"]):
+            groups.append({k: (tuple(v) if isinstance(cur.get(k), tuple) and isinstance(v, list) else v)
+                           for k, v in g.items()})
+        set_optimizer_state_dict(module, optimizer, {"state": osd_state, "param_groups": groups})
+    if rng is not None:
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return meta.get("extra")
