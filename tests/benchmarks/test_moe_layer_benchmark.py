@@ -3,7 +3,9 @@ CPU table keeps its layout, and the TFLOP/s the suite reports count the dense li
 No timing is asserted.
 """
 import importlib.util
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,12 +23,9 @@ def bench():
     return mod
 
 
-def _has_transformers():
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _peer_in(out: str) -> bool:
+    """Whether the run timed transformers' block (installed, version >= 5 and runnable), as it says."""
+    return "its columns are left out" not in out and "transformers" in out and "none (transformers" not in out
 
 
 def test_expert_flops_count_the_dense_limit(bench):
@@ -46,7 +45,7 @@ def test_gpu_suite_table_at_toy_sizes_on_cpu(bench, capsys):
     rows = [line for line in out.splitlines() if re.match(r"\s+\d+ \(\d+, \d+\) \d+ \d+ ", line)]
     # one timing row and one memory row per configuration
     assert len(rows) == 2 * len(bench.TINY_SUITE)
-    peer = _has_transformers()
+    peer = _peer_in(out) and "peer = transformers MixtralSparseMoeBlock" in out
     for line in rows[:len(bench.TINY_SUITE)]:
         cells = line.split()[5:]                   # after the label "E (D, H) k T"
         # dense ms, TF/s, then ratio and TF/s of eager, compiled, transformers, then m/p and mc/p
@@ -62,7 +61,7 @@ def test_profile_mode_prints_the_top_entries_on_cpu(bench, capsys):
                 "--threads", "1"])
     out = capsys.readouterr().out
     blocks = out.split("== profile ")[1:]
-    assert len(blocks) == (2 if _has_transformers() else 1)
+    assert len(blocks) == (2 if _peer_in(out) else 1)
     assert blocks[0].startswith("moekit: E=4 D=16 H=32 T=64 k=2 float32 on cpu") and "self CPU time" in blocks[0]
     lines = [line for line in blocks[0].splitlines()[2:] if line.strip()]
     assert 1 <= len(lines) <= 5
@@ -85,3 +84,17 @@ def test_bad_flag_combinations(bench):
         bench.main(["--gpu-suite", "--profile", "--device", "cpu"])
     with pytest.raises(SystemExit, match="--profile-steps"):
         bench.main(["--profile", "--profile-steps", "0"])
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_its_benchmark_parts_on_cpu(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), DEVICE="cpu", PYTHON=os.environ.get("PYTHON", "python"))
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "suite", "profile"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert {p.name for p in tmp_path.iterdir()} == {"environment.txt", "suite.txt", "profile.txt"}
+    assert "GPU suite" in (tmp_path / "suite.txt").read_text()
+    assert "== profile moekit" in (tmp_path / "profile.txt").read_text()
+    bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "nonsense"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown part" in bad.stderr
