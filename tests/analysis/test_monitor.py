@@ -239,6 +239,10 @@ def test_set_mask_on_own_layers_dropless_capacity_and_expert_choice():
     mon.set_mask(torch.zeros(B, S, dtype=torch.bool))
     own = model["drop"](x, mask)
     torch.testing.assert_close(mon.load_history("drop")[-1], own.metrics["tokens_per_expert"].float())
+    # flattened tokens: the mask's last columns are this forward's tokens (as after a cache)
+    mon.set_mask(mask)
+    model["drop"](x[:, -2:].reshape(-1, D))
+    assert int(mon.records["drop"][-1]["total"]) == int(mask[:, -2:].sum()) * 2
     # a mask that fits no layer input is an error naming the mask
     mon.set_mask(torch.ones(3, S, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask"):

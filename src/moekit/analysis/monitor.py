@@ -140,6 +140,8 @@ class RoutingMonitor:
             m = mask.reshape(-1)
         elif mask.dim() == 2 and len(lead) == 2 and mask.shape[0] == lead[0] and mask.shape[1] >= lead[1]:
             m = mask[:, mask.shape[1] - lead[1]:].reshape(-1)    # cached tokens first, this forward's last
+        elif mask.dim() == 2 and len(lead) == 1 and T % mask.shape[0] == 0 and T // mask.shape[0] <= mask.shape[1]:
+            m = mask[:, mask.shape[1] - T // mask.shape[0]:].reshape(-1)     # the same, tokens flattened
         else:
             source = "set_mask" if self._mask is not None else "the model's attention_mask"
             raise ValueError(f"mask: the token mask from {source} has shape {tuple(mask.shape)}, which does not "
