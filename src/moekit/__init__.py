@@ -1,20 +1,23 @@
 """moekit — Mixture-of-Experts layers, routers, losses and paper reproductions for PyTorch.
 
-Shape-suffix legend used across the package (``x_TD`` is a (T, D) tensor; files add their own letters):
+Shape-suffix legend, one meaning per letter, package-wide (``x_TD`` is a (T, D) tensor; files use
+these letters and no others of their own):
   T tokens · D model dim · H expert hidden dim · E experts · K experts per token (top-k) ·
   A flat (token, expert) assignments · R rows handed to the experts (grouped by expert) ·
-  C capacity (slots per expert) · G routing groups · N tokens per group · S slots per expert ·
-  Z = E·S slots · B batch · L sequence length or classes · V vocabulary.
+  C capacity (assignments per expert) · G routing groups · N tokens per group · S slots per expert ·
+  Z = E·S slots · P expert groups · Q experts per group · B batch · L sequence length ·
+  V vocabulary · Y classes.
 """
-from . import checkpoint, dispatch, experts, losses, routing, stats
+from . import checkpoint, config, dispatch, experts, losses, routing, stats
+from .config import MoEConfig
 from .layers.moe import MoE
-from .routing import ROUTERS, Router, RoutingDecision, build_router
+from .routing import ROUTERS, Router, RoutingPlan, build_router
 from .stats import RoutingStats
 from .types import MoEOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["MoE", "MoEOutput", "ROUTERS", "Router", "RoutingDecision", "RoutingStats", "build_router", "checkpoint", "dispatch",
+__all__ = ["MoE", "MoEConfig", "MoEOutput", "ROUTERS", "Router", "RoutingPlan", "config", "RoutingStats", "build_router", "checkpoint", "dispatch",
            "experts", "losses", "routing", "stats", "__version__"]
 
 

@@ -117,9 +117,11 @@ def vmoe_load_loss(clean_logits_TE: Tensor, noisy_logits_TE: Tensor, noise_std: 
 # Losses from routing statistics (moekit.stats.RoutingStats): per routing group, averaged over groups.
 # ---------------------------------------------------------------------------------------------------
 
-def _group_mean(v_G: Tensor) -> Tensor:
-    """Mean over routing groups; 0 (not NaN) when there is no group."""
-    return v_G.sum() / max(v_G.shape[0], 1)
+def _group_mean(v_G: Tensor, num_tokens_G: Tensor) -> Tensor:
+    """Mean over the routing groups that hold a real token (a group of padding only counts nowhere);
+    0 (not NaN) when there is none."""
+    occupied_G = (num_tokens_G > 0).to(v_G.dtype)
+    return (v_G * occupied_G).sum() / occupied_G.sum().clamp_min(1)
 
 
 def _cv_squared_rows(v_GE: Tensor, eps: float = 1e-10) -> Tensor:
@@ -133,30 +135,30 @@ def switch_loss_from_stats(stats: RoutingStats) -> Tensor:
     n_G1 = stats.num_tokens.clamp_min(1.0)[:, None]
     f_GE = stats.counts / (n_G1 * stats.top_k)
     P_GE = stats.prob_sum / n_G1
-    return _group_mean(stats.num_experts * (f_GE * P_GE).sum(-1))
+    return _group_mean(stats.num_experts * (f_GE * P_GE).sum(-1), stats.num_tokens)
 
 
 def gshard_loss_from_stats(stats: RoutingStats) -> Tensor:
     """GShard's ``E² · mean_e(m_e · ḡ_e)`` per group (``m_e`` top-1 fraction, ``ḡ_e`` mean gate)."""
     n_G1 = stats.num_tokens.clamp_min(1.0)[:, None]
     E = stats.num_experts
-    return _group_mean(E * E * ((stats.top1_counts / n_G1) * (stats.prob_sum / n_G1)).mean(-1))
+    return _group_mean(E * E * ((stats.top1_counts / n_G1) * (stats.prob_sum / n_G1)).mean(-1), stats.num_tokens)
 
 
 def importance_loss_from_stats(stats: RoutingStats) -> Tensor:
     """``CV(Importance)²`` per group, mean over groups."""
-    return _group_mean(_cv_squared_rows(stats.importance))
+    return _group_mean(_cv_squared_rows(stats.importance), stats.num_tokens)
 
 
 def load_loss_from_stats(stats: RoutingStats) -> Tensor | None:
     """``CV(Load)²`` per group, mean over groups (None when the router has no load estimate).
     CV is scale-free, so Shazeer's sum and V-MoE's mean give the same loss."""
-    return None if stats.load is None else _group_mean(_cv_squared_rows(stats.load))
+    return None if stats.load is None else _group_mean(_cv_squared_rows(stats.load), stats.num_tokens)
 
 
 def z_loss_from_stats(stats: RoutingStats) -> Tensor:
     """Router z-loss ``mean_x logsumexp(logits(x))²`` per group, mean over groups."""
-    return _group_mean(stats.z_sum / stats.num_tokens.clamp_min(1.0))
+    return _group_mean(stats.z_sum / stats.num_tokens.clamp_min(1.0), stats.num_tokens)
 
 
 def _stats_from_dense(probs_TE: Tensor, expert_ids_TK: Tensor, logits_TE: Tensor | None = None) -> RoutingStats:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from moekit import MoE
-from moekit.dispatch import capacity_mask, expert_capacity, reference_dispatch, sorted_dispatch
+from moekit.dispatch import Assignments, LocalDispatcher, ReferenceDispatcher, capacity_mask, expert_capacity
 from moekit.experts import GLUExperts, MLPExperts
 
 
@@ -41,15 +41,19 @@ def test_sorted_equals_reference_outputs_and_grads(bank):
     x = torch.randn(T, 8, requires_grad=True)
     ids = torch.stack([torch.randint(0, 4, (T,)), torch.full((T,), 4)], 1)   # expert 4 gets all 2nd slots
     w = torch.rand(T, K, requires_grad=True)
-    tok = torch.arange(T).expand(K, T).reshape(-1)
-    args = (tok, ids.t().reshape(-1))
-    y1 = sorted_dispatch(x, *args, w.t().reshape(-1), experts)
+    grid = Assignments.from_grid(ids, w, 5)
+    flat = Assignments(grid.token_A, grid.expert_A, grid.weight_A, T, 5)      # the same, not as a grid
+    y1 = LocalDispatcher()(x, grid, experts)
     g1 = torch.autograd.grad(y1.square().sum(), [x, w] + list(experts.parameters()))
-    y2 = reference_dispatch(x, *args, w.t().reshape(-1), experts)
+    y3 = LocalDispatcher()(x, flat, experts)
+    g3 = torch.autograd.grad(y3.square().sum(), [x, w] + list(experts.parameters()))
+    y2 = ReferenceDispatcher()(x, grid, experts)
     g2 = torch.autograd.grad(y2.square().sum(), [x, w] + list(experts.parameters()))
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g1, g2):
+    torch.testing.assert_close(y3, y2, rtol=1e-5, atol=1e-5)
+    for a, b, c in zip(g1, g2, g3):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-5)
 
 
 def _pair(**kw):

@@ -7,7 +7,7 @@ import torch
 
 from moekit import MoE, losses as L
 from moekit.dispatch import capacity_mask, expert_capacity
-from moekit.routing import RoutingDecision, build_router
+from moekit.routing import TokenChoicePlan, build_router
 
 # Official case: 3 items, 3 experts, k = 2, capacity 2 (GetTopExpertsPerItemDispatcherTest).
 GATES = torch.tensor([[.4, .0, .2], [.5, .1, .4], [.3, .2, .6]])
@@ -61,7 +61,7 @@ def test_official_importance_gshard_and_load_values():
 def _decision(gates_TE):
     logits = gates_TE.clamp_min(1e-30).log()
     w, ids = gates_TE.topk(2, dim=-1)
-    return RoutingDecision(expert_ids=ids, weights=w, logits=logits, probs=gates_TE)
+    return TokenChoicePlan(expert_ids=ids, weights=w, logits=logits, probs=gates_TE)
 
 
 def test_losses_are_per_group_and_averaged():
@@ -70,8 +70,8 @@ def test_losses_are_per_group_and_averaged():
     both = torch.cat([LOSS_GATES, LOSS_GATES[:, [1, 2, 0]]])
     r = build_router("vmoe", 4, 3, w_importance=1.0, w_load=0.0)
     d = _decision(both)
-    per_group = L.importance_loss_from_stats(r.statistics(d, group_size=4))
-    whole = L.importance_loss_from_stats(r.statistics(d))
+    per_group = L.importance_loss_from_stats(d.statistics(group_size=4))
+    whole = L.importance_loss_from_stats(d.statistics())
     assert per_group.item() == pytest.approx(0.03875, abs=1e-6)
     assert whole.item() == pytest.approx(0.0096875, abs=1e-6)
 

@@ -136,7 +136,7 @@ def test_balancing_loss_equals_transformers_pooled_and_padding_masked():
     # K × moekit's switch loss of the statistics summed over layers (transformers pools the layers)
     total = None
     for b in mh.patched_blocks(patched):
-        s = b.moe.router.statistics(b.last_decision, x["attention_mask"].reshape(-1).bool())
+        s = b.last_decision.statistics(x["attention_mask"].reshape(-1).bool())
         total = s if total is None else total + s
     from moekit.losses import switch_loss_from_stats
     torch.testing.assert_close(got, 2 * switch_loss_from_stats(total))

@@ -158,10 +158,10 @@ def test_gptoss_experts_input_gating_and_gated_shared_by_hand():
     fast, _ = _pair(**VARIANTS["gated_shared"])
     no_shared = MoE(D, H, E, router="topk", top_k=2)
     no_shared.load_state_dict(fast.state_dict(), strict=False)
-    h = x @ fast.shared.w_in[0]
+    h = x @ fast.shared.bank.w_in[0]
     g, u = h.chunk(2, -1)
-    shared = (torch.nn.functional.silu(g) * u) @ fast.shared.w_out[0]
-    want = no_shared(x).y + torch.sigmoid(x @ fast.shared_gate.weight.t()) * shared
+    shared = (torch.nn.functional.silu(g) * u) @ fast.shared.bank.w_out[0]
+    want = no_shared(x).y + torch.sigmoid(x @ fast.shared.gate.weight.t()) * shared
     torch.testing.assert_close(fast(x).y, want, rtol=1e-5, atol=1e-6)
 
 

@@ -55,9 +55,9 @@ def test_shared_experts_added_to_every_token():
     base = MoE(8, 16, 4).eval()
     base.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("shared")})
     x = torch.randn(6, 8)
-    counts = torch.tensor([6])
-    torch.testing.assert_close(layer(x).y, base(x).y + layer.shared(x, counts))
-    assert layer.shared.hidden_dim == 8
+    torch.testing.assert_close(layer(x).y, base(x).y + layer.shared.bank(x, torch.tensor([6])))
+    torch.testing.assert_close(layer.shared(x), layer.shared.bank(x, torch.tensor([6])))
+    assert layer.shared.bank.hidden_dim == 8 and layer.shared.hidden_dim == 4
 
 
 def test_user_module_experts_match_stacked_bank():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from moekit import MoE
-from moekit.routing import ROUTERS, ExpertChoiceRouter, Router, RoutingDecision, build_router
+from moekit.routing import ROUTERS, ExpertChoiceRouter, Router, TokenChoicePlan, build_router
+from moekit.routing.plans import plan_kind
 
 
 class TopOneByNorm(Router):
@@ -20,7 +21,7 @@ class TopOneByNorm(Router):
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, -1)
         w_TK, ids_TK = probs_TE.topk(self.top_k, -1)
-        return RoutingDecision(expert_ids=ids_TK, weights=w_TK, logits=logits_TE, probs=probs_TE)
+        return TokenChoicePlan(expert_ids=ids_TK, weights=w_TK, logits=logits_TE, probs=probs_TE)
 
 
 class MyExpertChoice(ExpertChoiceRouter):
@@ -66,9 +67,8 @@ def test_kind_is_declared_and_checked():
         kind = "expert_choice"
     with pytest.raises(ValueError, match="kind"):
         Liar(4, 2)(torch.randn(3, 4))
-    with pytest.raises(ValueError, match="kind"):
-        RoutingDecision(expert_ids=torch.zeros(1, 1, dtype=torch.long), weights=torch.ones(1, 1),
-                        logits=torch.zeros(1, 2), probs=torch.full((1, 2), 0.5), kind="dense")
+    with pytest.raises(ValueError, match="plan"):
+        plan_kind(object())                     # not a routing plan
     for name, cls in ROUTERS.items():
         assert cls.kind in ("token_choice", "expert_choice", "soft"), name
 

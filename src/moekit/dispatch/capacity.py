@@ -3,7 +3,7 @@
 Legend: T tokens, E experts, K experts per token, A = T·K assignments, C capacity, G routing groups,
 Q queues (one per (group, expert) pair).
 
-Capacity formula (moekit's default): ``C = max(1, ceil(S · k · c / E))`` for a group of S real tokens,
+Capacity formula (moekit's default): ``C = max(1, ceil(N · k · c / E))`` for a group of N real tokens,
 k experts per token and capacity ratio c. V-MoE additionally rounds C up to a multiple of 4 by
 default (``capacity_multiple_of=4`` reproduces it); moekit does not, because that rounding raises the
 effective ratio (by up to 31 % at small capacities in V-MoE's own experiments).
@@ -15,31 +15,26 @@ import math
 import torch
 from torch import Tensor
 
-
-def _check_factor(capacity_factor: float) -> None:
-    if not isinstance(capacity_factor, (int, float)) or isinstance(capacity_factor, bool) or \
-            not math.isfinite(capacity_factor) or capacity_factor <= 0:
-        raise ValueError(f"capacity_factor: must be a positive number or None (dropless), got {capacity_factor!r}")
-
-
-def _check_multiple(multiple_of: int) -> None:
-    if not isinstance(multiple_of, int) or isinstance(multiple_of, bool) or multiple_of < 1:
-        raise ValueError(f"capacity_multiple_of: must be a positive int, got {multiple_of!r}")
+from .. import _validation as V
+from ..config import CapacityConfig
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float,
                     multiple_of: int = 1) -> int:
     """``C = ceil(T · k · c / E)``, rounded up to a multiple of ``multiple_of``; at least 1."""
-    _check_factor(capacity_factor)
-    _check_multiple(multiple_of)
+    V.positive_number("capacity_factor", capacity_factor)
+    V.positive_int("capacity_multiple_of", multiple_of)
     c = max(1, math.ceil(num_tokens * top_k * capacity_factor / num_experts))
     return -(-c // multiple_of) * multiple_of
 
 
 def expert_capacity_tensor(num_tokens_G: Tensor, top_k: int, num_experts: int, capacity_factor: float,
                            multiple_of: int = 1) -> Tensor:
-    """:func:`expert_capacity` for a tensor of per-group token counts, without leaving the device."""
-    c = torch.ceil(num_tokens_G.to(torch.float64) * top_k * capacity_factor / num_experts).clamp_min(1)
+    """:func:`expert_capacity` for a tensor of per-group token counts, without leaving the device.
+    Capped at the group's token count (an expert takes at most one assignment per token), so a huge
+    ratio means "drop nothing" and never overflows the int64 conversion."""
+    n_G = num_tokens_G.to(torch.float64)
+    c = torch.minimum(torch.ceil(n_G * top_k * capacity_factor / num_experts), n_G).clamp_min(1)
     return (torch.ceil(c / multiple_of) * multiple_of).to(torch.long)
 
 
@@ -91,9 +86,9 @@ def capacity_keep(expert_ids_TK: Tensor, num_experts: int, capacity_factor: floa
         raise ValueError("capacity_keep: give exactly one of capacity_factor and capacity")
     T, K = expert_ids_TK.shape
     E = num_experts
-    S = T if group_size is None else group_size
-    G = T // S if S > 0 else 0
-    group_T = torch.arange(T, device=expert_ids_TK.device) // max(S, 1)
+    N = T if group_size is None else group_size
+    G = T // N if N > 0 else 0
+    group_T = torch.arange(T, device=expert_ids_TK.device) // max(N, 1)
     # (group, expert) pairs are independent queues: expert e of group g becomes queue g·E + e.
     queue_TK = expert_ids_TK + (group_T * E)[:, None]
     if mask_T is not None:
@@ -101,8 +96,45 @@ def capacity_keep(expert_ids_TK: Tensor, num_experts: int, capacity_factor: floa
     if capacity is not None:
         return capacity_mask(queue_TK, G * E, capacity, priority_T)
     if mask_T is None:
-        real_G = torch.full((G,), float(S), device=expert_ids_TK.device)
+        real_G = torch.full((G,), float(N), device=expert_ids_TK.device)
     else:
-        real_G = mask_T.reshape(G, S).sum(-1).to(torch.float64) if G else mask_T.new_zeros(0, dtype=torch.float64)
+        real_G = mask_T.reshape(G, N).sum(-1).to(torch.float64) if G else mask_T.new_zeros(0, dtype=torch.float64)
     cap_G = expert_capacity_tensor(real_G, K, E, capacity_factor, multiple_of)
     return capacity_mask(queue_TK, G * E, cap_G.repeat_interleave(E), priority_T)
+
+
+class CapacityPolicy:
+    """Which token-choice assignments the experts take, built from a :class:`~moekit.config.CapacityConfig`:
+    dropless (every assignment of a real token), a capacity ratio or an absolute capacity per routing
+    group, served first choices first (or by descending top-1 gate with Batch Priority Routing).
+
+    :meth:`keep` returns ``keep_TK`` (bool) or None when every assignment is kept."""
+
+    def __init__(self, config: CapacityConfig | None = None):
+        self.config = CapacityConfig() if config is None else config
+        if not isinstance(self.config, CapacityConfig):
+            raise TypeError(f"capacity: expected a CapacityConfig, got {type(self.config).__name__}")
+
+    @property
+    def dropless(self) -> bool:
+        return self.config.dropless
+
+    def keep(self, expert_ids_TK: Tensor, num_experts: int, *, mask_T: Tensor | None = None,
+             group_size: int | None = None, priority_T=None) -> Tensor | None:
+        """``priority_T``: the Batch Priority Routing key (T,), or a function returning it (only called
+        when batch priority is on)."""
+        cfg = self.config
+        if cfg.batch_priority and callable(priority_T):
+            priority_T = priority_T()
+        if cfg.dropless:                                        # padding is never routed
+            return None if mask_T is None else mask_T[:, None].expand(expert_ids_TK.shape)
+        return capacity_keep(expert_ids_TK, num_experts, cfg.factor, capacity=cfg.absolute, mask_T=mask_T,
+                             group_size=group_size, priority_T=priority_T if cfg.batch_priority else None,
+                             multiple_of=cfg.multiple_of)
+
+    def __repr__(self) -> str:
+        c = self.config
+        if c.dropless:
+            return "CapacityPolicy(dropless)"
+        what = f"factor={c.factor:g}, multiple_of={c.multiple_of}" if c.factor is not None else f"capacity={c.absolute}"
+        return f"CapacityPolicy({what}, batch_priority={c.batch_priority})"

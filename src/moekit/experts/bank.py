@@ -2,13 +2,18 @@
 
 Legend: A rows (assignments, sorted by expert), E experts, D model dim, H expert hidden dim.
 
-Every bank has two entry points:
+Every bank has these entry points:
   * ``forward(x_AD, counts_E)`` — the fast path: rows already sorted by expert, ``counts_E`` rows each;
-  * ``forward_dense(x_TD) -> y_ETD`` — every expert on every token; only the reference dispatch
-    (the test oracle) uses it.
+  * ``forward_weighted(x_AD, counts_E, weight_A)`` — the same with each row's combine weight applied
+    (to the output; :class:`InputGated` banks apply it to the input): what dispatchers call;
+  * ``forward_dense(x_TD) -> y_ETD`` / ``forward_dense_weighted(x_TD, combine_TE) -> y_TD`` — every
+    expert on every token; only the reference dispatch (the test oracle) uses them.
+Stacked weights are read through :func:`local`, so a bank whose weights are DTensors sharded over the
+experts (expert parallelism) computes on its own shard.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -16,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _validation as V
+from ..config import ExpertsConfig, Recorded
 from .grouped_mm import grouped_mm
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -29,16 +36,26 @@ def _activation(name: str) -> Callable[[Tensor], Tensor]:
     return ACTIVATIONS[name]
 
 
-def _check_flag(name: str, value: bool) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}: must be a bool, got {value!r}")
-    return value
+def local(w: Tensor) -> Tensor:
+    """The part of a weight this process holds: ``w.to_local()`` for a DTensor, ``w`` otherwise."""
+    to_local = getattr(w, "to_local", None)
+    return w if to_local is None else to_local()
 
 
-def _check_dims(**dims: int) -> None:
-    for name, v in dims.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name}: must be a positive int, got {v!r}")
+def _act_grad(name: str, g: Tensor) -> Tensor:
+    """``act'(g)`` in differentiable operations (the GLU backward under ``create_graph=True``)."""
+    if name == "silu":
+        s = torch.sigmoid(g)
+        return s * (1 + g * (1 - s))
+    if name == "gelu":
+        return 0.5 * (1 + torch.erf(g * 0.5 ** 0.5)) + g * torch.exp(-0.5 * g * g) * (2 * math.pi) ** -0.5
+    if name == "relu":
+        return (g > 0).to(g.dtype)
+    if name == "tanh":
+        return 1 - torch.tanh(g) ** 2
+    if name == "identity":
+        return torch.ones_like(g)
+    raise ValueError(f"activation: no GLU backward for {name!r}; choose one of {sorted(ACTIVATIONS)}")
 
 
 # ``act(h[:, :H]) * h[:, H:]`` as a custom operator with a backward that writes both halves of ``dh``
@@ -99,6 +116,10 @@ def _glu_setup(ctx, inputs, output):
 
 def _glu_bwd(ctx, dy_AH: Tensor):
     (h_A2H,) = ctx.saved_tensors
+    if torch.is_grad_enabled():         # backward of a backward (create_graph=True): differentiable ops
+        gate, up = h_A2H.chunk(2, dim=-1)
+        a = ACTIVATIONS[ctx.act_name](gate)
+        return torch.cat([dy_AH * up * _act_grad(ctx.act_name, gate), dy_AH * a], dim=-1), None
     return _glu_backward(dy_AH.contiguous(), h_A2H, ctx.act_name), None
 
 
@@ -119,12 +140,17 @@ def compute_dtype(x: Tensor, param: Tensor) -> torch.dtype:
     return param.dtype
 
 
-class ExpertBank(nn.Module):
+class ExpertBank(Recorded, nn.Module):
+    """E experts. Subclasses implement ``forward`` and ``forward_dense``; the weighted entry points
+    apply each row's combine weight to the output."""
     num_experts: int
     dim: int
     # Stacked banks: add the expert weights' gradients straight into an existing ``.grad`` (see
     # ``grouped_mm``); a plain attribute, so it can be switched on a bank built elsewhere (``from_hf``).
     fuse_grad_accumulation: bool = False
+    config_exclude = frozenset({"num_experts", "dim", "hidden_dim", "fuse_grad_accumulation"})
+    #: the name this bank's kind has in :data:`EXPERTS`
+    kind: str = "modules"
 
     def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -132,16 +158,39 @@ class ExpertBank(nn.Module):
     def forward_dense(self, x_TD: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def forward_weighted(self, x_AD: Tensor, counts_E: Tensor, weight_A: Tensor,
+                         valid_A: Tensor | None = None) -> Tensor:
+        """``weight_a · expert(x_a)`` for rows sorted by expert; rows where ``valid_A`` is False
+        (padding past the last expert, which the kernels may leave undefined) give 0 and pass no
+        gradient — they are zeroed *before* the weight multiply, whose gradient reads them."""
+        y_AD = self(x_AD, counts_E)
+        if valid_A is not None:
+            y_AD = torch.where(valid_A[:, None], y_AD, torch.zeros_like(y_AD))
+        return y_AD * weight_A[:, None].to(y_AD.dtype)
+
+    def forward_dense_weighted(self, x_TD: Tensor, combine_TE: Tensor) -> Tensor:
+        """``y_t = Σ_e combine[t, e] · expert_e(x_t)``, every expert on every token (the oracle)."""
+        y_ETD = self.forward_dense(x_TD)
+        return torch.einsum("te,etd->td", combine_TE.to(y_ETD.dtype), y_ETD)
+
+    def config(self) -> ExpertsConfig:
+        """The bank's configuration: its kind and every constructor option that changes the output."""
+        return ExpertsConfig(self.kind, self.init_args)
+
 
 class MLPExperts(ExpertBank):
     """E two-layer MLPs ``y = act(x W1_e + b1_e) W2_e + b2_e``; W1: (E, D, H), W2: (E, H, D).
     ``fuse_grad_accumulation`` as for :class:`GLUExperts`."""
 
+    kind = "mlp"
+
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, *, activation: str = "gelu",
                  bias: bool = False, fuse_grad_accumulation: bool = False):
         super().__init__()
-        _check_dims(num_experts=num_experts, dim=dim, hidden_dim=hidden_dim)
-        self.fuse_grad_accumulation = _check_flag("fuse_grad_accumulation", fuse_grad_accumulation)
+        for name, v in (("num_experts", num_experts), ("dim", dim), ("hidden_dim", hidden_dim)):
+            V.positive_int(name, v)
+        self.fuse_grad_accumulation = V.flag("fuse_grad_accumulation", fuse_grad_accumulation)
+        V.flag("bias", bias)
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
         self.activation = activation
         self.act = _activation(activation)
@@ -164,12 +213,12 @@ class MLPExperts(ExpertBank):
         dt = compute_dtype(x_AD, self.w1)
         x_AD = x_AD.to(dt)
         fuse = self.fuse_grad_accumulation
-        h_AH = grouped_mm(x_AD, self.w1.to(dt), counts_E, fuse_grad_accumulation=fuse)
+        h_AH = grouped_mm(x_AD, local(self.w1).to(dt), counts_E, fuse_grad_accumulation=fuse)
         if self.b1 is not None:
-            h_AH = h_AH + _row_bias(self.b1.to(dt), counts_E, x_AD.shape[0])
-        y_AD = grouped_mm(self.act(h_AH), self.w2.to(dt), counts_E, fuse_grad_accumulation=fuse)
+            h_AH = h_AH + _row_bias(local(self.b1).to(dt), counts_E, x_AD.shape[0])
+        y_AD = grouped_mm(self.act(h_AH), local(self.w2).to(dt), counts_E, fuse_grad_accumulation=fuse)
         if self.b2 is not None:
-            y_AD = y_AD + _row_bias(self.b2.to(dt), counts_E, x_AD.shape[0])
+            y_AD = y_AD + _row_bias(local(self.b2).to(dt), counts_E, x_AD.shape[0])
         return y_AD
 
     def forward_dense(self, x_TD: Tensor) -> Tensor:
@@ -201,12 +250,16 @@ class GLUExperts(ExpertBank):
     accumulation); autograd hooks on the expert weights then do not run (``experts.grouped_mm``).
     """
 
+    kind = "glu"
+
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, *, activation: str = "silu",
                  bias: bool = False, alpha: float | None = None, limit: float | None = None,
                  up_offset: float = 0.0, fuse_grad_accumulation: bool = False):
         super().__init__()
-        _check_dims(num_experts=num_experts, dim=dim, hidden_dim=hidden_dim)
-        self.fuse_grad_accumulation = _check_flag("fuse_grad_accumulation", fuse_grad_accumulation)
+        for name, v in (("num_experts", num_experts), ("dim", dim), ("hidden_dim", hidden_dim)):
+            V.positive_int(name, v)
+        self.fuse_grad_accumulation = V.flag("fuse_grad_accumulation", fuse_grad_accumulation)
+        V.flag("bias", bias)
         if alpha is not None and (activation != "silu" or not isinstance(alpha, (int, float)) or
                                   isinstance(alpha, bool) or not math.isfinite(alpha)):
             raise ValueError(f"alpha: a finite number scaling silu's sigmoid (activation='silu'), got alpha={alpha!r} "
@@ -255,12 +308,12 @@ class GLUExperts(ExpertBank):
     def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
         dt = compute_dtype(x_AD, self.w_in)
         fuse = self.fuse_grad_accumulation
-        h_A2H = grouped_mm(x_AD.to(dt), self.w_in.to(dt), counts_E, fuse_grad_accumulation=fuse)
+        h_A2H = grouped_mm(x_AD.to(dt), local(self.w_in).to(dt), counts_E, fuse_grad_accumulation=fuse)
         if self.b_in is not None:
-            h_A2H = h_A2H + _row_bias(self.b_in.to(dt), counts_E, x_AD.shape[0])
-        y_AD = grouped_mm(self._glu(h_A2H), self.w_out.to(dt), counts_E, fuse_grad_accumulation=fuse)
+            h_A2H = h_A2H + _row_bias(local(self.b_in).to(dt), counts_E, x_AD.shape[0])
+        y_AD = grouped_mm(self._glu(h_A2H), local(self.w_out).to(dt), counts_E, fuse_grad_accumulation=fuse)
         if self.b_out is not None:
-            y_AD = y_AD + _row_bias(self.b_out.to(dt), counts_E, x_AD.shape[0])
+            y_AD = y_AD + _row_bias(local(self.b_out).to(dt), counts_E, x_AD.shape[0])
         return y_AD
 
     def forward_dense(self, x_TD: Tensor) -> Tensor:
@@ -284,6 +337,10 @@ class ModuleExperts(ExpertBank):
         self.experts = nn.ModuleList(experts)
         self.num_experts, self.dim = len(experts), dim
 
+    def config(self) -> ExpertsConfig:
+        """User modules are compared by class name (their own settings are theirs)."""
+        return ExpertsConfig("modules", {"classes": [type(m).__qualname__ for m in self.experts]})
+
     def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
         sizes = counts_E.tolist()                   # host read: per-module experts need concrete sizes
         chunks = torch.split(x_AD, sizes + [x_AD.shape[0] - sum(sizes)], dim=0)
@@ -297,22 +354,66 @@ class ModuleExperts(ExpertBank):
         return torch.stack([expert(x_TD) for expert in self.experts], dim=0)
 
 
+class InputGated:
+    """Mixin for an expert bank whose experts take the combine weight on their *input*:
+    ``Σ_k E_k(w_k x)`` (Llama-4), the same as output-side gating only for linear experts. The bank's
+    parameters and kernels are those of the bank class it is mixed into (:func:`input_gated`)."""
+
+    def forward_weighted(self, x_AD: Tensor, counts_E: Tensor, weight_A: Tensor,
+                         valid_A: Tensor | None = None) -> Tensor:
+        x_AD = x_AD * weight_A[:, None].to(x_AD.dtype)
+        if valid_A is None:
+            return self(x_AD, counts_E)
+        x_AD = torch.where(valid_A[:, None], x_AD, torch.zeros_like(x_AD))     # no gradient from padding rows
+        y_AD = self(x_AD, counts_E)
+        return torch.where(valid_A[:, None], y_AD, torch.zeros_like(y_AD))
+
+    def forward_dense_weighted(self, x_TD: Tensor, combine_TE: Tensor) -> Tensor:
+        """``y_t = Σ_{e: combine[t,e] ≠ 0} E_e(combine[t, e] · x_t)``: E dense passes (the oracle)."""
+        y_TD = None
+        for e in range(self.num_experts):
+            c_T1 = combine_TE[:, e:e + 1].to(x_TD.dtype)
+            y_e = self.forward_dense(x_TD * c_T1)[e]
+            y_e = torch.where(c_T1 != 0, y_e, torch.zeros_like(y_e))
+            y_TD = y_e if y_TD is None else y_TD + y_e
+        return y_TD
+
+    def config(self) -> ExpertsConfig:
+        return dataclasses.replace(super().config(), gate_on_input=True)
+
+
+_INPUT_GATED: dict[type, type] = {}
+
+
+def input_gated(cls: type[ExpertBank]) -> type[ExpertBank]:
+    """The input-gated variant of an expert bank class (same constructor and parameter names)."""
+    if not (isinstance(cls, type) and issubclass(cls, ExpertBank)):
+        raise TypeError(f"cls: expected an ExpertBank class, got {cls!r}")
+    if issubclass(cls, InputGated):
+        return cls
+    if cls not in _INPUT_GATED:
+        _INPUT_GATED[cls] = type(f"InputGated{cls.__name__}", (InputGated, cls),
+                                 {"__doc__": f"{cls.__name__} taking the combine weight on the input (InputGated)."})
+    return _INPUT_GATED[cls]
+
+
 EXPERTS: dict[str, type[ExpertBank]] = {"mlp": MLPExperts, "glu": GLUExperts}
 
 
 def build_experts(expert: str | list[nn.Module] | nn.ModuleList | Callable[[], nn.Module], num_experts: int,
-                  dim: int, hidden_dim: int, **options) -> ExpertBank:
+                  dim: int, hidden_dim: int, *, gate_on_input: bool = False, **options) -> ExpertBank:
     """``"mlp"``/``"glu"`` build a stacked bank; a list of modules or a zero-argument factory builds
-    :class:`ModuleExperts`."""
+    :class:`ModuleExperts`; ``gate_on_input`` builds the :func:`input_gated` variant."""
+    wrap = input_gated if V.flag("gate_on_input", gate_on_input) else (lambda cls: cls)
     if isinstance(expert, str):
         if expert not in EXPERTS:
             raise ValueError(f"expert: unknown expert {expert!r}; choose one of {sorted(EXPERTS)}, a list of "
                              "nn.Module, or a factory returning an nn.Module")
-        return EXPERTS[expert](num_experts, dim, hidden_dim, **options)
+        return wrap(EXPERTS[expert])(num_experts, dim, hidden_dim, **options)
     if isinstance(expert, (list, nn.ModuleList)):
         if len(expert) != num_experts:
             raise ValueError(f"expert: got {len(expert)} modules for num_experts={num_experts}")
-        return ModuleExperts(expert, dim)
+        return wrap(ModuleExperts)(expert, dim)
     if callable(expert) and not isinstance(expert, nn.Module):
-        return ModuleExperts([expert() for _ in range(num_experts)], dim)
+        return wrap(ModuleExperts)([expert() for _ in range(num_experts)], dim)
     raise TypeError(f"expert: expected 'mlp', 'glu', a list of nn.Module or a factory, got {type(expert).__name__}")

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from .. import losses as L
 from ..layers.moe import MoE
-from ..routing import RoutingDecision
+from ..config import first_difference
+from ..routing import RoutingPlan
 from ..stats import RoutingStats
 from ..types import MoEOutput
 from .families import Family, family_of, fill
@@ -37,8 +38,24 @@ def from_hf(block: nn.Module) -> MoE:
 
 def to_hf(layer: MoE, block: nn.Module) -> nn.Module:
     """Write ``layer``'s weights into the transformers MoE ``block`` (same family and shapes, e.g. the
-    block ``layer`` came from or a freshly built one). Returns ``block``."""
+    block ``layer`` came from or a freshly built one). Returns ``block``.
+
+    The layer must route as the block does: its configuration is compared, as a whole, with the
+    configuration of the layer :func:`from_hf` builds for ``block``, and a mismatch (e.g. a top-1
+    ``switch`` layer into a top-2 renormalised Mixtral block) raises a ``ValueError`` naming the first
+    field that differs — weights that fit are not enough."""
     fam = _family(block)
+    if not isinstance(layer, MoE):
+        raise TypeError(f"layer: expected a moekit.MoE, got {type(layer).__name__}")
+    want, have = fam.build(block).config.to_dict(), layer.config.to_dict()
+    field = first_difference(want, have)
+    if field is not None:
+        def at(d):
+            for part in field.split("."):
+                d = d.get(part, "<missing>") if isinstance(d, dict) else d
+            return d
+        raise ValueError(f"layer: routes differently from the {fam.name} block: {field} is {at(have)!r}, the "
+                         f"block needs {at(want)!r}")
     names = fam.read(block).keys()
     state = dict(layer.named_parameters())
     state.update(dict(layer.named_buffers()))
@@ -78,7 +95,7 @@ class _Tracked(nn.Module):
         super().__init__()
         self.moe = moe
         self.last_output: MoEOutput | None = None
-        self.last_decision: RoutingDecision | None = None
+        self.last_decision: RoutingPlan | None = None
         self.last_group_size: int | None = None
         moe.router.register_forward_hook(self._keep_decision)
 
@@ -221,7 +238,7 @@ def balancing_loss(model: nn.Module, attention_mask: Tensor | None = None) -> Te
             if attention_mask.numel() != T:
                 raise ValueError(f"attention_mask: {attention_mask.numel()} entries for {T} routed tokens")
             mask_T = attention_mask.reshape(-1).to(device=d.logits.device).bool()
-        stats = b.moe.router.statistics(d, mask_T, b.last_group_size)
+        stats = d.statistics(mask_T, b.last_group_size)
         total = stats if total is None else total + stats
         K = b.moe.top_k
     return K * L.switch_loss_from_stats(total)

@@ -75,9 +75,9 @@ def load_moe_state_dict(layer: MoE, source: str | os.PathLike | Mapping[str, Ten
         for sname in ("shared_expert", "shared_experts"):
             if f"{sname}.{gate}.weight" in sd:
                 w_in = torch.cat([sd[f"{sname}.{gate}.weight"], sd[f"{sname}.{up}.weight"]], 0).t()
-                t["shared.w_in"], t["shared.w_out"] = w_in[None], sd[f"{sname}.{down}.weight"].t()[None]
+                t["shared.bank.w_in"], t["shared.bank.w_out"] = w_in[None], sd[f"{sname}.{down}.weight"].t()[None]
     if "shared_expert_gate.weight" in sd:
-        t["shared_gate.weight"] = sd["shared_expert_gate.weight"]
+        t["shared.gate.weight"] = sd["shared_expert_gate.weight"]
     expected = set(dict(layer.named_parameters()))
     missing = sorted(expected - set(t))
     if missing:

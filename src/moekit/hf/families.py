@@ -74,13 +74,13 @@ def _write_stacked_glu(experts: nn.Module, t: dict[str, Tensor]) -> None:
     _copy(experts.down_proj, _t(t["experts.w_out"]))
 
 
-def _gated_mlp(mlp: nn.Module, prefix: str = "shared") -> dict[str, Tensor]:
+def _gated_mlp(mlp: nn.Module, prefix: str = "shared.bank") -> dict[str, Tensor]:
     """A gate_proj/up_proj/down_proj MLP as a one-expert GLU bank."""
     w_in = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0).detach().t()[None]
     return {f"{prefix}.w_in": w_in, f"{prefix}.w_out": mlp.down_proj.weight.detach().t()[None]}
 
 
-def _write_gated_mlp(mlp: nn.Module, t: dict[str, Tensor], prefix: str = "shared") -> None:
+def _write_gated_mlp(mlp: nn.Module, t: dict[str, Tensor], prefix: str = "shared.bank") -> None:
     gate_w, up_w = t[f"{prefix}.w_in"][0].t().chunk(2, 0)
     _copy(mlp.gate_proj.weight, gate_w)
     _copy(mlp.up_proj.weight, up_w)
@@ -172,14 +172,14 @@ def _qwen2_build(b):
 
 def _qwen2_read(b):
     return {"router.gate.weight": b.gate.weight.detach(), **_stacked_glu(b.experts), **_gated_mlp(b.shared_expert),
-            "shared_gate.weight": b.shared_expert_gate.weight.detach()}
+            "shared.gate.weight": b.shared_expert_gate.weight.detach()}
 
 
 def _qwen2_write(b, t):
     _copy(b.gate.weight, t["router.gate.weight"])
     _write_stacked_glu(b.experts, t)
     _write_gated_mlp(b.shared_expert, t)
-    _copy(b.shared_expert_gate.weight, t["shared_gate.weight"])
+    _copy(b.shared_expert_gate.weight, t["shared.gate.weight"])
 
 
 _Q3NEXT = "transformers.models.qwen3_next.modeling_qwen3_next"

@@ -1,28 +1,34 @@
 """Hierarchical sparsely-gated MoE (Shazeer et al. 2017, appendix B), built on the core pieces.
 
-Legend: T tokens, D model dim, H expert hidden dim, P primary groups, B experts per group,
-E = P·B experts, K1 groups per token, K2 experts per group, A assignments = T·K1·K2.
+Legend: T tokens, D model dim, H expert hidden dim, P primary groups (expert groups), Q experts per
+group, E = P·Q experts, K experts per token (= K1·K2: K1 groups per token, K2 experts per group),
+R rows (the T·K1 chosen (token, group) pairs, sorted by group).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _validation as V
 from .. import losses as L
-from ..dispatch import DISPATCHERS, Assignments, expert_counts
-from ..experts import build_experts
-from ..routing.base import RoutingDecision, check_top_k, check_weight
+from ..dispatch import DISPATCHERS, CapacityPolicy, counts_from_sorted, invert_permutation, permute_rows
+from ..experts import build_experts, grouped_mm
+from ..routing.base import check_top_k
 from ..routing.noisy_topk import NoisyTopKRouter
+from ..routing.plans import TokenChoicePlan
 from ..types import MoEOutput
-from .moe import routing_metrics
 
 
 class HierarchicalMoE(nn.Module):
     """``y = Σ_i Σ_j G_primary(x)_i · G_i(x)_j · E_ij(x)`` with noisy top-k gates at both levels.
 
     The primary gate and the P secondary gates are core :class:`~moekit.routing.NoisyTopKRouter` s
-    (zero-initialised, noise only in training, drawn from ``generator`` when given); the E = P·B
-    experts run through the core token dispatcher. Balancing uses the hierarchical importance and
+    (zero-initialised, noise only in training, drawn from ``generator`` when given). A secondary gate
+    is computed only for the groups a token was routed to — T·K1 rows through one grouped matmul, not
+    T·P — so the routing cost does not grow with the number of groups. The two levels form a
+    token-choice plan over the E = P·Q experts (combine weight ``G_i · G_ij``, router distribution
+    ``softmax_primary(x)_i · softmax_i(x)_j``) that runs through the core dispatcher. Balancing uses the hierarchical importance and
     load of the paper:
     ``Importance_H(X)_ij = Σ_x G_primary(x)_i G_i(x)_j`` and
     ``Load_H(X)_ij = Load_primary(X)_i · Load_i(X^(i))_j / |X^(i)|`` (X^(i): the tokens routed to group i —
@@ -41,8 +47,8 @@ class HierarchicalMoE(nn.Module):
         self.dim, self.P, self.B = dim, num_groups, experts_per_group
         self.k1, self.k2 = top_k_groups, top_k_experts
         self.num_experts = num_groups * experts_per_group
-        self.w_importance = check_weight("w_importance", w_importance)
-        self.w_load = check_weight("w_load", w_load)
+        self.w_importance = V.non_negative_number("w_importance", w_importance)
+        self.w_load = V.non_negative_number("w_load", w_load)
         self.dispatcher = DISPATCHERS[dispatch]()
         # The routers' own losses are off: the hierarchical losses below combine their statistics.
         quiet = dict(w_importance=0.0, w_load=0.0)
@@ -67,41 +73,52 @@ class HierarchicalMoE(nn.Module):
 
         # Primary gate over groups: (T, K1) groups and gates; its statistics hold Load_primary.
         d1 = self.primary(x_TD, mask_T, generator=generator)
-        routed_TP = torch.zeros(T, P, dtype=torch.bool, device=x.device).scatter(1, d1.expert_ids, True)
-        if mask_T is not None:
-            routed_TP &= mask_T[:, None]
-        # Secondary gates: router i routes every token, its statistics count X^(i) only.
-        d2 = [self.secondary[i](x_TD, routed_TP[:, i], generator=generator) for i in range(P)]
-        sub_TPK2 = torch.stack([d.expert_ids for d in d2], 1)
-        subgate_TPK2 = torch.stack([d.weights for d in d2], 1)
+        K1, K2 = self.k1, self.k2
+        # Secondary gates for the chosen (token, group) pairs only, slot-major r = k1·T + t, by group.
+        group_R = d1.expert_ids.t().reshape(-1)
+        order_R = torch.argsort(group_R, stable=True)
+        inverse_R = invert_permutation(order_R)
+        counts_P = counts_from_sorted(group_R.index_select(0, order_R), P)
+        rows_RD = x_TD.index_select(0, torch.remainder(order_R, max(T, 1)))
+        dt = self.primary.routing_dtype(x_TD)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            rows_RD = rows_RD.to(dt)
 
-        # Assignments: (token, group i in its top K1, expert j in group i's top K2), weight G_i · G_ij.
-        idx = d1.expert_ids[..., None].expand(T, self.k1, self.k2)
-        expert_TK1K2 = d1.expert_ids[..., None] * B + sub_TPK2.gather(1, idx)
-        weight_TK1K2 = d1.weights[..., None] * subgate_TPK2.gather(1, idx)
-        if mask_T is not None:
-            expert_TK1K2 = torch.where(mask_T[:, None, None], expert_TK1K2, torch.full_like(expert_TK1K2, E))
-        token_A = torch.arange(T, device=x.device)[:, None, None].expand_as(expert_TK1K2).reshape(-1)
-        a = Assignments(token_A, expert_TK1K2.reshape(-1), weight_TK1K2.reshape(-1), T, E,
-                        may_skip=mask_T is not None)
-        rows, counts, state = self.dispatcher.dispatch(x_TD, a)                        # dispatch
-        y_TD = self.dispatcher.combine(self.dispatcher.compute(self.experts, rows, counts, state), state)
+            def logits(weights):             # (P, Q, D) gate matrices -> (R, Q) logits in pair order
+                out_RQ = grouped_mm(rows_RD, torch.stack(list(weights)).to(dt).transpose(1, 2), counts_P)
+                return permute_rows(out_RQ, inverse_R, order_R)
+
+            clean_RQ = self.primary.assert_finite(logits(r.gate.weight for r in self.secondary))
+            std_RQ = noisy_RQ = None
+            if self.training:
+                std_RQ = F.softplus(logits(r.noise.weight for r in self.secondary)) + NoisyTopKRouter.noise_eps
+                noisy_RQ = clean_RQ + self.primary.randn_like(clean_RQ, generator) * std_RQ
+        h_RQ = clean_RQ if noisy_RQ is None else noisy_RQ
+        top_RK2, sub_RK2 = h_RQ.topk(K2, dim=-1)
+        subgate_RK2 = torch.softmax(top_RK2, dim=-1)
+        real_R = torch.ones_like(group_R, dtype=clean_RQ.dtype) if mask_T is None else mask_T.to(clean_RQ.dtype).repeat(K1)
+        # Load_i(X^(i))_j: the secondary smooth load summed over the tokens routed to group i.
+        load_RQ = L.shazeer_load_per_token(clean_RQ, h_RQ, std_RQ, K2) * real_R[:, None]
+        load_PQ = torch.zeros(P, B, dtype=load_RQ.dtype, device=x.device).index_add(0, group_R, load_RQ)
+        n_P = torch.zeros(P, dtype=load_RQ.dtype, device=x.device).index_add(0, group_R, real_R)
+
+        # Assignments (token, group i in its top K1, expert j in group i's top K2), weight G_i · G_ij.
+        expert_TK1K2 = (group_R[:, None] * B + sub_RK2).view(K1, T, K2).permute(1, 0, 2)
+        weight_TK1K2 = d1.weights[..., None] * subgate_RK2.view(K1, T, K2).permute(1, 0, 2)
+        # Both levels renormalise over their top k, so the gates G_i·G_ij form a distribution over the
+        # E experts: it is the plan's router distribution (its log stands for the logits).
+        gates_TE = torch.zeros(T, E, dtype=weight_TK1K2.dtype, device=x.device).scatter(
+            1, expert_TK1K2.reshape(T, -1), weight_TK1K2.reshape(T, -1))
+        plan = TokenChoicePlan(logits=torch.log(gates_TE.clamp_min(1e-30)), probs=gates_TE,
+                               expert_ids=expert_TK1K2.reshape(T, -1), weights=weight_TK1K2.reshape(T, -1), gates=gates_TE)
+        y_TD, metrics = plan.run(x_TD, self.experts, self.dispatcher, CapacityPolicy(), mask_T=mask_T)
 
         # Hierarchical importance and load.
-        gates_TE = torch.zeros(T, E + 1, dtype=weight_TK1K2.dtype, device=x.device).index_put(
-            (token_A, a.expert_A), a.weight_A, accumulate=True)[:, :E]
-        importance_E = gates_TE.sum(0)
+        importance_E = (gates_TE if mask_T is None else gates_TE * mask_T[:, None]).sum(0)
         load_P = d1.stats.load[0]                                                      # (P,)
-        load_PB = torch.stack([d.stats.load[0] for d in d2])                           # (P, B) over X^(i)
-        n_P1 = torch.stack([d.stats.num_tokens[0] for d in d2])[:, None].clamp_min(1.0)
-        load_E = (load_P[:, None] * load_PB / n_P1).reshape(-1)
+        load_E = (load_P[:, None] * load_PQ / n_P[:, None].clamp_min(1.0)).reshape(-1)
         imp_loss, load_loss = L.cv_squared(importance_E), L.cv_squared(load_E)
         aux = self.w_importance * imp_loss + self.w_load * load_loss
-
-        decision = RoutingDecision(expert_ids=expert_TK1K2.reshape(T, -1), weights=weight_TK1K2.reshape(T, -1),
-                                   logits=gates_TE, probs=gates_TE, importance_gates=gates_TE)
-        metrics = routing_metrics(decision, expert_counts(a.expert_A, E), num_tokens=T, mask_T=mask_T)
-        metrics.update(importance_loss=imp_loss.detach(), load_loss=load_loss.detach(),
-                       group_load=load_P.detach())
+        metrics.update(importance_loss=imp_loss.detach(), load_loss=load_loss.detach(), group_load=load_P.detach())
         y_TD = y_TD if mask_T is None else torch.where(mask_T[:, None], y_TD, torch.zeros_like(y_TD))
         return MoEOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]), aux, metrics)

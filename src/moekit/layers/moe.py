@@ -1,70 +1,28 @@
-"""The sparse Mixture-of-Experts layer: router → capacity → dispatch → experts → combine.
+"""The sparse Mixture-of-Experts layer: router → plan → dispatch → experts → combine.
 
-Legend: T tokens, D model dim, H expert hidden dim, E experts, K experts per token, A assignments,
-R rows handed to the experts, G routing groups, N tokens per group, S slots per expert, Z = E·S slots.
+The layer composes built pieces — a router, an expert bank, a capacity policy, optional shared
+experts and a dispatcher — described as a whole by one :class:`~moekit.config.MoEConfig`. Its forward
+has no branch on the kind of routing: the router returns a plan of its kind
+(:mod:`moekit.routing.plans`) and the plan runs itself.
+
+Legend: see ``moekit/__init__.py`` (T tokens, D model dim, E experts, K experts per token).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..dispatch import DISPATCHERS, Assignments, TokenDispatcher, capacity_keep, expert_capacity, expert_counts
-from ..dispatch.capacity import _check_multiple
-from ..experts import ExpertBank, build_experts
-from ..experts.bank import ACTIVATIONS, compute_dtype
-from ..routing import ROUTERS, Router, RoutingDecision, build_router
+from .. import _validation as V
+from ..config import CapacityConfig, ExpertsConfig, MoEConfig, RouterConfig, SharedConfig
+from ..dispatch import DISPATCHERS, CapacityPolicy, TokenDispatcher
+from ..experts import ExpertBank, InputGated, build_experts
+from ..experts.bank import ACTIVATIONS, EXPERTS
+from ..routing import ROUTERS, Router, router_from_config
 from ..types import MoEOutput
-
-
-def _cv(v: Tensor) -> Tensor:
-    v = v.float()
-    if v.numel() <= 1:
-        return torch.zeros((), device=v.device)
-    return v.std(unbiased=False) / (v.mean() + 1e-10)
-
-
-def routing_metrics(decision: RoutingDecision, tokens_per_expert_E: Tensor, dropped: int | Tensor = 0,
-                    total: int | Tensor = 0, skipped: int | Tensor = 0, num_tokens: int | Tensor | None = None,
-                    mask_T: Tensor | None = None) -> dict[str, Tensor]:
-    """Per-expert statistics and balance diagnostics for one forward pass (all detached, no host sync).
-
-    ``tokens_per_expert_E``: executed assignments per expert (for soft routing: slots per expert,
-    reported as ``slots_per_expert``). ``dropped`` counts dropped (token, expert) assignments out of
-    ``total``; ``skipped`` counts tokens that lost *all* their assignments (the layer outputs 0 for
-    them: only the residual carries them) out of ``num_tokens`` real tokens.
-    """
-    probs_TE = decision.probs.detach()
-    device = probs_TE.device
-    ent_T = -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(-1)
-    if mask_T is None:
-        n_real = torch.tensor(float(probs_TE.shape[0]), device=device) if num_tokens is None else \
-            torch.as_tensor(num_tokens, dtype=torch.float32, device=device)
-        entropy = ent_T.sum() / n_real.clamp_min(1)
-    else:
-        m_T = mask_T.to(ent_T.dtype)
-        n_real = m_T.sum().float()
-        entropy = (ent_T * m_T).sum() / n_real.clamp_min(1)
-    load_E = tokens_per_expert_E.detach().float()
-    dropped = torch.as_tensor(dropped, dtype=torch.float32, device=device)
-    total = torch.as_tensor(total, dtype=torch.float32, device=device)
-    skipped = torch.as_tensor(skipped, dtype=torch.float32, device=device)
-    imp_E = decision.stats.importance.detach().sum(0) if decision.stats is not None else \
-        (decision.importance_gates if decision.importance_gates is not None else probs_TE).detach().sum(0)
-    metrics = {
-        "slots_per_expert" if decision.kind == "soft" else "tokens_per_expert": load_E,
-        "dropped_assignments": dropped,
-        "dropped_fraction": dropped / total.clamp_min(1),
-        "skipped_tokens": skipped,
-        "skipped_fraction": skipped / n_real.clamp_min(1),
-        "router_entropy": entropy.float(),
-        "cv_importance": _cv(imp_E),
-        "cv_load": _cv(load_E),
-        "max_over_mean_load": load_E.max() / (load_E.mean() + 1e-10) if load_E.numel() else load_E.sum(),
-        "experts_used": (load_E > 0).sum().float(),
-    }
-    return metrics
+from .shared import SharedExperts
 
 
 def _activation_name(act: Any) -> str:
@@ -90,9 +48,14 @@ def _activation_name(act: Any) -> str:
                      "(approximate='none'), nn.ReLU, nn.Tanh, nn.Identity")
 
 
-def _positive_int(name: str, v: Any) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name}: must be a positive int, got {v!r}")
+
+def _build_dispatcher(dispatch: str | TokenDispatcher) -> TokenDispatcher:
+    if isinstance(dispatch, TokenDispatcher):
+        return dispatch
+    if not isinstance(dispatch, str):
+        raise TypeError(f"dispatch: expected a name {sorted(DISPATCHERS)} or a TokenDispatcher, got "
+                        f"{type(dispatch).__name__}")
+    return DISPATCHERS[V.choice("dispatch", dispatch, sorted(DISPATCHERS))]()
 
 
 class MoE(nn.Module):
@@ -105,38 +68,42 @@ class MoE(nn.Module):
     was formed from — add them over micro-batches and form the loss once with
     ``layer.router.balance_losses(stats)`` for global-batch balancing.
 
+    Two ways to build one: ``MoE.from_config(MoEConfig(...))``, or the keywords below (they go through
+    the same config). ``layer.config`` is the complete configuration of the built layer.
+
     Args:
         router: a name from :data:`moekit.routing.ROUTERS` (``"topk"``, ``"noisy_topk"``, ``"switch"``,
-            ``"vmoe"``, ``"softmax"``, ``"expert_choice"``, ``"soft"``, ``"sigmoid"``) or a :class:`Router`.
-        expert: ``"glu"`` (SwiGLU), ``"mlp"`` (Linear–act–Linear), a list of E ``nn.Module`` or a
-            factory returning one (slower per-expert path).
+            ``"vmoe"``, ``"softmax"``, ``"expert_choice"``, ``"soft"``, ``"sigmoid"``, ``"scored"``) or a
+            built :class:`~moekit.routing.Router`.
+        expert: ``"glu"`` (SwiGLU), ``"mlp"`` (Linear–act–Linear), a built
+            :class:`~moekit.experts.ExpertBank`, a list of E ``nn.Module`` or a factory returning one
+            (slower per-expert path).
         top_k: experts per token (default: the router family's; the dense softmax router uses all E;
             soft and expert-choice routing take none).
         capacity_factor: ``None`` = dropless. With a number c, each expert takes at most
-            ``C = ceil(S·k·c/E)`` assignments per routing group of S real tokens, first choices before
-            second choices; overflow is dropped (that slot contributes 0, the residual carries the
-            token) and counted in metrics. For ``router="expert_choice"`` it is the router's own
-            capacity factor (default 2).
+            ``C = ceil(N·k·c/E)`` assignments per routing group of N real tokens (capped at N), first
+            choices before second choices; overflow is dropped (that slot contributes 0, the residual
+            carries the token) and counted in metrics. For ``router="expert_choice"`` it is passed on
+            as that router's own ``capacity_factor`` (tokens per expert; default 2).
         capacity_multiple_of: round C up to a multiple of this (V-MoE uses 4; default 1 = no rounding).
         capacity: an absolute capacity instead of a ratio: each expert takes at most this many
-            assignments per routing group, served in the same order (Switch Transformers' ``expert_capacity``
-            per sequence: ``capacity=C, group_size="sequence"``). Exclusive with ``capacity_factor``.
+            assignments per routing group, served in the same order (Switch Transformers'
+            ``expert_capacity`` per sequence: ``capacity=C, group_size="sequence"``).
         group_size: route in groups of this many consecutive tokens: capacity *and* the balancing
-            losses are per group, the losses averaged over groups (V-MoE / GShard). When T is not a
-            multiple, the last group is smaller (padded with masked tokens).
-            ``None`` = the whole batch is one group; for ``router="soft"`` it is the number of tokens that
-            share slots (default: the sequence length ``x.shape[-2]`` for inputs with 3+ dims).
-            ``"sequence"`` = one group per sequence of ``x.shape[-2]`` tokens (inputs with 3+ dims).
+            losses are per group, the losses averaged over the groups that hold a real token (V-MoE /
+            GShard). When T is not a multiple, the last group is padded with masked tokens. ``None`` =
+            one group (soft routing: the tokens of one sequence share slots, ``x.shape[-2]``);
+            ``"sequence"`` = one group per sequence of ``x.shape[-2]`` tokens.
         batch_priority: Batch Priority Routing — serve tokens by descending raw top-1 router
             probability instead of token order (needs a capacity).
-        num_shared_experts / shared_hidden_dim: dense experts applied to every token, added to the output.
-        shared_gate: scale the shared experts' output by ``sigmoid(x w)`` with a learned (D,) ``w``
-            (``self.shared_gate``; Qwen2-MoE, Qwen3-Next).
-        gate_input: apply the combine weight to the expert's *input* instead of its output,
-            ``Σ_k E_k(w_k x)`` (Llama-4); the same as output-side gating only for linear experts.
-        expert_options: extra keywords for a built-in expert bank (e.g. GLU ``bias``, ``alpha``,
+        num_shared_experts / shared_hidden_dim / shared_gate: shared experts
+            (:class:`~moekit.layers.shared.SharedExperts`), optionally gated by ``sigmoid(x w)``.
+        gate_input: the combine weight scales each expert's *input*, ``Σ_k E_k(w_k x)`` (Llama-4;
+            :func:`~moekit.experts.input_gated` banks).
+        activation, bias, expert_options: options of the built-in expert banks (e.g. GLU ``alpha``,
             ``limit``, ``up_offset``: see :class:`~moekit.experts.GLUExperts`).
-        w_importance, w_load, w_switch, w_z: loss coefficients (None = the router family's default).
+        w_importance, w_load, w_switch, w_z: loss coefficients (None = the router family's default);
+            finite and non-negative.
         router_options: extra keywords for the router (e.g. ``{"noise_std": "1/E", "renormalize": False}``);
             unknown names raise a ``ValueError`` listing the valid ones.
         dispatch: ``"sorted"`` (local grouped-matmul dispatcher, default), ``"reference"`` (dense oracle,
@@ -146,109 +113,220 @@ class MoE(nn.Module):
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, top_k: int | None = None, *,
-                 router: str | Router = "topk", expert: str | list[nn.Module] | Callable[[], nn.Module] = "glu",
+                 router: str | Router = "topk", expert: str | ExpertBank | list[nn.Module] | Callable[[], nn.Module] = "glu",
                  capacity_factor: float | None = None, capacity_multiple_of: int = 1, batch_priority: bool = False,
-                 group_size: int | None = None, num_shared_experts: int = 0, shared_hidden_dim: int | None = None,
+                 group_size: int | str | None = None, num_shared_experts: int = 0, shared_hidden_dim: int | None = None,
                  activation: str | None = None, bias: bool = False, dispatch: str | TokenDispatcher = "sorted",
                  router_options: dict[str, Any] | None = None, w_importance: float | None = None,
                  w_load: float | None = None, w_switch: float | None = None, w_z: float | None = None,
                  balance_group=None, capacity: int | None = None, shared_gate: bool = False,
                  gate_input: bool = False, expert_options: dict[str, Any] | None = None):
         super().__init__()
-        for name, v in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
-            _positive_int(name, v)
-        if isinstance(dispatch, str):
-            if dispatch not in DISPATCHERS:
-                raise ValueError(f"dispatch: unknown {dispatch!r}; choose one of {sorted(DISPATCHERS)} or a "
-                                 "TokenDispatcher instance")
-            self.dispatcher: TokenDispatcher = DISPATCHERS[dispatch]()
-        elif isinstance(dispatch, TokenDispatcher):
-            self.dispatcher = dispatch
-        else:
-            raise TypeError(f"dispatch: expected a name {sorted(DISPATCHERS)} or a TokenDispatcher, got "
-                            f"{type(dispatch).__name__}")
-        if not isinstance(num_shared_experts, int) or num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts: must be a non-negative int, got {num_shared_experts!r}")
-        _check_multiple(capacity_multiple_of)
-        self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
-        self.capacity_multiple_of = capacity_multiple_of
-        self.balance_group = balance_group
-        self.ep = None          # expert-parallel placement (moekit.parallel.expert_parallel sets it)
-
-        # --- router -------------------------------------------------------------------------------
+        # --- the router: a name (through its config) or a built router ------------------------------
         options = dict(router_options or {})
-        for name, w in (("w_importance", w_importance), ("w_load", w_load), ("w_switch", w_switch), ("w_z", w_z)):
-            if w is not None:
-                options[name] = w
+        options.update({n: w for n, w in (("w_importance", w_importance), ("w_load", w_load),
+                                          ("w_switch", w_switch), ("w_z", w_z)) if w is not None})
         if isinstance(router, Router):
             if options:
                 raise ValueError("router_options/w_*: configure a Router instance directly, not through MoE")
             if router.num_experts != num_experts or router.dim != dim:
                 raise ValueError(f"router: instance has dim={router.dim}, num_experts={router.num_experts}; "
                                  f"the layer has dim={dim}, num_experts={num_experts}")
-            self.router = router
+            router_cfg = router.config()
         elif isinstance(router, str):
             if router not in ROUTERS:
                 raise ValueError(f"router: unknown router {router!r}; choose one of {sorted(ROUTERS)}")
             if ROUTERS[router].kind == "expert_choice" and capacity_factor is not None:
-                options.setdefault("capacity_factor", capacity_factor)
-            # top_k=None leaves each family its own default (2 for top-k families, 1 for switch).
-            self.router = build_router(router, dim, num_experts, top_k, **options)
+                options.setdefault("capacity_factor", capacity_factor)     # the router's own capacity
+                capacity_factor = None
+            router_cfg = RouterConfig(router, top_k, options)
         else:
-            raise TypeError(f"router: expected a router name {sorted(ROUTERS)} or a Router, got "
-                            f"{type(router).__name__}")
-        self.top_k = self.router.top_k
-        self.kind = self.router.kind                      # declared by the router, never by class name
-
-        # --- capacity and groups --------------------------------------------------------------------
-        self.batch_priority = False
-        self.capacity_factor: float | None = None
-        if capacity_factor is not None and self.kind != "expert_choice":
-            self.set_capacity_factor(capacity_factor)
-        self.capacity: int | None = None
-        if capacity is not None:
-            _positive_int("capacity", capacity)
-            if capacity_factor is not None:
-                raise ValueError("capacity: give either capacity (absolute) or capacity_factor (a ratio), not both")
-            if self.kind != "token_choice" or not self.router.supports_capacity:
-                raise ValueError(f"capacity: needs a token-choice router that supports capacity; "
-                                 f"{type(self.router).__name__} makes {self.kind} decisions")
-            self.capacity = capacity
-        if group_size == "sequence":
-            if self.kind == "expert_choice":
-                raise ValueError("group_size: expert-choice routing picks tokens from the whole batch; use None")
-        elif group_size is not None:
-            _positive_int("group_size", group_size)
-            if self.kind == "expert_choice":
-                raise ValueError("group_size: expert-choice routing picks tokens from the whole batch; use None")
-        self.group_size = group_size
-        self.set_batch_priority(bool(batch_priority))
-
-        # --- experts ------------------------------------------------------------------------------
-        expert_opts: dict[str, Any] = {}
+            raise TypeError(f"router: expected a router name {sorted(ROUTERS)} or a Router, got {type(router).__name__}")
+        # --- the experts: a kind name (through its config) or built modules ---------------------------
+        V.flag("gate_input", gate_input)
         if isinstance(expert, str):
+            expert_opts = dict(expert_options or {})
             if activation is not None:
                 expert_opts["activation"] = activation
             if bias:
                 expert_opts["bias"] = bias
-            expert_opts.update(expert_options or {})
-        elif expert_options:
-            raise ValueError("expert_options: only for the built-in expert banks ('mlp', 'glu')")
-        if not isinstance(gate_input, bool) or (gate_input and self.kind != "token_choice"):
-            raise ValueError(f"gate_input: a bool, True only for token-choice routers; got {gate_input!r} "
-                             f"with {self.kind} routing")
-        self.gate_input = gate_input
-        self.experts: ExpertBank = build_experts(expert, num_experts, dim, hidden_dim, **expert_opts)
-        self.shared: ExpertBank | None = None
-        if num_shared_experts > 0:
-            kind = expert if isinstance(expert, str) else "mlp"
-            shared_h = (shared_hidden_dim or hidden_dim) * num_shared_experts
-            self.shared = build_experts(kind, 1, dim, shared_h, **expert_opts)
-        self.shared_gate: nn.Linear | None = None
-        if shared_gate:
-            if self.shared is None:
-                raise ValueError("shared_gate: needs num_shared_experts > 0")
-            self.shared_gate = nn.Linear(dim, 1, bias=False)
+            experts_cfg = ExpertsConfig(expert, expert_opts, gate_on_input=gate_input)
+        elif expert_options or activation is not None or bias:
+            raise ValueError("expert_options/activation/bias: only for the built-in expert banks ('mlp', 'glu')")
+        else:
+            experts_cfg = ExpertsConfig("modules", {}, gate_on_input=gate_input)
+        config = MoEConfig(dim, hidden_dim, num_experts, router_cfg, experts_cfg,
+                           CapacityConfig(capacity_factor, capacity, capacity_multiple_of, batch_priority),
+                           SharedConfig(num_shared_experts, shared_hidden_dim, shared_gate), group_size)
+        self._assemble(config, router=router if isinstance(router, Router) else None,
+                       experts=None if isinstance(expert, str) else expert, dispatch=dispatch, balance_group=balance_group)
+
+    @classmethod
+    def from_config(cls, config: MoEConfig, *, dispatch: str | TokenDispatcher = "sorted", balance_group=None) -> "MoE":
+        """Build the layer a :class:`~moekit.config.MoEConfig` describes (registered routers, built-in
+        expert banks). ``MoE.from_config(layer.config)`` builds a layer that computes what ``layer``
+        computes (with fresh weights)."""
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config: expected a MoEConfig, got {type(config).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._assemble(config, dispatch=dispatch, balance_group=balance_group)
+        return layer
+
+    def _assemble(self, config: MoEConfig, *, router: Router | None = None, experts=None,
+                  dispatch: str | TokenDispatcher = "sorted", balance_group=None) -> None:
+        """Build every piece from ``config`` (``router``/``experts``: pieces built by the caller) and
+        check that they fit together, before any of them is attached."""
+        dim, hidden, E = config.dim, config.hidden_dim, config.num_experts
+        router = router_from_config(config.router, dim, E) if router is None else router
+        ecfg = config.experts
+        if experts is None:
+            if ecfg.kind not in EXPERTS:
+                raise ValueError(f"expert: {ecfg.kind!r} cannot be built from a configuration; choose one of "
+                                 f"{sorted(EXPERTS)} or pass the expert modules")
+            experts = build_experts(ecfg.kind, E, dim, hidden, gate_on_input=ecfg.gate_on_input, **ecfg.options)
+        elif not isinstance(experts, ExpertBank):
+            experts = build_experts(experts, E, dim, hidden, gate_on_input=ecfg.gate_on_input)
+        elif ecfg.gate_on_input and not isinstance(experts, InputGated):
+            raise ValueError("gate_input: a built bank takes the combine weight on its input only if built so: "
+                             "use moekit.experts.input_gated(BankClass)(...)")
+        if experts.num_experts != E or experts.dim != dim:
+            raise ValueError(f"expert: bank has num_experts={experts.num_experts}, dim={experts.dim}; the layer has "
+                             f"num_experts={E}, dim={dim}")
+        if ecfg.gate_on_input and router.kind == "soft":
+            raise ValueError("gate_input: soft routing mixes tokens into slots with no per-row combine weight; "
+                             "use a token-choice or expert-choice router")
+        cap = config.capacity
+        if not cap.dropless and (router.kind != "token_choice" or not router.supports_capacity):
+            raise ValueError(f"capacity_factor/capacity: {type(router).__name__} ({router.kind} routing) drops nothing "
+                             "and takes no capacity; use None")
+        if config.group_size is not None and router.kind == "expert_choice":
+            raise ValueError("group_size: expert-choice routing picks tokens from the whole batch; use None")
+        shared = None
+        if config.shared.num_experts > 0:
+            kind = ecfg.kind if ecfg.kind in EXPERTS else "mlp"
+            units = (config.shared.hidden_dim or hidden) * config.shared.num_experts
+            bank = build_experts(kind, 1, dim, units, **(ecfg.options if ecfg.kind in EXPERTS else {}))
+            shared = SharedExperts(bank, config.shared)
+        self.dim, self.hidden_dim, self.num_experts = dim, hidden, E
+        self.group_size = config.group_size
+        self.router, self.experts, self.shared = router, experts, shared
+        self.capacity = CapacityPolicy(cap)
+        self.dispatcher = _build_dispatcher(dispatch)
+        self.balance_group = balance_group
+
+    # ---- configuration ---------------------------------------------------------------------------
+    @property
+    def config(self) -> MoEConfig:
+        """The complete configuration of the layer as built (assembled from its pieces)."""
+        return MoEConfig(self.dim, self.hidden_dim, self.num_experts, self.router.config(), self.experts.config(),
+                         self.capacity.config, SharedConfig() if self.shared is None else self.shared.config(),
+                         self.group_size)
+
+    @property
+    def kind(self) -> str:
+        """The kind of routing decision the router makes (``token_choice``, ``expert_choice``, ``soft``)."""
+        return self.router.kind
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    @property
+    def capacity_factor(self) -> float | None:
+        return self.capacity.config.factor
+
+    @property
+    def batch_priority(self) -> bool:
+        return self.capacity.config.batch_priority
+
+    def set_capacity_factor(self, capacity_factor: float | None) -> None:
+        """Change the capacity ratio, e.g. at evaluation time (V-MoE evaluates at several c)."""
+        cfg = dataclasses.replace(self.capacity.config, factor=capacity_factor,
+                                  absolute=None if capacity_factor is not None else self.capacity.config.absolute)
+        if not cfg.dropless and (self.kind != "token_choice" or not self.router.supports_capacity):
+            raise ValueError(f"capacity_factor: {type(self.router).__name__} ({self.kind} routing) drops "
+                             "nothing and takes no capacity; use None")
+        self.capacity = CapacityPolicy(cfg)
+
+    def set_batch_priority(self, batch_priority: bool) -> None:
+        """Switch Batch Priority Routing on or off (it needs a capacity)."""
+        if not isinstance(batch_priority, bool):
+            raise TypeError(f"batch_priority: expected a bool, got {type(batch_priority).__name__}")
+        self.capacity = CapacityPolicy(dataclasses.replace(self.capacity.config, batch_priority=batch_priority))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
+                f"top_k={self.top_k}, kind={self.kind}, capacity={self.capacity}, "
+                f"group_size={self.group_size}, dispatcher={type(self.dispatcher).__name__}")
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def forward(self, x: Tensor, mask: Tensor | None = None, *,
+                generator: torch.Generator | None = None) -> MoEOutput:
+        mask_T = self._check_input(x, mask)
+        T = x.reshape(-1, self.dim).shape[0]
+        x_TD, mask_T, group_size = self._routing_groups(x, mask_T)       # (T + padding, D)
+        plan = self.router(x_TD, mask_T, generator=generator, group_size=group_size,   # router -> plan
+                           stats_group=self.balance_group)
+        y_TD, metrics = plan.run(x_TD, self.experts, self.dispatcher, self.capacity,  # dispatch, experts, combine
+                                 mask_T=mask_T, group_size=group_size)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        if mask_T is not None:                                     # masked tokens: output exactly 0
+            y_TD = torch.where(mask_T[:, None], y_TD, torch.zeros_like(y_TD))
+        y_TD = y_TD[:T]
+        return MoEOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]), plan.aux_loss, {**metrics, **plan.metrics},
+                         plan.stats)
+
+    def _check_input(self, x: Tensor, mask: Tensor | None) -> Tensor | None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"x: last dimension must be dim={self.dim}, got shape {tuple(x.shape)}")
+        param = next(self.experts.parameters(), None)
+        if param is not None and x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x: dtype {x.dtype} does not match the layer's parameters ({param.dtype}); cast "
+                            "the input or the layer (layer.to(dtype)), or run under torch.autocast")
+        if mask is None:
+            return None
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask: expected a bool tensor broadcastable to {tuple(x.shape[:-1])}, got "
+                            f"{type(mask).__name__}")
+        try:
+            mask = torch.broadcast_to(mask, x.shape[:-1])
+        except RuntimeError:
+            raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to x.shape[:-1] = "
+                             f"{tuple(x.shape[:-1])}") from None
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask: expected dtype torch.bool (True = real token), got {mask.dtype}")
+        return mask.reshape(-1).to(x.device)
+
+    def _routing_groups(self, x: Tensor, mask_T: Tensor | None) -> tuple[Tensor, Tensor | None, int | None]:
+        """Flatten ``x`` to tokens, pad the last routing group with masked tokens, and zero the
+        masked tokens (whatever they hold — even NaN — counts nowhere)."""
+        x_TD = x.reshape(-1, self.dim)
+        T = x_TD.shape[0]
+        group_size = self.group_size
+        if group_size == "sequence" or (group_size is None and self.router.groups_by_sequence):
+            if x.dim() < 3:
+                if group_size == "sequence":
+                    raise ValueError(f"x: group_size='sequence' needs inputs of shape (..., sequence, dim), got "
+                                     f"{tuple(x.shape)}")
+                group_size = None
+            else:
+                group_size = x.shape[-2]
+        if group_size is not None and T <= group_size:
+            group_size = None                        # one (possibly partial) group: no padding needed
+        pad = (-T) % group_size if group_size else 0
+        if pad:
+            x_TD = torch.cat([x_TD, x_TD.new_zeros(pad, self.dim)])
+            real_T = torch.ones(T, dtype=torch.bool, device=x.device) if mask_T is None else mask_T
+            mask_T = torch.cat([real_T, torch.zeros(pad, dtype=torch.bool, device=x.device)])
+        if mask_T is not None:
+            x_TD = torch.where(mask_T[:, None], x_TD, torch.zeros_like(x_TD))
+        return x_TD, mask_T, group_size
 
     @classmethod
     def from_dense(cls, mlp: nn.Module, num_experts: int, top_k: int | None = None, *, noise_std: float = 0.0,
@@ -310,191 +388,3 @@ class MoE(nn.Module):
                     dst.add_(noise * noise_std * src.detach().float().std().to(dst.dtype))
         return layer
 
-    @property
-    def token_choice(self) -> bool:
-        return self.kind == "token_choice"
-
-    @property
-    def soft(self) -> bool:
-        return self.kind == "soft"
-
-    def extra_repr(self) -> str:
-        return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
-                f"top_k={self.top_k}, kind={self.kind}, capacity_factor={self.capacity_factor}, "
-                f"group_size={self.group_size}, dispatcher={type(self.dispatcher).__name__}")
-
-    def set_capacity_factor(self, capacity_factor: float | None) -> None:
-        """Change the capacity ratio, e.g. at evaluation time (V-MoE evaluates at several c)."""
-        if capacity_factor is not None:
-            expert_capacity(1, 1, 1, capacity_factor)            # validates the value
-            if not self.router.supports_capacity:
-                raise ValueError(f"capacity_factor: {type(self.router).__name__} ({self.kind} routing) drops "
-                                 "nothing and takes no capacity; use None")
-        elif self.batch_priority:
-            raise ValueError("capacity_factor: batch_priority needs a capacity; disable it first")
-        self.capacity_factor = capacity_factor
-
-    def set_batch_priority(self, batch_priority: bool) -> None:
-        """Switch Batch Priority Routing on or off (it needs a capacity and a token-choice router)."""
-        if not isinstance(batch_priority, bool):
-            raise TypeError(f"batch_priority: expected a bool, got {type(batch_priority).__name__}")
-        if batch_priority and ((self.capacity_factor is None and getattr(self, "capacity", None) is None)
-                               or not self.token_choice):
-            raise ValueError("batch_priority: needs capacity_factor and a token-choice router")
-        self.batch_priority = batch_priority
-
-    # ------------------------------------------------------------------------------------------
-    def _check_input(self, x: Tensor, mask: Tensor | None) -> Tensor | None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] != self.dim:
-            raise ValueError(f"x: last dimension must be dim={self.dim}, got shape {tuple(x.shape)}")
-        param = next(self.experts.parameters(), None)
-        if param is not None and x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"x: dtype {x.dtype} does not match the layer's parameters ({param.dtype}); cast "
-                            "the input or the layer (layer.to(dtype)), or run under torch.autocast")
-        if mask is None:
-            return None
-        if not isinstance(mask, Tensor):
-            raise TypeError(f"mask: expected a bool tensor broadcastable to {tuple(x.shape[:-1])}, got "
-                            f"{type(mask).__name__}")
-        try:
-            mask = torch.broadcast_to(mask, x.shape[:-1])
-        except RuntimeError:
-            raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to x.shape[:-1] = "
-                             f"{tuple(x.shape[:-1])}") from None
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask: expected dtype torch.bool (True = real token), got {mask.dtype}")
-        return mask.reshape(-1).to(x.device)
-
-    def _group_size(self, x: Tensor) -> int | None:
-        if self.group_size == "sequence":
-            if x.dim() < 3:
-                raise ValueError(f"x: group_size='sequence' needs inputs of shape (..., sequence, dim), got "
-                                 f"{tuple(x.shape)}")
-            return x.shape[-2]
-        if self.kind == "soft" and self.group_size is None:
-            return x.shape[-2] if x.dim() > 2 else None       # soft: the tokens of one sequence share slots
-        return self.group_size
-
-    def forward(self, x: Tensor, mask: Tensor | None = None, *,
-                generator: torch.Generator | None = None) -> MoEOutput:
-        mask_T = self._check_input(x, mask)
-        x_TD = x.reshape(-1, self.dim)
-        group_size = self._group_size(x)
-        T = x_TD.shape[0]
-        if group_size is not None and T <= group_size:
-            group_size = None                        # one (possibly partial) group: no padding needed
-        pad = (-T) % group_size if group_size else 0
-        if pad and self.kind != "expert_choice":   # a last, partial group: pad it with masked tokens
-            x_TD = torch.cat([x_TD, x_TD.new_zeros(pad, self.dim)])
-            real_T = torch.ones(T, dtype=torch.bool, device=x.device) if mask_T is None else mask_T
-            mask_T = torch.cat([real_T, torch.zeros(pad, dtype=torch.bool, device=x.device)])
-        d = self.router(x_TD, mask_T, generator=generator, group_size=group_size,     # router
-                        stats_group=self.balance_group)
-        if d.kind == "soft":
-            y_TD, metrics = self._soft(x_TD, d, mask_T)
-        else:
-            y_TD, metrics = self._sparse(x_TD, d, mask_T, group_size)
-        if mask_T is not None:                                        # masked tokens: output exactly 0
-            y_TD = torch.where(mask_T[:, None], y_TD, torch.zeros_like(y_TD))
-        if self.shared is not None:
-            counts = torch.full((1,), x_TD.shape[0], dtype=torch.long, device=x.device)
-            shared_TD = self.shared(x_TD, counts)
-            if self.shared_gate is not None:
-                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD.to(shared_TD.dtype)))
-            if mask_T is not None:
-                shared_TD = torch.where(mask_T[:, None], shared_TD, torch.zeros_like(shared_TD))
-            y_TD = y_TD + shared_TD
-        if pad:
-            y_TD = y_TD[:T]
-        metrics.update(d.metrics)
-        return MoEOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]), d.aux_loss, metrics, d.stats)
-
-    def _sparse(self, x_TD: Tensor, d: RoutingDecision, mask_T: Tensor | None, group_size: int | None):
-        T, E = x_TD.shape[0], self.num_experts
-        if d.kind == "expert_choice":          # experts picked real tokens only: nothing to drop
-            token_A, expert_A, weight_A = d.assignments()
-            a = Assignments(token_A, expert_A, weight_A, T, E, may_skip=False)
-            picked_T = torch.zeros(T, dtype=torch.bool, device=x_TD.device).index_fill(0, token_A, True)
-            real_T = picked_T.new_ones(T) if mask_T is None else mask_T
-            skipped = (real_T & ~picked_T).sum()
-            dropped, total = 0, token_A.numel()
-        else:
-            ids_TK = d.expert_ids
-            K = ids_TK.shape[-1]
-            keep_TK = None
-            if self.capacity_factor is not None:                      # capacity: drop the overflow
-                keep_TK = capacity_keep(ids_TK, E, self.capacity_factor, mask_T=mask_T, group_size=group_size,
-                                        priority_T=self._priority(d) if self.batch_priority else None,
-                                        multiple_of=self.capacity_multiple_of)
-            elif self.capacity is not None:                           # absolute capacity per group
-                keep_TK = capacity_keep(ids_TK, E, capacity=self.capacity, mask_T=mask_T, group_size=group_size,
-                                        priority_T=self._priority(d) if self.batch_priority else None)
-            elif mask_T is not None:                                  # padding: never routed
-                keep_TK = mask_T[:, None].expand(T, K)
-            if keep_TK is not None:
-                ids_TK = torch.where(keep_TK, ids_TK, torch.full_like(ids_TK, E))   # id E = not executed
-            # Slot-major flat order (all first choices, then all second choices, ...).
-            token_A = torch.arange(T, device=x_TD.device).expand(K, T).reshape(-1)
-            a = Assignments(token_A, ids_TK.t().reshape(-1), d.weights.t().reshape(-1), T, E,
-                            may_skip=keep_TK is not None)
-            n_real = T if mask_T is None else mask_T.sum()
-            total = n_real * K
-            if keep_TK is None:
-                dropped, skipped = 0, 0
-            else:
-                dropped = total - keep_TK.sum()
-                real_T = torch.ones(T, dtype=torch.bool, device=x_TD.device) if mask_T is None else mask_T
-                skipped = (real_T & ~keep_TK.any(dim=-1)).sum()
-        if self.gate_input:          # input-side gating: every assignment is a row E_k(w_k x), weight 1
-            x_AD = x_TD.index_select(0, a.token_A) * a.weight_A[:, None].to(x_TD.dtype)
-            A = a.token_A.shape[0]
-            rows = Assignments(torch.arange(A, device=x_TD.device), a.expert_A, torch.ones_like(a.weight_A), A, E,
-                               may_skip=a.may_skip)
-            rows_RD, counts_E, state = self.dispatcher.dispatch(x_AD, rows)
-            out_AD = self.dispatcher.combine(self.dispatcher.compute(self.experts, rows_RD, counts_E, state), state)
-            y_TD = out_AD.new_zeros(T, out_AD.shape[-1]).index_add(0, a.token_A, out_AD)
-        else:
-            rows_RD, counts_E, state = self.dispatcher.dispatch(x_TD, a)            # dispatch
-            out_RD = self.dispatcher.compute(self.experts, rows_RD, counts_E, state)  # experts
-            y_TD = self.dispatcher.combine(out_RD, state)                         # combine
-        load_E = expert_counts(a.expert_A, E)
-        metrics = routing_metrics(d, load_E, dropped, total, skipped, T, mask_T)
-        return y_TD, metrics
-
-    @staticmethod
-    def _priority(d: RoutingDecision) -> Tensor:
-        """Batch Priority Routing key: the router's raw top-1 gate (V-MoE sorts by it), whatever the
-        renormalisation of the combine weights."""
-        if d.priority is not None:
-            return d.priority
-        return d.probs.detach().max(dim=-1).values
-
-    def _soft(self, x_TD: Tensor, d: RoutingDecision, mask_T: Tensor | None):
-        """Soft MoE: slots (mixtures of a group's tokens) go through the dispatcher as rows already
-        grouped by expert; the outputs are mixed back into tokens by the combine weights."""
-        E, S, D = self.num_experts, self.router.slots_per_expert, self.dim
-        dispatch_GNZ, combine_GNZ = d.slot_dispatch, d.slot_combine
-        G, N = dispatch_GNZ.shape[:2]
-        x_GND = x_TD.reshape(G, N, D)
-        param = next(self.experts.parameters(), None)
-        cdt = x_TD.dtype if param is None else compute_dtype(x_TD, param)
-        slots_GZD = torch.einsum("gnz,gnd->gzd", dispatch_GNZ.to(cdt), x_GND.to(cdt))
-        # Rows grouped by expert: (G, E, S, D) -> (E, G, S, D) -> (E·G·S, D), G·S rows per expert.
-        rows = slots_GZD.view(G, E, S, D).permute(1, 0, 2, 3).reshape(E * G * S, D)
-        R = rows.shape[0]
-        a = Assignments(torch.arange(R, device=x_TD.device),
-                        torch.arange(E, device=x_TD.device).repeat_interleave(G * S),
-                        torch.ones(R, dtype=rows.dtype, device=x_TD.device), R, E)
-        rows_RD, counts_E, state = self.dispatcher.dispatch(rows, a)
-        out_RD = self.dispatcher.compute(self.experts, rows_RD, counts_E, state)
-        out_ZD = self.dispatcher.combine(out_RD, state)
-        Dout = out_ZD.shape[-1]
-        out_GZD = out_ZD.view(E, G, S, Dout).permute(1, 0, 2, 3).reshape(G, E * S, Dout)
-        y_GND = torch.einsum("gnz,gzd->gnd", combine_GNZ.to(out_GZD.dtype), out_GZD)
-        slots_E = torch.full((E,), G * S, dtype=torch.float32, device=x_TD.device)
-        metrics = routing_metrics(d, slots_E, 0, 0, 0, x_TD.shape[0], mask_T)
-        return y_GND.reshape(x_TD.shape[0], Dout), metrics

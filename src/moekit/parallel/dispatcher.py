@@ -7,7 +7,9 @@ Rank p owns experts ``[p·El, (p+1)·El)``. ``dispatch``: sort this rank's assig
 (dropped ones — id E — go last and are not sent), exchange the per-expert counts (one small
 all-to-all; the split sizes are then read on the host, as every variable-size all-to-all must), send
 the rows to their owners with a differentiable all-to-all, and regroup the received rows by local
-expert. ``combine`` reverses both steps and scatter-adds the weighted outputs into the tokens.
+expert (the combine weights travel with the rows: the receiving bank applies them, on its output or,
+for input-gated banks, on its input). ``combine`` reverses both steps and, for token-choice grids,
+gathers the weighted outputs back into the tokens through the inverse permutation (no atomics).
 Gradients flow back through the same collectives, so each rank's experts receive the gradient from
 every rank's tokens.
 """
@@ -20,17 +22,23 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from ..dispatch import Assignments, TokenDispatcher, expert_counts
+from ..dispatch import (Assignments, TokenDispatcher, combine_grid, counts_from_sorted, gather_tokens,
+                        invert_permutation, permute_rows)
 
 
 @dataclass
 class AllToAllState:
-    token_R: Tensor          # (R,) the token each sent row came from
-    weight_R: Tensor         # (R,) its combine weight
+    order_A: Tensor          # (A,) assignments sorted by global expert (not executed ones last)
+    inverse_A: Tensor        # (A,) the sorted position of each assignment
+    token_R: Tensor | None   # (R,) the token of each sent row (assignments that are not a grid)
+    weight_R: Tensor         # (Q,) the combine weight of each received row, grouped by local expert
+    valid_R: None            # every received row is executed
     perm_Q: Tensor           # (Q,) received rows (source-major) -> rows grouped by local expert
+    inv_Q: Tensor            # (Q,) its inverse
     send_splits: list[int]   # rows sent to each rank
     recv_splits: list[int]   # rows received from each rank
     num_tokens: int
+    top_k: int | None
 
 
 def _wait(t: Tensor) -> Tensor:
@@ -51,31 +59,43 @@ class AllToAllDispatcher(TokenDispatcher):
         self.num_experts = num_experts
         self.num_local = num_experts // self.size
 
+    def _exchange(self, v_RX: Tensor, recv: list[int], send: list[int]) -> Tensor:
+        return _wait(all_to_all_single_autograd(v_RX.contiguous(), recv, send, self.group))
+
     def dispatch(self, x_TD: Tensor, a: Assignments):
         P, El = self.size, self.num_local
         order_A = torch.argsort(a.expert_A, stable=True)               # by global expert; dropped last
-        counts_PE = expert_counts(a.expert_A, a.num_experts).view(P, El)
+        inverse_A = invert_permutation(order_A)
+        counts_PE = counts_from_sorted(a.expert_A.index_select(0, order_A), a.num_experts).view(P, El)
         recv_PE = torch.empty_like(counts_PE)
         dist.all_to_all_single(recv_PE.view(-1), counts_PE.reshape(-1).contiguous(), group=self.group)
         send_splits = counts_PE.sum(1).tolist()                         # host read: all-to-all split sizes
         recv_splits = recv_PE.sum(1).tolist()
-        R = sum(send_splits)
-        token_R = a.token_A[order_A[:R]]
-        weight_R = a.weight_A[order_A[:R]]
-        rows_RD = x_TD.index_select(0, token_R)
-        recv_QD = _wait(all_to_all_single_autograd(rows_RD.contiguous(), recv_splits, send_splits, self.group))
+        R, Q = sum(send_splits), sum(recv_splits)
+        token_R = None
+        if a.top_k is not None:                                         # a grid: gather-only backward
+            rows_RD = gather_tokens(x_TD, order_A, inverse_A, a.top_k)[:R]
+        else:
+            token_R = a.token_A.index_select(0, order_A[:R])
+            rows_RD = x_TD.index_select(0, token_R)
+        weight_R = permute_rows(a.weight_A, order_A, inverse_A)[:R]
+        recv_QD = self._exchange(rows_RD, recv_splits, send_splits)
+        recv_Q = self._exchange(weight_R[:, None], recv_splits, send_splits)[:, 0]   # weights travel with rows
         # received rows are source-major, each source's block sorted by local expert: regroup by expert
         local_Q = torch.repeat_interleave(torch.arange(El, device=x_TD.device).repeat(P), recv_PE.reshape(-1),
-                                          output_size=sum(recv_splits))
+                                          output_size=Q)
         perm_Q = torch.argsort(local_Q, stable=True)
-        rows_QD = recv_QD.index_select(0, perm_Q)
-        state = AllToAllState(token_R, weight_R, perm_Q, send_splits, recv_splits, a.num_tokens)
-        return rows_QD, recv_PE.sum(0), state
+        inv_Q = invert_permutation(perm_Q)
+        state = AllToAllState(order_A, inverse_A, token_R, permute_rows(recv_Q, perm_Q, inv_Q), None, perm_Q, inv_Q,
+                              send_splits, recv_splits, a.num_tokens, a.top_k)
+        return permute_rows(recv_QD, perm_Q, inv_Q), recv_PE.sum(0), state
 
     def combine(self, out_QD: Tensor, state: AllToAllState) -> Tensor:
-        back_QD = torch.zeros_like(out_QD).index_copy(0, state.perm_Q, out_QD)   # undo the regrouping
-        out_RD = _wait(all_to_all_single_autograd(back_QD.contiguous(), state.send_splits, state.recv_splits,
-                                                  self.group))
-        out_RD = out_RD * state.weight_R[:, None].to(out_RD.dtype)
+        back_QD = permute_rows(out_QD, state.inv_Q, state.perm_Q)           # undo the regrouping
+        out_RD = self._exchange(back_QD, state.send_splits, state.recv_splits)   # weighted rows, back home
+        if state.top_k is not None:                  # rows not sent (not executed) contribute zeros
+            A = state.order_A.shape[0]
+            out_AD = torch.cat([out_RD, out_RD.new_zeros(A - out_RD.shape[0], out_RD.shape[-1])])
+            return combine_grid(out_AD, state.order_A, state.inverse_A, state.num_tokens, state.top_k)
         y_TD = out_RD.new_zeros(state.num_tokens, out_RD.shape[-1])
         return y_TD.index_add(0, state.token_R, out_RD)

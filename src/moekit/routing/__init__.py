@@ -8,7 +8,8 @@ import inspect
 
 from torch import nn
 
-from .base import Router, RoutingDecision
+from .base import Router
+from .plans import ExpertChoicePlan, RoutingPlan, SoftPlan, TokenChoicePlan
 from .expert_choice import ExpertChoiceRouter
 from .noisy_topk import NoisyTopKRouter
 from .scored import ScoredTopKRouter
@@ -41,7 +42,7 @@ def router_options(cls: type[Router]) -> list[str]:
             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in (
                     "self", "dim", "num_experts", "top_k"):
                 names.add(p.name)
-    return sorted(names)
+    return sorted(names - set(getattr(cls, "fixed_options", ())))
 
 
 def build_router(name: str, dim: int, num_experts: int, top_k: int | None = None, **options) -> Router:
@@ -57,6 +58,15 @@ def build_router(name: str, dim: int, num_experts: int, top_k: int | None = None
     return cls(dim, num_experts, top_k, **options)
 
 
-__all__ = ["router_options", "ROUTERS", "Router", "RoutingDecision", "build_router", "SoftmaxRouter", "NoisyTopKRouter",
+def router_from_config(config, dim: int, num_experts: int) -> Router:
+    """Build the router a :class:`~moekit.config.RouterConfig` describes (registered routers only)."""
+    if config.name not in ROUTERS:
+        raise ValueError(f"router: {config.name!r} is not a registered router ({sorted(ROUTERS)}); register the "
+                         "class in moekit.routing.ROUTERS or pass a Router instance")
+    return build_router(config.name, dim, num_experts, config.top_k, **config.options)
+
+
+__all__ = ["router_options", "ROUTERS", "Router", "RoutingPlan", "TokenChoicePlan", "ExpertChoicePlan", "SoftPlan",
+           "build_router", "router_from_config", "SoftmaxRouter", "NoisyTopKRouter",
            "TopKRouter", "VMoERouter", "SwitchRouter", "ExpertChoiceRouter", "SoftRouter", "SigmoidRouter",
            "ScoredTopKRouter"]

@@ -9,7 +9,9 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Router, RoutingDecision
+from .. import _validation as V
+from .base import Router
+from .plans import ExpertChoicePlan
 
 
 class ExpertChoiceRouter(Router):
@@ -17,15 +19,12 @@ class ExpertChoiceRouter(Router):
     ``C = ceil(T · c / E)`` (capacity factor c, default 2, capped at T). Balanced by construction,
     so no load loss; a token may get 0, 1 or several experts. Combine weight: ``S[token, e]``.
 
-    ``expert_ids``/``weights`` are given densely as (T, E) (weight 0 where the expert did not take
-    the token); the flat assignments carry only the A = E·C real ones.
+    The plan carries the A = E·C assignments.
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int | None = None, *, capacity_factor: float = 2.0,
                  **kwargs):
-        if not isinstance(capacity_factor, (int, float)) or isinstance(capacity_factor, bool) or capacity_factor <= 0:
-            raise ValueError(f"capacity_factor: must be a positive number, got {capacity_factor!r}")
-        self.capacity_factor = float(capacity_factor)
+        self.capacity_factor = V.positive_number("capacity_factor", capacity_factor)
         if top_k is not None:
             raise ValueError(f"top_k: expert_choice routing has no per-token k; leave top_k=None, got {top_k!r}")
         super().__init__(dim, num_experts, 1, **kwargs)
@@ -40,7 +39,7 @@ class ExpertChoiceRouter(Router):
         return max(1, min(num_tokens, math.ceil(num_tokens * self.capacity_factor / self.num_experts)))
 
     def route(self, x_TD: Tensor, *, mask_T: Tensor | None = None, generator: torch.Generator | None = None,
-              group_size: int | None = None) -> RoutingDecision:
+              group_size: int | None = None) -> ExpertChoicePlan:
         if group_size is not None:
             raise ValueError("group_size: expert-choice routing picks tokens from the whole batch; use None")
         logits_TE = self.logits(x_TD)
@@ -52,11 +51,5 @@ class ExpertChoiceRouter(Router):
         _, token_EC = scores_TE.t().topk(C, dim=-1)           # masked tokens (score -1) are never picked
         weight_EC = probs_TE.t().gather(1, token_EC)
         expert_EC = torch.arange(E, device=x_TD.device)[:, None].expand(E, C)
-        dense_TE = torch.zeros_like(probs_TE).index_put((token_EC.reshape(-1), expert_EC.reshape(-1)),
-                                                       weight_EC.reshape(-1))
-        return RoutingDecision(
-            kind="expert_choice",
-            expert_ids=torch.arange(E, device=x_TD.device).expand(T, E), weights=dense_TE,
-            logits=logits_TE, probs=probs_TE,
-            assign_token=token_EC.reshape(-1), assign_expert=expert_EC.reshape(-1),
-            assign_weight=weight_EC.reshape(-1))
+        return ExpertChoicePlan(logits=logits_TE, probs=probs_TE, token_A=token_EC.reshape(-1),
+                                expert_A=expert_EC.reshape(-1), weight_A=weight_EC.reshape(-1))

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import losses as L
-from .base import Router, RoutingDecision
+from .base import Router
+from .plans import TokenChoicePlan
 
 
 class NoisyTopKRouter(Router):
@@ -32,7 +33,7 @@ class NoisyTopKRouter(Router):
         nn.init.zeros_(self.noise.weight)
 
     def route(self, x_TD: Tensor, *, mask_T: Tensor | None = None, generator: torch.Generator | None = None,
-              group_size: int | None = None) -> RoutingDecision:
+              group_size: int | None = None) -> TokenChoicePlan:
         clean_TE = self.logits(x_TD)
         noisy_TE, std_TE = None, None
         if self.training:
@@ -42,11 +43,7 @@ class NoisyTopKRouter(Router):
         top_vals_TK, expert_ids_TK = h_TE.topk(self.top_k, dim=-1)
         weights_TK = torch.softmax(top_vals_TK, dim=-1)
         gates_TE = torch.zeros_like(h_TE).scatter(1, expert_ids_TK, weights_TK)
-        return RoutingDecision(expert_ids=expert_ids_TK, weights=weights_TK, logits=clean_TE,
-                               probs=torch.softmax(clean_TE, dim=-1), noisy_logits=noisy_TE,
-                               noise_std=std_TE, importance_gates=gates_TE,
+        load_TE = L.shazeer_load_per_token(clean_TE, h_TE, std_TE, self.top_k)    # Shazeer's smooth Load(X)
+        return TokenChoicePlan(expert_ids=expert_ids_TK, weights=weights_TK, logits=clean_TE,
+                               probs=torch.softmax(clean_TE, dim=-1), load=load_TE, gates=gates_TE, noisy_logits=noisy_TE,
                                priority=torch.softmax(h_TE.detach(), dim=-1).max(dim=-1).values)
-
-    def load_per_token(self, d: RoutingDecision) -> Tensor:
-        noisy = d.logits if d.noisy_logits is None else d.noisy_logits
-        return L.shazeer_load_per_token(d.logits, noisy, d.noise_std, self.top_k)

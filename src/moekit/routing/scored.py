@@ -30,7 +30,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import Router, RoutingDecision
+from .. import _validation as V
+from .base import Router
+from .plans import TokenChoicePlan
 
 SCORES = ("softmax", "sigmoid")
 
@@ -50,13 +52,12 @@ class ScoredTopKRouter(Router):
                  selection_bias: bool = False, bias_update_rate: float = 1e-3, n_group: int = 1,
                  topk_group: int | None = None, renormalize: bool | float = True, norm_min: float = 1e-20,
                  scale: float = 1.0, jitter: float = 0.0, **kwargs):
-        if score not in SCORES:
-            raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+        V.choice("score", score, SCORES)
+        V.positive_int("num_experts", num_experts)
         if not isinstance(n_group, int) or isinstance(n_group, bool) or n_group < 1 or num_experts % n_group:
             raise ValueError(f"n_group: must be a positive int dividing num_experts={num_experts}, got {n_group!r}")
         topk_group = n_group if topk_group is None else topk_group
-        if not isinstance(topk_group, int) or isinstance(topk_group, bool) or not 1 <= topk_group <= n_group:
-            raise ValueError(f"topk_group: must be an int in [1, n_group={n_group}], got {topk_group!r}")
+        V.int_in("topk_group", topk_group, 1, n_group)
         if isinstance(top_k, int) and topk_group * (num_experts // n_group) < top_k:
             raise ValueError(f"topk_group: {topk_group} groups of {num_experts // n_group} experts hold fewer "
                              f"than top_k={top_k} experts")
@@ -69,10 +70,10 @@ class ScoredTopKRouter(Router):
         else:
             raise ValueError(f"renormalize: expected True, False or a positive number p (p-norm), got {renormalize!r}")
         for name, v in (("norm_min", norm_min), ("scale", scale), ("bias_update_rate", bias_update_rate)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name}: must be a non-negative number, got {v!r}")
-        if not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
-            raise ValueError(f"jitter: must be a number in [0, 1), got {jitter!r}")
+            V.non_negative_number(name, v)
+        V.number_in("jitter", jitter, 0.0, 1.0, high_open=True)
+        V.flag("bias", bias)
+        V.flag("selection_bias", selection_bias)
         super().__init__(dim, num_experts, top_k, **kwargs)
         self.score, self.norm_p, self.norm_min, self.scale = score, p, float(norm_min), float(scale)
         self.n_group, self.topk_group = n_group, topk_group
@@ -81,6 +82,9 @@ class ScoredTopKRouter(Router):
         self.selection_bias = bool(selection_bias)
         if self.selection_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        #: a torch.distributed process group :meth:`update_bias` sums the counts over (expert parallelism
+        #: sets it to the data- and expert-parallel ranks), so every replica takes the same step
+        self.bias_group = None
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", score={self.score}, bias={self.bias is not None}, "
@@ -102,7 +106,7 @@ class ScoredTopKRouter(Router):
         return choice_TPQ.masked_fill(~keep_TP[:, :, None], float("-inf")).view(T, E)
 
     def route(self, x_TD: Tensor, *, mask_T: Tensor | None = None, generator: torch.Generator | None = None,
-              group_size: int | None = None) -> RoutingDecision:
+              group_size: int | None = None) -> TokenChoicePlan:
         if self.training and self.jitter > 0:
             u = torch.rand(x_TD.shape, generator=generator, device=x_TD.device, dtype=x_TD.dtype)
             x_TD = x_TD * (1.0 - self.jitter + 2.0 * self.jitter * u)
@@ -127,17 +131,25 @@ class ScoredTopKRouter(Router):
             weights_TK = weights_TK / norm_T1.clamp_min(self.norm_min)
         if self.scale != 1.0:
             weights_TK = weights_TK * self.scale
-        return RoutingDecision(expert_ids=expert_ids_TK, weights=weights_TK, logits=logits_TE, probs=probs_TE,
+        return TokenChoicePlan(expert_ids=expert_ids_TK, weights=weights_TK, logits=logits_TE, probs=probs_TE,
                                priority=priority_T)
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: Tensor, rate: float | None = None) -> None:
         """One aux-loss-free balancing step of the selection bias (``selection_bias=True``):
-        ``c_i ← c_i + u · sign(mean_load − load_i)`` from the last batch's per-expert counts (E,)."""
+        ``c_i ← c_i + u · sign(mean_load − load_i)`` from the last batch's per-expert counts (E,).
+
+        Call it from the training loop after the optimizer step, e.g.
+        ``router.update_bias(out.metrics["tokens_per_expert"])``. With ``bias_group`` set the counts are
+        summed over that process group first (global counts: every replica takes the same step)."""
         if not self.selection_bias:
             raise ValueError("update_bias: this router has no selection bias; build it with selection_bias=True")
         load_E = torch.as_tensor(tokens_per_expert, dtype=torch.float32, device=self.expert_bias.device)
         if load_E.shape != (self.num_experts,):
             raise ValueError(f"tokens_per_expert: expected shape ({self.num_experts},), got {tuple(load_E.shape)}")
-        u = self.bias_update_rate if rate is None else float(rate)
+        if self.bias_group is not None:
+            import torch.distributed as dist
+            load_E = load_E.clone()
+            dist.all_reduce(load_E, group=self.bias_group)
+        u = self.bias_update_rate if rate is None else V.non_negative_number("rate", rate)
         self.expert_bias += u * torch.sign(load_E.mean() - load_E)

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Router, RoutingDecision
+from .. import _validation as V
+from .base import Router
+from .plans import SoftPlan
 
 
 class SoftRouter(Router):
@@ -23,8 +25,7 @@ class SoftRouter(Router):
 
     def __init__(self, dim: int, num_experts: int, top_k: int | None = None, *, slots_per_expert: int = 1,
                  normalize: bool = False, **kwargs):
-        if not isinstance(slots_per_expert, int) or slots_per_expert < 1:
-            raise ValueError(f"slots_per_expert: must be a positive int, got {slots_per_expert!r}")
+        V.positive_int("slots_per_expert", slots_per_expert)
         if top_k is not None:
             raise ValueError(f"top_k: soft routing has no per-token k; leave top_k=None, got {top_k!r}")
         super().__init__(dim, num_experts, 1, **kwargs)
@@ -37,6 +38,7 @@ class SoftRouter(Router):
 
     kind = "soft"
     supports_capacity = False
+    groups_by_sequence = True       # the tokens of one sequence share slots
 
     def slot_logits(self, x_GND: Tensor) -> Tensor:
         w_ZD = self.gate.weight
@@ -63,7 +65,7 @@ class SoftRouter(Router):
         return dispatch, combine, logits
 
     def route(self, x_TD: Tensor, *, mask_T: Tensor | None = None, generator: torch.Generator | None = None,
-              group_size: int | None = None) -> RoutingDecision:
+              group_size: int | None = None) -> SoftPlan:
         """Slots per group of ``group_size`` tokens (None: all T tokens form one group)."""
         T, D = x_TD.shape
         E, S = self.num_experts, self.slots_per_expert
@@ -72,8 +74,7 @@ class SoftRouter(Router):
         x_GND = x_TD.reshape(G, N, D)
         mask_GN = None if mask_T is None else mask_T.reshape(G, N)
         dispatch_GNZ, combine_GNZ, logits_GNZ = self.slot_weights(x_GND, mask_GN)
-        weights_TE = combine_GNZ.reshape(T, E, S).sum(-1)
+        # per-expert logits: the log-sum-exp of the expert's slot logits (its share of the token's softmax)
         logits_TE = torch.logsumexp(logits_GNZ.reshape(T, E, S), dim=-1)
-        return RoutingDecision(kind="soft", expert_ids=torch.arange(E, device=x_TD.device).expand(T, E),
-                               weights=weights_TE, logits=logits_TE, probs=torch.softmax(logits_TE, dim=-1),
-                               slot_dispatch=dispatch_GNZ, slot_combine=combine_GNZ)
+        return SoftPlan(logits=logits_TE, probs=torch.softmax(logits_TE, dim=-1), dispatch_GNZ=dispatch_GNZ,
+                        combine_GNZ=combine_GNZ, slots_per_expert=S)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Router, RoutingDecision
+from .base import Router
+from .plans import TokenChoicePlan
 
 
 class SoftmaxRouter(Router):
@@ -22,9 +23,9 @@ class SoftmaxRouter(Router):
     supports_capacity = False
 
     def route(self, x_TD: Tensor, *, mask_T: Tensor | None = None, generator: torch.Generator | None = None,
-              group_size: int | None = None) -> RoutingDecision:
+              group_size: int | None = None) -> TokenChoicePlan:
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         T, E = probs_TE.shape
         expert_ids_TE = torch.arange(E, device=x_TD.device).expand(T, E)
-        return RoutingDecision(expert_ids=expert_ids_TE, weights=probs_TE, logits=logits_TE, probs=probs_TE)
+        return TokenChoicePlan(expert_ids=expert_ids_TE, weights=probs_TE, logits=logits_TE, probs=probs_TE)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _validation as V
 from .. import losses as L
-from .base import Router, RoutingDecision
+from .base import Router
+from .plans import TokenChoicePlan
 
 
 class TopKRouter(Router):
@@ -30,14 +32,12 @@ class TopKRouter(Router):
     def __init__(self, dim: int, num_experts: int, top_k: int = 2, *, renormalize: bool = True,
                  noise_std: float | str = 0.0, jitter: float = 0.0, **kwargs):
         if noise_std == "1/E":
-            noise_std = 1.0 / num_experts
-        if not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or noise_std < 0:
-            raise ValueError(f"noise_std: must be a non-negative number or '1/E', got {noise_std!r}")
-        if not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
-            raise ValueError(f"jitter: must be a number in [0, 1), got {jitter!r}")
-        self.noise_std = float(noise_std)
-        self.jitter = float(jitter)
-        self.renormalize = bool(renormalize)
+            noise_std = 1.0 / V.positive_int("num_experts", num_experts)
+        elif isinstance(noise_std, str):
+            raise ValueError(f"noise_std: must be a finite non-negative number or '1/E', got {noise_std!r}")
+        self.noise_std = V.non_negative_number("noise_std", noise_std)
+        self.jitter = V.number_in("jitter", jitter, 0.0, 1.0, high_open=True)
+        self.renormalize = V.flag("renormalize", renormalize)
         super().__init__(dim, num_experts, top_k, **kwargs)
         if self.w_load > 0 and self.noise_std == 0:
             raise ValueError("w_load: the V-MoE load loss needs training noise; set noise_std > 0 (e.g. '1/E')")
@@ -47,7 +47,7 @@ class TopKRouter(Router):
                 f", jitter={self.jitter:g}")
 
     def route(self, x_TD: Tensor, *, mask_T: Tensor | None = None, generator: torch.Generator | None = None,
-              group_size: int | None = None) -> RoutingDecision:
+              group_size: int | None = None) -> TokenChoicePlan:
         if self.training and self.jitter > 0:
             u = torch.rand(x_TD.shape, generator=generator, device=x_TD.device, dtype=x_TD.dtype)
             x_TD = x_TD * (1.0 - self.jitter + 2.0 * self.jitter * u)
@@ -61,15 +61,11 @@ class TopKRouter(Router):
         priority_T = weights_TK[:, 0]                 # raw top-1 gate, before any renormalisation
         if self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return RoutingDecision(expert_ids=expert_ids_TK, weights=weights_TK, logits=clean_TE,
-                               probs=torch.softmax(clean_TE, dim=-1), noisy_logits=noisy_TE,
-                               noise_std=self.noise_std if noisy_TE is not None else None,
-                               priority=priority_T.detach())
-
-    def load_per_token(self, d: RoutingDecision) -> Tensor | None:
-        if d.noisy_logits is None:     # eval mode or no noise: the load loss is undefined
-            return None
-        return L.vmoe_load_per_token(d.logits, d.noisy_logits, self.noise_std, self.top_k)
+        # V-MoE's smooth load estimate needs the noise (eval mode or no noise: undefined)
+        load_TE = None if noisy_TE is None else L.vmoe_load_per_token(clean_TE, noisy_TE, self.noise_std, self.top_k)
+        return TokenChoicePlan(expert_ids=expert_ids_TK, weights=weights_TK, logits=clean_TE,
+                               probs=torch.softmax(clean_TE, dim=-1), load=load_TE, priority=priority_T.detach(),
+                               noisy_logits=noisy_TE)
 
 
 class VMoERouter(TopKRouter):
@@ -90,7 +86,7 @@ class SwitchRouter(TopKRouter):
     (output ``p_{i*}(x) E_{i*}(x)``), aux loss ``1e-2 · E Σ f_i P_i``."""
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, **kwargs):
-        if top_k != 1:
+        if top_k != 1 or isinstance(top_k, bool):
             raise ValueError(f"top_k: the switch router is top-1, got {top_k!r}")
         kwargs.setdefault("renormalize", False)
         super().__init__(dim, num_experts, 1, **kwargs)

@@ -311,7 +311,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     active = total
     for name, m in model.named_modules():
         if isinstance(m, MoE):
-            if not m.token_choice or m.top_k is None:
+            if m.kind != "token_choice" or m.top_k is None:
                 raise ValueError(f"model: MoE layer {name!r} is not token-choice top-k routed; active parameters "
                                  "per token are not fixed")
             sizes = _expert_sizes(m.experts)

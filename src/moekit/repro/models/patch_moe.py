@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from moekit import losses as L
 from moekit.dispatch import Assignments, LocalDispatcher, ReferenceDispatcher, expert_counts
 from moekit.experts import ModuleExperts
-from moekit.routing.base import Router, RoutingDecision
+from moekit.routing.base import Router
+from moekit.routing.plans import TokenChoicePlan
 from moekit.types import MoEOutput, detach_metrics
 from moekit._validation import positive_int as _positive_int
 
@@ -161,13 +162,13 @@ class PatchRouter(Router):
             h_BE = h_BE + self.num_patches * self.bias   # the conv bias is added at each of the P positions
         return self.assert_finite(h_BE)
 
-    def forward(self, x: Tensor, mask_T: Tensor | None = None, **kwargs) -> RoutingDecision:
+    def forward(self, x: Tensor, mask_T: Tensor | None = None, **kwargs) -> TokenChoicePlan:
         if x.dim() == 4:
             x = self._images(x).reshape(x.shape[0], -1)
         return super().forward(x, mask_T, **kwargs)
 
     def route(self, x_TD: Tensor, *, mask_T: Tensor | None = None, generator: torch.Generator | None = None,
-              group_size: int | None = None) -> RoutingDecision:
+              group_size: int | None = None) -> TokenChoicePlan:
         clean_BE = self.logits(x_TD)
         noisy_BE = None
         if self.training or self.noise_in_eval:
@@ -179,7 +180,7 @@ class PatchRouter(Router):
         ids_B1 = deciding_BE.argmax(dim=-1, keepdim=True)           # = argmax of π (softmax is monotone)
         source_BE = pi_BE if self.gate_kind == "softmax" else deciding_BE
         gate_B1 = source_BE.gather(-1, ids_B1)
-        return RoutingDecision(expert_ids=ids_B1, weights=gate_B1, logits=clean_BE, probs=pi_BE,
+        return TokenChoicePlan(expert_ids=ids_B1, weights=gate_B1, logits=clean_BE, probs=pi_BE,
                                noisy_logits=noisy_BE, priority=pi_BE.detach().max(-1).values)
 
 
@@ -250,7 +251,7 @@ class PatchMoE(nn.Module):
         self._check_batch(x_BCSS)
         x_BD = x_BCSS.reshape(x_BCSS.shape[0], -1)
         d = self.router(x_BD, generator=generator)                    # router (+ statistics, balance loss)
-        a = Assignments(*d.assignments(), x_BD.shape[0], self.num_experts)
+        a = Assignments.from_grid(d.expert_ids, d.weights, self.num_experts)
         rows, counts, state = dispatcher.dispatch(x_BD, a)             # images grouped by expert
         bank = ModuleExperts([_FlatImageExpert(e, self.in_channels, self.image_size) for e in self.experts],
                              x_BD.shape[-1])                   # a view of the experts, not new parameters
