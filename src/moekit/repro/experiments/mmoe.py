@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from moekit.analysis.tables import markdown_table
 from moekit.repro.datasets.synthetic import RelatedTasks
-from moekit.layers.multitask import MultiGateMoE
+from moekit.repro.models.multitask import MultiTaskRegressor
 from .base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict, mean_std
 from .verdicts import Check, Claims
 from .options import OptionError, config_dict, option
@@ -71,26 +71,8 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------------
-# Model
+# Model: moekit.repro.models.multitask.MultiTaskRegressor
 # --------------------------------------------------------------------------------------------------
-
-class MultiTaskRegressor(nn.Module):
-    """A multi-task bottom (:class:`MultiGateMoE`) and one ``D → tower_hidden ReLU → 1`` tower per task.
-
-    ``gates=2``: MMoE; ``gates=1``: OMoE (both towers read the one mixture); ``experts=1, gates=1``:
-    shared-bottom. ``forward(x (N, D)) -> (N, 2)``, one prediction per task."""
-
-    def __init__(self, dim: int, hidden: int, experts: int, gates: int, tower_hidden: int, tasks: int = 2):
-        super().__init__()
-        self.bottom = MultiGateMoE(dim, hidden, experts, num_tasks=gates, expert="mlp", activation="relu")
-        self.towers = nn.ModuleList(nn.Sequential(nn.Linear(dim, tower_hidden), nn.ReLU(),
-                                                  nn.Linear(tower_hidden, 1)) for _ in range(tasks))
-
-    def forward(self, x_ND: Tensor) -> Tensor:
-        y_GND = self.bottom(x_ND).y                       # aux_loss is zero: MMoE has no balancing loss
-        G = y_GND.shape[0]
-        return torch.cat([tower(y_GND[min(m, G - 1)]) for m, tower in enumerate(self.towers)], -1)
-
 
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

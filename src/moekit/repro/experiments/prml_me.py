@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from moekit.analysis.tables import markdown_table
 from moekit.repro.datasets.synthetic import inverse_sinusoid, inverse_sinusoid_log_density
 from moekit.layers.classic import HierarchicalMixtureOfExperts, MixtureOfLocalExperts
+from moekit.repro.models.baselines import SingleNet
 from moekit.repro.models.mixture_regression import MixtureOfLinearRegressions
 from .base import Experiment, ExperimentResult, Row, RunContext, Source, mean_std
 from .verdicts import Check, Claims, paired
@@ -71,18 +72,6 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 # Models and their conditional densities
 # --------------------------------------------------------------------------------------------------
-
-class SingleNet(nn.Module):
-    """``1 → hidden tanh → 1``; squared-error training makes it the conditional mean E[t | x]."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(1, hidden), nn.Tanh(), nn.Linear(hidden, 1))
-        self.register_buffer("log_var", torch.zeros(()))   # set after training: log of the residual variance
-
-    def forward(self, x_N1: Tensor) -> Tensor:
-        return self.net(x_N1)
-
 
 def _build(name: str, c: Config) -> nn.Module:
     if name == "single net":

@@ -1,0 +1,47 @@
+"""The plain networks the classic mixture-of-experts papers compare against.
+
+* :class:`BackpropNet` — Jacobs, Jordan, Nowlan & Hinton 1991: one tanh hidden layer, linear outputs.
+* :class:`SingleNet` — Bishop, PRML §5.6 / §14.5: a least-squares network for a 1-D regression, which
+  predicts the conditional mean.
+
+Legend: N examples, D input dim.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class BackpropNet(nn.Module):
+    """The paper's baseline: one tanh hidden layer, linear outputs, ``y = W2 tanh(W1 x + b1) + b2``."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.hidden = nn.Linear(in_dim, hidden)
+        self.out = nn.Linear(hidden, out_dim)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        for lin in (self.hidden, self.out):  # nn.Linear's default bounds, drawn from ``generator``
+            bound = 1.0 / math.sqrt(lin.in_features)
+            nn.init.uniform_(lin.weight, -bound, bound, generator=generator)
+            nn.init.uniform_(lin.bias, -bound, bound, generator=generator)
+
+    def forward(self, x_ND: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.hidden(x_ND)))
+
+
+class SingleNet(nn.Module):
+    """``1 → hidden tanh → 1``; squared-error training makes it the conditional mean E[t | x]."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.register_buffer("log_var", torch.zeros(()))   # set after training: log of the residual variance
+
+    def forward(self, x_N1: Tensor) -> Tensor:
+        return self.net(x_N1)
+
+
+__all__ = ["BackpropNet", "SingleNet"]
