@@ -92,6 +92,18 @@ def _json_ok(v: Any) -> bool:
 
 # ---------------------------------------------------------------------------------------------------
 # state (model and optimizer) through torch.distributed.checkpoint.state_dict
+def _reshard(module: nn.Module) -> None:
+    """FSDP2 modules back to their sharded parameters (a root may keep its unsharded ones registered after
+    a forward); the optimizer holds the sharded ones."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def _check_optimizer(module: nn.Module, optimizer) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -195,6 +207,7 @@ def _prepare(module: nn.Module, path, optimizer, extra):
                          "manages); choose another path")
     if extra is not None and not _json_ok(extra):
         raise ValueError("extra: must be JSON-serialisable")
+    _reshard(module)
     if optimizer is not None:
         _check_optimizer(module, optimizer)
     model = _model_state(module)
@@ -419,6 +432,7 @@ def load(module: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Opti
         raise TypeError(f"module: expected an nn.Module, got {type(module).__name__}")
     path = Path(path)
     meta, tensors_md = _read_meta(path)
+    _reshard(module)
     _check_layers(meta["layers"], module)
     model = _model_state(module)
     _check_tensors("model.", model, tensors_md, "module")

@@ -4,6 +4,8 @@ torchrun environment: RANK / WORLD_SIZE / MASTER_*).
     ep_worker.py equivalence OUT_DIR     # EP (1-D, dp×ep, a sub-mesh) == one process, fp64
     ep_worker.py errors OUT_DIR          # bad input: errors naming the argument
     ep_worker.py invariance OUT_DIR SPEC # one cell of the parallel-configuration matrix (json SPEC)
+    ep_worker.py save LAYOUT CKPT        # build the reference model at LAYOUT, train one step, save
+    ep_worker.py reload LAYOUT CKPT OUT  # load at LAYOUT (another EP/FSDP size), write outputs, save OUT/ck
 
 Each rank writes what it checked to OUT_DIR/rank<r>.json; a failed check raises, so the launch exits
 non-zero. Legend: W ranks of the mesh, T tokens per rank per micro-batch, D dim, E experts.
@@ -250,11 +252,71 @@ def invariance(out_dir, spec_json):
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
 
 
+# --------------------------------------------------------------------------------------------------
+# DCP checkpoints across layouts. LAYOUT: "ep4", "dp2-ep2-fsdp", "ep2", ... (dp × ep = world size)
+class CkModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.moe = MoE(D, H, E, router="sigmoid", top_k=2, expert="glu", num_shared_experts=1)
+
+    def forward(self, x):
+        return self.moe(self.inp(x)).y
+
+
+def ck_model(seed):
+    torch.manual_seed(seed)
+    return CkModel()
+
+
+def ck_run(m, x):
+    return m(x)
+
+
+def place(m, layout):
+    parts = dict((p[:2], p[2:]) for p in layout.split("-") if p != "fsdp")
+    ep, dp = int(parts["ep"]), int(parts.get("dp", 1))
+    mesh = init_device_mesh("cpu", (dp, ep), mesh_dim_names=("dp", "ep")) if dp > 1 else \
+        init_device_mesh("cpu", (ep,), mesh_dim_names=("ep",))
+    expert_parallel(m, mesh)
+    if layout.endswith("fsdp"):
+        fully_shard_moe(m, mesh)
+    return m
+
+
+def ck_save(layout, ckpt):
+    from moekit import checkpoint
+    m = place(ck_model(7), layout)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    X, _ = global_batch(dist.get_world_size(), seed=5)
+    x = X.float().view(dist.get_world_size(), T, D)[dist.get_rank()]
+    ck_run(m, x).square().mean().backward()
+    if not layout.endswith("fsdp"):
+        sync_gradients(m)
+    opt.step()                                            # non-trivial optimizer state, sharded
+    m.moe.router.update_bias(torch.arange(E, dtype=torch.float32))
+    checkpoint.save(m, ckpt, optimizer=opt, extra={"step": 1, "layout": layout})
+
+
+def ck_reload(layout, ckpt, out_dir):
+    from moekit import checkpoint
+    rank = dist.get_rank()
+    m = place(ck_model(123), layout)                      # another init: everything must come from the file
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    extra = checkpoint.load(m, ckpt, optimizer=opt)
+    X, _ = global_batch(1, seed=6)
+    with torch.no_grad():
+        y = ck_run(m, X.float())                          # every rank: the same batch
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"y": y.tolist(), "extra": extra}))
+    checkpoint.save(m, Path(out_dir) / "ck", optimizer=opt, extra=extra)
+
+
 def main(argv):
     dist.init_process_group("gloo")
     try:
         cmd, *args = argv
-        {"equivalence": equivalence, "errors": errors, "invariance": invariance}[cmd](*args)
+        {"equivalence": equivalence, "errors": errors, "invariance": invariance, "save": ck_save,
+         "reload": ck_reload}[cmd](*args)
         dist.barrier()
     finally:
         dist.destroy_process_group()

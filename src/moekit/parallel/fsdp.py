@@ -86,6 +86,8 @@ def fully_shard_moe(module: nn.Module, mesh=None, ep_dim: str = "ep", **fsdp_kwa
         if dp_mesh is not None:
             fully_shard(layer.experts, mesh=dp_mesh, **fsdp_kwargs)
             layer.experts.set_gradient_divide_factor(float(W))
+            if dist.get_backend(mesh_group(dp_mesh)) == "gloo":    # gloo has no pre-multiplied sum
+                layer.experts.set_force_sum_reduction_for_comms(True)
         else:
             _scale_expert_grads(bank_params, float(W))
             ignored.update(bank_params)
