@@ -178,3 +178,19 @@ def test_build_router_errors():
         build_router("sigmoid", 4, 2, w_load=0.1)
     with pytest.raises(ValueError, match="w_importance"):
         build_router("topk", 4, 2, w_importance=-1)
+
+
+def test_gate_precision_compute_runs_the_gemm_in_the_compute_dtype():
+    torch.manual_seed(0)
+    exact = MoE(16, 32, 8, router="topk").to(torch.bfloat16)
+    fast = MoE(16, 32, 8, router="topk", router_options={"gate_precision": "compute"}).to(torch.bfloat16)
+    fast.load_state_dict(exact.state_dict())
+    x = torch.randn(64, 16, dtype=torch.bfloat16)
+    l_exact, l_fast = exact.router.logits(x), fast.router.logits(x)
+    assert l_exact.dtype == l_fast.dtype == torch.float32          # routing itself stays float32
+    want = x.float() @ exact.router.gate.weight.float().t()
+    assert torch.equal(l_exact, want)                              # default: the GEMM in float32
+    torch.testing.assert_close(l_fast, want, rtol=2e-2, atol=2e-2)  # bf16 operands
+    assert fast.config.router.options["gate_precision"] == "compute"
+    with pytest.raises(ValueError, match="gate_precision"):
+        MoE(16, 32, 8, router_options={"gate_precision": "half"})

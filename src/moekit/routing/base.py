@@ -14,6 +14,10 @@ from ..config import Recorded, RouterConfig
 from .plans import DECISION_KINDS, RoutingPlan, plan_kind
 
 LOSS_WEIGHTS = ("w_importance", "w_load", "w_switch", "w_z")
+#: ``"float32"``: the gate GEMM in the routing dtype (exact routing decisions, the default);
+#: ``"compute"``: in the experts' compute dtype (bf16/fp16 input or autocast) with float32 accumulation
+#: and output — tensor-core speed, decisions may differ where two logits are within bf16 rounding
+GATE_PRECISIONS = ("float32", "compute")
 
 
 def check_top_k(top_k: int, num_experts: int) -> None:
@@ -60,7 +64,7 @@ class Router(Recorded, nn.Module):
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, *, zero_init: bool = False,
                  check_finite: bool = True, w_importance: float | None = None, w_load: float | None = None,
-                 w_switch: float | None = None, w_z: float | None = None):
+                 w_switch: float | None = None, w_z: float | None = None, gate_precision: str = "float32"):
         super().__init__()
         V.positive_int("dim", dim)
         check_top_k(top_k, num_experts)
@@ -68,6 +72,7 @@ class Router(Recorded, nn.Module):
             raise ValueError(f"{type(self).__name__}.kind: expected one of {DECISION_KINDS}, got {self.kind!r}")
         self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
         self.check_finite = V.flag("check_finite", check_finite)
+        self.gate_precision = V.choice("gate_precision", gate_precision, GATE_PRECISIONS)
         V.flag("zero_init", zero_init)
         given = {"w_importance": w_importance, "w_load": w_load, "w_switch": w_switch, "w_z": w_z}
         for name, value in given.items():
@@ -102,10 +107,23 @@ class Router(Recorded, nn.Module):
         return torch.float64 if x.dtype == torch.float64 else torch.float32
 
     def linear(self, x_TD: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        """``x W^T (+ b)`` in the routing dtype, outside any autocast region."""
+        """``x W^T (+ b)`` returned in the routing dtype, outside any autocast region. With
+        ``gate_precision="compute"`` the GEMM itself runs in the compute dtype (autocast's, or a
+        16-bit input's) and accumulates in float32; otherwise in float32 (which follows
+        ``torch.set_float32_matmul_precision``: TF32 on GPUs where the user allows it)."""
         dtype = self.routing_dtype(x_TD)
+        gemm = dtype
+        if self.gate_precision == "compute":
+            device = x_TD.device.type
+            gemm = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
         with torch.autocast(x_TD.device.type, enabled=False):
-            out = x_TD.to(dtype) @ weight.to(dtype).t()
+            if gemm in (torch.bfloat16, torch.float16) and dtype == torch.float32:
+                if x_TD.device.type == "cuda":      # float32 accumulation *and* output (no bf16 rounding)
+                    out = torch.mm(x_TD.to(gemm), weight.to(gemm).t(), out_dtype=dtype)
+                else:
+                    out = (x_TD.to(gemm) @ weight.to(gemm).t()).to(dtype)
+            else:
+                out = x_TD.to(dtype) @ weight.to(dtype).t()
             if bias is not None:
                 out = out + bias.to(dtype)
         return out

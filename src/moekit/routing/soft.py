@@ -41,14 +41,14 @@ class SoftRouter(Router):
     groups_by_sequence = True       # the tokens of one sequence share slots
 
     def slot_logits(self, x_GND: Tensor) -> Tensor:
+        if not self.normalize:                # the plain gate GEMM (honours gate_precision)
+            G, N, D = x_GND.shape
+            return self.assert_finite(self.linear(x_GND.reshape(G * N, D), self.gate.weight).view(G, N, -1))
         w_ZD = self.gate.weight
         dtype = self.routing_dtype(x_GND)
         with torch.autocast(x_GND.device.type, enabled=False):
-            x = x_GND.to(dtype)
-            w_ZD = w_ZD.to(dtype)
-            if self.normalize:
-                x = F.normalize(x, dim=-1)
-                w_ZD = F.normalize(w_ZD, dim=-1) * self.logit_scale.to(dtype)
+            x = F.normalize(x_GND.to(dtype), dim=-1)
+            w_ZD = F.normalize(w_ZD.to(dtype), dim=-1) * self.logit_scale.to(dtype)
             logits = x @ w_ZD.t()
         return self.assert_finite(logits)
 
