@@ -43,7 +43,8 @@ class SoftRouter(Router):
     def slot_logits(self, x_GND: Tensor) -> Tensor:
         if not self.normalize:                # the plain gate GEMM (honours gate_precision)
             G, N, D = x_GND.shape
-            return self.assert_finite(self.linear(x_GND.reshape(G * N, D), self.gate.weight).view(G, N, -1))
+            Z = self.gate.weight.shape[0]
+            return self.assert_finite(self.linear(x_GND.reshape(G * N, D), self.gate.weight).view(G, N, Z))
         w_ZD = self.gate.weight
         dtype = self.routing_dtype(x_GND)
         with torch.autocast(x_GND.device.type, enabled=False):
