@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks of moekit, run once per GPU session from anywhere in the checkout:
 #
-#     bash benchmarks/gpu_check.sh              # everything (about 8 minutes on one H200)
-#     bash benchmarks/gpu_check.sh suite        # only some parts: tests sync suite profile
+#     bash benchmarks/gpu_check.sh              # everything
+#     bash benchmarks/gpu_check.sh tests sync   # some parts, in this order: tests sync suite profile
 #
-# 1. tests:   the CUDA tests (pytest -m gpu) apart from the host-sync ones;
+# Each part has a time limit (tests 4, sync 2, suite 7, profile 2 minutes; most of it is torch.compile);
+# where one command may run at most 10 minutes, run "tests sync" and "suite profile" as two commands.
+#
+# 1. tests:   the CUDA tests (pytest -m gpu) apart from the host-sync ones (fast vs reference dispatch,
+#             determinism, torch.compile against eager);
 # 2. sync:    the host-sync check: one bf16 forward+backward per router setup under
 #             torch.cuda.set_sync_debug_mode("error"), one line per case (tests/layers/test_cuda_layer.py);
 # 3. suite:   benchmarks/moe_layer.py --gpu-suite: the five configurations in bf16, dense limit, moekit eager and
@@ -59,9 +63,9 @@ fi
 
 for part in $parts; do
   case $part in
-    tests)   run tests 150 "$py" -m pytest -q -p no:cacheprovider -m gpu -k "not no_host_sync" tests ;;
+    tests)   run tests 240 "$py" -m pytest -q -p no:cacheprovider -m gpu -k "not no_host_sync" tests ;;
     sync)    run sync 120 "$py" -m pytest -v -p no:cacheprovider -m gpu -k no_host_sync tests/layers/test_cuda_layer.py ;;
-    suite)   run suite 300 "$py" benchmarks/moe_layer.py "${suite[@]}" ;;
+    suite)   run suite 420 "$py" benchmarks/moe_layer.py "${suite[@]}" ;;
     profile) run profile 120 "$py" benchmarks/moe_layer.py --profile --profile-steps 3 --profile-top 15 "${profile[@]}" ;;
     *) echo "unknown part: $part (choose from: tests sync suite profile)" >&2; exit 2 ;;
   esac

@@ -58,7 +58,7 @@ def _step(layer, x, mask=None, generator=None):
     x = x.detach().clone().requires_grad_()
     out = layer(x, mask, generator=generator)
     (out.y.float().square().mean() + out.aux_loss.float()).backward()
-    grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+    grads = {n.removeprefix("_orig_mod."): p.grad for n, p in layer.named_parameters() if p.grad is not None}
     return out.y.detach(), x.grad, grads
 
 
@@ -167,3 +167,23 @@ def test_fast_dispatch_matches_reference(case, mode):
     worst = max(errs, key=errs.get)
     assert errs[worst] < tol, f"{worst}: relative error {errs[worst]:.2e} (tolerance {tol})"
     assert torch.equal(yf[~mask], torch.zeros_like(yf[~mask]))     # padding: output exactly 0
+
+
+# ---- (d) torch.compile on CUDA: one graph with a dynamic token count, the eager numbers -----------------
+
+@pytest.mark.parametrize("case", ["topk", "sigmoid_shared", "scored"])
+def test_compiled_layer_matches_eager(case):
+    torch._dynamo.reset()
+    layer = _layer(torch.bfloat16, **TOKEN_CHOICE[case]).eval()      # eval: no noise to differ in
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    try:
+        for T in (128, 200, 333):
+            x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16)
+            ye, gxe, ge = _step(layer, x)
+            yc, gxc, gc = _step(compiled, x)
+            errs = {"y": _rel(yc, ye), "x.grad": _rel(gxc, gxe)} | {n: _rel(gc[n], ge[n]) for n in ge}
+            worst = max(errs, key=errs.get)
+            assert gc.keys() == ge.keys()
+            assert errs[worst] < 3e-2, f"T={T} {worst}: relative error {errs[worst]:.2e}"
+    finally:
+        torch._dynamo.reset()
