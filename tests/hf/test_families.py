@@ -104,6 +104,20 @@ def test_wrong_block_and_wrong_layer_raise():
     assert len(_blocks(model)) == 2
 
 
+def test_to_hf_refuses_a_layer_that_routes_differently():
+    block = _blocks(tiny_model("mixtral"))[0][1]              # top-2, renormalised
+    good = mh.from_hf(block)
+    D, H, E = good.dim, good.hidden_dim, good.num_experts
+    with pytest.raises(ValueError, match=r"router\.name.*'switch'"):
+        mh.to_hf(MoE(D, H, E, router="switch").to(next(block.parameters()).dtype), block)
+    with pytest.raises(ValueError, match="router"):
+        mh.to_hf(MoE(D, H, E, 2, router="topk").to(next(block.parameters()).dtype), block)
+    other_cfg = MoE(D, H, E, 2, router="scored", router_options={"renormalize": False})
+    with pytest.raises(ValueError, match="renormalize"):        # weights fit; routing would not
+        mh.to_hf(other_cfg.to(next(block.parameters()).dtype), block)
+    mh.to_hf(good, block)                                     # the layer from the block itself fits
+
+
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_per_expert_disk_layout_loads_the_same_layer(name, tmp_path):
     model = tiny_model(name)

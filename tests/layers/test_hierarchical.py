@@ -88,3 +88,25 @@ def test_mask_and_generator():
     m.eval()
     torch.testing.assert_close(m(x, mask=mask).y[:8], m(x[:8]).y)
     torch.testing.assert_close(m(x, mask=mask).aux_loss, m(x[:8]).aux_loss)
+
+
+def test_secondary_gates_run_only_for_the_chosen_groups(monkeypatch):
+    # P = 8 groups, each token routed to K1 = 1: the secondary gate GEMMs see T rows, not T·P.
+    import moekit.layers.hierarchical as H
+    rows = []
+    real = H.grouped_mm
+
+    def counting(x, w, counts, **kw):
+        rows.append(x.shape[0])
+        return real(x, w, counts, **kw)
+    monkeypatch.setattr(H, "grouped_mm", counting)
+    torch.manual_seed(5)
+    m = HierarchicalMoE(6, 8, num_groups=8, experts_per_group=2, top_k_groups=1, top_k_experts=1).train()
+    _randomise(m)
+    out = m(torch.randn(10, 6))
+    assert rows == [10, 10]                     # clean and noise logits, one row per (token, chosen group)
+    out.y.square().sum().backward()
+    chosen = set(out.metrics["tokens_per_expert"].nonzero()[:, 0].div(2, rounding_mode="floor").tolist())
+    for i, r in enumerate(m.secondary):         # an unchosen group's gate gets no gradient
+        if i not in chosen:
+            assert r.gate.weight.grad is None or r.gate.weight.grad.abs().sum() == 0
