@@ -10,7 +10,8 @@ does not import transformers; the families' classes are looked up when a block i
 from .convert import (PatchedMoEBlock, UpcycledMLP, aux_loss, balancing_loss, from_hf, patch, patched_blocks, to_hf,
                       upcycle)
 from .disk import load_moe_state_dict
+from .export import save_pretrained
 from .families import FAMILIES, Family, family_of
 
 __all__ = ["FAMILIES", "Family", "PatchedMoEBlock", "UpcycledMLP", "aux_loss", "balancing_loss", "family_of", "from_hf",
-           "load_moe_state_dict", "patch", "patched_blocks", "to_hf", "upcycle"]
+           "load_moe_state_dict", "patch", "patched_blocks", "save_pretrained", "to_hf", "upcycle"]
