@@ -264,11 +264,8 @@ class GLUExperts(ExpertBank):
                                   isinstance(alpha, bool) or not math.isfinite(alpha)):
             raise ValueError(f"alpha: a finite number scaling silu's sigmoid (activation='silu'), got alpha={alpha!r} "
                              f"with activation={activation!r}")
-        if limit is not None and (not isinstance(limit, (int, float)) or isinstance(limit, bool) or
-                                  not limit > 0 or not math.isfinite(limit)):
-            raise ValueError(f"limit: must be a positive number or None, got {limit!r}")
-        if not isinstance(up_offset, (int, float)) or isinstance(up_offset, bool) or not math.isfinite(up_offset):
-            raise ValueError(f"up_offset: must be a finite number, got {up_offset!r}")
+        V.optional(V.positive_number, "limit", limit)
+        V.finite_number("up_offset", up_offset)
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
         self.activation = activation
         self.act = _activation(activation)

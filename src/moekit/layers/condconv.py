@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _validation as V
 from .._validation import positive_int as _positive_int
 
 MODES = ("auto", "mix_kernels", "mix_outputs")
@@ -180,8 +181,7 @@ def anneal_temperature(step: int, total: int, start: float = 30.0, end: float = 
     Chen et al. 2020 (Dynamic Convolution; recalled) anneal τ from 30 to 1 over the first epochs; pass the number of
     annealing steps as ``total`` and call once per step (or epoch) with ``set_temperature``.
     """
-    if not isinstance(total, int) or isinstance(total, bool) or total < 0:
-        raise ValueError(f"total: must be a non-negative int, got {total!r}")
+    V.non_negative_int("total", total)
     if step < 0:
         raise ValueError(f"step: must be >= 0, got {step}")
     if not (start > 0 and end > 0):
@@ -196,9 +196,7 @@ def _check_router_options(routing: object, temperature: object, reduction: objec
                           reduction_name: str = "reduction") -> None:
     if routing not in ROUTINGS:
         raise ValueError(f"routing: expected one of {ROUTINGS}, got {routing!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature: must be a finite number > 0, got {temperature!r}")
+    V.positive_number("temperature", temperature)
     if routing == "sigmoid" and temperature != 1.0:
         raise ValueError(f"temperature: only softmax routing has a temperature (routing='sigmoid'), got {temperature}")
     if reduction is not None:

@@ -37,13 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..types import MoEOutput, zero_loss
+from .. import _validation as V
 from .._validation import positive_int as _positive_int
 
 
-def _non_negative(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name}: must be a non-negative number, got {value!r}")
-    return float(value)
+_non_negative = V.non_negative_number
 
 
 def conv_output_size(size: int, kernel_size: int, stride: int, padding: int) -> int:

@@ -343,8 +343,7 @@ class MoE(nn.Module):
         default, renormalises) the new layer computes exactly the dense MLP at initialisation.
         ``moe_kwargs`` go to :class:`MoE` (``router``, ``capacity_factor``, …).
         """
-        if not isinstance(noise_std, (int, float)) or isinstance(noise_std, bool) or noise_std < 0:
-            raise ValueError(f"noise_std: must be a non-negative number, got {noise_std!r}")
+        V.non_negative_number("noise_std", noise_std)
         glu_names = ("gate_proj", "up_proj", "down_proj")
         if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in glu_names):
             gate, up, down = (getattr(mlp, n) for n in glu_names)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import _validation as V
 from ..experts import build_experts
 from ..types import MoEOutput
 
@@ -24,8 +25,7 @@ class MultiGateMoE(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, num_tasks: int, *, expert: str = "mlp",
                  activation: str = "relu"):
         super().__init__()
-        if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
-            raise ValueError(f"num_tasks: must be a positive int, got {num_tasks!r}")
+        V.positive_int("num_tasks", num_tasks)
         self.dim, self.num_experts, self.num_tasks = dim, num_experts, num_tasks
         self.experts = build_experts(expert, num_experts, dim, hidden_dim, activation=activation)
         self.gates = nn.Parameter(torch.randn(num_tasks, dim, num_experts) * dim ** -0.5)   # one gate per task
