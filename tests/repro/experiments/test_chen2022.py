@@ -17,6 +17,8 @@ from moekit.repro.models.chen2022 import ChenMoE, ChenSingle
 
 from chen_reference import RefMoE, conv_expert, gen, make_conv, tiny
 
+pytestmark = pytest.mark.slow   # trains models (quick runs of the experiment)
+
 
 def ref_normalized_gd(expert_modules, lr):
     with torch.no_grad():

@@ -8,6 +8,8 @@ from moekit.repro.experiments.base import ExperimentResult, make_context, mean_s
 from moekit.repro.experiments.options import OptionError
 from moekit.repro.experiments.deepmoe import EXPERIMENT, gated_name, plain_name
 
+pytestmark = pytest.mark.slow   # trains models (quick runs of the experiment)
+
 
 def make_ctx(tmp_path, argv=(), seeds=1, quick=True):
     return make_context(EXPERIMENT, tmp_path, argv, seeds=seeds, quick=quick)

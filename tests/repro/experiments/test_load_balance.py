@@ -13,16 +13,14 @@ from moekit.repro.experiments.base import ExperimentResult, make_context  # noqa
 from moekit.repro.experiments.load_balance import EXPERIMENT, setting_name  # noqa: E402
 from moekit.repro.experiments.options import OptionError  # noqa: E402
 
+pytestmark = pytest.mark.slow   # trains models (quick runs of the experiment)
+
 
 def _ctx(out_dir, seeds=1, quick=True, argv=()):
     return make_context(EXPERIMENT, out_dir, argv, seeds=seeds, quick=quick)
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("load_balance")
-    ctx = _ctx(out)
-    return ctx, EXPERIMENT.run(ctx)
+QUICK_SEEDS = 2      # the shared quick_run fixture (tests/repro/conftest.py) reads these
 
 
 def _metric(result: ExperimentResult, wi, wl, name):
@@ -36,7 +34,7 @@ def test_contract_and_plots(quick_run):
                                           "w_imp=0.1, w_load=0.1"]
     for r in res.rows:
         assert set(r.metrics) >= {"test_acc", "cv_importance", "cv_load", "max_over_mean_load", "experts_used"}
-        assert all(len(v) == 1 for v in r.metrics.values())       # one value per seed
+        assert all(len(v) == QUICK_SEEDS for v in r.metrics.values())       # one value per seed
     assert {p.name for p in res.paper} == {"w_imp=0, w_load=0", "w_imp=0.1, w_load=0.1"}
     assert set(ctx.figures) == {"load_over_training.png", "cv_load_curves.png", "cv_importance_curves.png"}
     for name in ctx.figures:

@@ -13,11 +13,10 @@ from moekit.repro.experiments.mmoe import (EXPERIMENT, MODELS, Config, MultiTask
                                      n_params)
 from moekit.repro.experiments.options import OptionError  # noqa: E402
 
+pytestmark = pytest.mark.slow   # trains models (quick runs of the experiment)
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    ctx = make_context(EXPERIMENT, tmp_path_factory.mktemp("mmoe"), seeds=3, quick=True)
-    return ctx, EXPERIMENT.run(ctx)
+
+QUICK_SEEDS = 3      # the shared quick_run fixture (tests/repro/conftest.py) reads these
 
 
 def test_rows_bands_and_verdicts(quick_run):

@@ -17,11 +17,10 @@ from moekit.repro.experiments.prml_me import (EXPERIMENT, MODELS, ORACLE, Single
 from moekit.layers.classic import MixtureOfLocalExperts  # noqa: E402
 from moekit.repro.models.mixture_regression import MixtureOfLinearRegressions  # noqa: E402
 
+pytestmark = pytest.mark.slow   # trains models (quick runs of the experiment)
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    ctx = make_context(EXPERIMENT, tmp_path_factory.mktemp("prml"), seeds=1, quick=True)
-    return ctx, EXPERIMENT.run(ctx)
+
+QUICK_SEEDS = 1      # the shared quick_run fixture (tests/repro/conftest.py) reads these
 
 
 def test_rows_bands_and_verdicts(quick_run):

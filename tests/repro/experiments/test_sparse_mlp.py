@@ -16,15 +16,14 @@ from moekit.repro.experiments.base import make_context  # noqa: E402
 from moekit.repro.experiments.options import OptionError  # noqa: E402
 from moekit.repro.experiments.sparse_mlp import EXPERIMENT  # noqa: E402
 
+pytestmark = pytest.mark.slow   # trains models (quick runs of the experiment)
+
 
 def _ctx(out_dir, seeds=1, quick=True, argv=()):
     return make_context(EXPERIMENT, out_dir, argv, seeds=seeds, quick=quick)
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    ctx = _ctx(tmp_path_factory.mktemp("sparse_mlp"))
-    return ctx, EXPERIMENT.run(ctx)
+QUICK_SEEDS = 1      # the shared quick_run fixture (tests/repro/conftest.py) reads these
 
 
 def test_contract_and_plots(quick_run):
