@@ -125,3 +125,26 @@ def test_verdicts(quick_run):
     assert acc.verdict == routing.verdict == "inconclusive"               # one quick seed
     assert "4 experts: MADDs / plain CNN's" in cost.reason and cost.verdict != "inconclusive"  # counted exactly
     assert all(r.source is not None for r in res.paper)
+
+
+def test_accuracy_claim_needs_a_capacity_bound_regime():
+    from moekit.repro.experiments.base import Row
+    from moekit.repro.experiments.condconv import _verdicts
+
+    def name(e, dyn):
+        return "1 expert (plain conv)" if e == 1 else f"CondConv {e} experts"
+
+    def rows(wide_acc):
+        plain = [95.0, 95.5, 94.5]
+        out = [Row(name(1, False), {"test_acc": plain, "test_acc_gain": [0.0] * 3, "madds_ratio": 1.0})]
+        for e, g in ((2, 0.5), (4, 1.0), (8, 1.5)):
+            out.append(Row(name(e, False), {"test_acc": [a + g for a in plain], "madds_ratio": 1.05,
+                                            "test_acc_gain": [g + d for d in (0.1, -0.1, 0.0)],
+                                            "class_var_early": [0.1] * 3, "class_var_late": [0.5, 0.55, 0.45]}))
+        out.append(Row("plain conv, width 8", {"test_acc": wide_acc}))
+        return out
+    bound = _verdicts(rows([97.0, 97.5, 96.5]), [1, 2, 4, 8], name, "plain conv, width 8")
+    assert [v.verdict for v in bound] == ["reproduced", "reproduced", "reproduced"]
+    saturated = _verdicts(rows([95.0, 95.4, 94.6]), [1, 2, 4, 8], name, "plain conv, width 8")
+    assert saturated[0].verdict == "not testable" and "twice the width" in saturated[0].reason
+    assert _verdicts(rows([97.0, 97.5, 96.5]), [1, 2, 4, 8], name)[0].verdict == "inconclusive"

@@ -11,11 +11,10 @@ from moekit.repro.experiments.base import Verdict, make_context  # noqa: E402
 from moekit.repro.experiments.options import OptionError  # noqa: E402
 from moekit.repro.experiments.shazeer_lm import EXPERIMENT, MODELS, Config, verdicts  # noqa: E402
 
+pytestmark = pytest.mark.slow   # trains models (quick runs of the experiment)
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    ctx = make_context(EXPERIMENT, tmp_path_factory.mktemp("shazeer_lm"), quick=True)
-    return ctx, EXPERIMENT.run(ctx)
+
+QUICK_SEEDS = 1      # the shared quick_run fixture (tests/repro/conftest.py) reads this
 
 
 def test_rows_tables_plots(quick_run):
@@ -94,3 +93,23 @@ def test_ablation_model_choices(tmp_path):
     with pytest.raises(SystemExit):
         make_context(EXPERIMENT, tmp_path, ["--ablation-model", "MoE-8"])
     assert Config().model_list() == list(MODELS)
+
+
+def test_starved_experts_make_the_expert_claims_not_testable():
+    fed = {n: _fake([10.0 - i, 10.1 - i], token_visits_per_expert_param=50.0)
+           for i, n in enumerate(["MoE-4", "MoE-32", "MoE-256"])}
+    fed |= {"4xLSTM": _fake([10.0, 10.1]), "LSTM-wide-proj": _fake([9.9, 10.0])}
+    assert verdicts(fed, None)[0].verdict == "reproduced"
+    starved = dict(fed, **{"MoE-256": _fake([8.0, 8.1], token_visits_per_expert_param=1.2)})
+    first = verdicts(starved, None)[0]
+    assert first.verdict == "not testable" and "MoE-256 1.2" in first.reason
+
+
+def test_token_visits_per_expert_parameter_by_hand():
+    from moekit.repro.models.shazeer_lm import ShazeerLM
+    lm = ShazeerLM(dim=8, block="moe", num_experts=4, top_k=2)
+    cost = lm.cost()
+    per_expert = 8 * 16 + 16 * 8                    # D → 2D → D (the expert bank has no biases)
+    assert sum(p.numel() for p in lm.middle.experts.parameters()) == 4 * per_expert
+    assert cost.num_experts == 4 and cost.experts_per_token == 2 and cost.params_per_expert == per_expert
+    assert cost.token_visits_per_expert_parameter(1000) == pytest.approx(1000 * 2 / 4 / per_expert)

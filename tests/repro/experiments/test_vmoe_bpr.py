@@ -11,15 +11,14 @@ from moekit.repro.experiments.base import make_context  # noqa: E402
 from moekit.repro.experiments.options import OptionError  # noqa: E402
 from moekit.repro.experiments.vmoe_bpr import EXPERIMENT  # noqa: E402
 
+pytestmark = pytest.mark.slow   # trains models (quick runs of the experiment)
+
 
 def _ctx(out_dir, seeds=1, quick=True, argv=()):
     return make_context(EXPERIMENT, out_dir, argv, seeds=seeds, quick=quick)
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    ctx = _ctx(tmp_path_factory.mktemp("vmoe_bpr"))
-    return ctx, EXPERIMENT.run(ctx)
+QUICK_SEEDS = 1      # the shared quick_run fixture (tests/repro/conftest.py) reads these
 
 
 def test_contract_and_plots(quick_run):
@@ -85,5 +84,38 @@ def test_bad_options_raise(tmp_path, argv, match):
 def test_verdicts(quick_run):
     _, res = quick_run
     assert [v.claim.split(" ")[0] for v in res.verdicts] == ["With", "Vanilla", "BPR"]
-    assert "BPR − vanilla at c=0.1" in res.verdicts[1].reason
+    assert "BPR − vanilla averaged over c ∈ {0.1, 0.25}" in res.verdicts[1].reason   # the quick ratios ≤ 0.75
     assert res.paper[0].source is not None
+    graceful, low, drops = res.verdicts
+    assert graceful.verdict == "not testable" and "nearest is 0.25" in graceful.reason   # quick c: 0.1, 0.25, 1.5
+    assert low.verdict == drops.verdict == "inconclusive"                                # one quick seed
+
+
+def _fake(acc_by_name, seeds=3):
+    import torch
+    ink = torch.linspace(0, 1, 16)
+    res = {}
+    for name, accs in acc_by_name.items():
+        skip = (1 - ink) if name.startswith("BPR") else torch.full((16,), 0.5) + 0.01 * torch.arange(16)
+        res[name] = [{"accuracy": a, "skip_N": skip} for a in accs]
+    return res, ink
+
+
+def test_low_capacity_claim_is_judged_over_the_whole_low_range():
+    import torch
+    from moekit.repro.experiments.vmoe_bpr import Config, _verdicts
+    ratios = [0.1, 0.25, 0.5, 0.75, 1.0]
+    accs = {"dropless": [97.0, 97.2, 96.8]}
+    for c in ratios:
+        accs[f"vanilla c={c:g}"] = [90.0, 90.5, 89.5] if c == 0.1 else [96.0, 96.2, 95.8]
+        accs[f"BPR c={c:g}"] = [96.0, 96.4, 95.8] if c == 0.1 else [96.5, 96.7, 96.3]
+    res, ink = _fake(accs)
+    graceful, low, drops = _verdicts(res, ratios, Config(), ink, 0.25)
+    # a +6 point gap at c = 0.1 alone, none at 0.25 … 0.75: not the paper's "much more" over the low range
+    assert low.verdict == "partly" and "0.1, 0.25, 0.5, 0.75" in low.reason
+    for c in ratios[1:4]:
+        accs[f"vanilla c={c:g}"] = [92.0, 92.4, 91.6]
+    res, ink = _fake(accs)
+    assert _verdicts(res, ratios, Config(), ink, 0.25)[1].verdict == "reproduced"
+    assert graceful.verdict == "reproduced" and drops.verdict == "reproduced"
+    assert torch.is_tensor(ink)

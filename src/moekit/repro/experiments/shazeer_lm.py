@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict, mean_std
-from .verdicts import Check, Claims, paired, slopes
+from .verdicts import Check, Claims, Prerequisite, paired, slopes
 from .options import OptionError, config_dict, option
 from .train import fit, seed_generator, seeded_global, warmup_cosine
 
@@ -176,6 +176,7 @@ def train_one(corpus, name: str, seed: int, c: Config, ctx: RunContext | None = 
         "ops_per_timestep": float(cost.ops_per_timestep),
         "params_total": float(cost.params_total),
         "params_active": float(cost.params_active),
+        "token_visits_per_expert_param": cost.token_visits_per_expert_parameter(S * B * L),
         "train_time_s": train_time,
         "loss_S": torch.stack(ce_S),
         "valid_curve": torch.tensor(valid_curve),
@@ -201,9 +202,23 @@ def _per_seed(results: dict[str, list[dict[str, Any]]], name: str, key: str = "t
     return [float(r[key]) for r in results[name]]
 
 
+MIN_VISITS = 10.0   # token visits per expert parameter below which an expert is starved of training data
+
+
+def _fed(results: dict[str, list[dict[str, Any]]], names: list[str]) -> Prerequisite:
+    """Every MoE among ``names`` trains each expert parameter on at least :data:`MIN_VISITS` token visits."""
+    visits = {n: float(results[n][0].get("token_visits_per_expert_param", 0.0)) for n in names}
+    moes = {n: v for n, v in visits.items() if v > 0}
+    starved = {n: v for n, v in moes.items() if v < MIN_VISITS}
+    return Prerequisite(f"experts that see enough training tokens (≥ {MIN_VISITS:g} token visits per expert "
+                        "parameter)", not starved,
+                        "token visits per expert parameter: " + ", ".join(f"{n} {v:.1f}" for n, v in moes.items()))
+
+
 def verdicts(results: dict[str, list[dict[str, Any]]], ablation: dict[str, Any] | None) -> list[Verdict]:
     """One :class:`Verdict` per claim whose models were run, graded by
-    :func:`~moekit.repro.experiments.verdicts.grade` from per-seed perplexities."""
+    :func:`~moekit.repro.experiments.verdicts.grade` from per-seed perplexities. Claims that compare MoE
+    models need every expert fed enough tokens (:data:`MIN_VISITS`); a starved expert makes them not testable."""
     claims = Claims()
     flat = [n for n in FLAT if n in results]
     if len(flat) >= 2:
@@ -214,14 +229,16 @@ def verdicts(results: dict[str, list[dict[str, Any]]], ablation: dict[str, Any] 
                             higher=False),
                       Check(f"{flat[0]} − {flat[-1]} test ppl (paired)",
                             paired(_per_seed(results, flat[0]), _per_seed(results, flat[-1])), reproduced=0.0,
-                            partly=0.0)])
+                            partly=0.0)],
+                     [_fed(results, flat)])
     dense = [n for n in DENSE if n in results]
     moes = [n for n in [*FLAT, *HIERARCHICAL] if n in results and n != "MoE-4"]
     if dense and moes:
         best_dense = [min(vals) for vals in zip(*(_per_seed(results, d) for d in dense))]   # per seed
         claims.grade("MoE models with many experts beat the compute-matched dense LSTM baselines",
                      [Check(f"best dense − {m} test ppl (paired)", paired(best_dense, _per_seed(results, m)),
-                            reproduced=0.0, partly=0.0) for m in moes])
+                            reproduced=0.0, partly=0.0) for m in moes],
+                     [_fed(results, moes)])
     if "MoE-4" in results and dense:
         m4 = _per_seed(results, "MoE-4")
         rel = [min(abs(a - b) / b for b in vals) for a, vals in zip(m4, zip(*(_per_seed(results, d) for d in dense)))]
@@ -233,12 +250,14 @@ def verdicts(results: dict[str, list[dict[str, Any]]], ablation: dict[str, Any] 
         a, b = _per_seed(results, "MoE-256"), _per_seed(results, "MoE-256-h")
         claims.grade("Hierarchical and flat MoE with 256 experts perform alike (paper 36.0 vs 35.7)",
                      Check("|MoE-256 − MoE-256-h| / MoE-256 test ppl", [abs(x - y) / x for x, y in zip(a, b)],
-                           reproduced=0.02, partly=0.05, higher=False))
+                           reproduced=0.02, partly=0.05, higher=False),
+                     [_fed(results, ["MoE-256", "MoE-256-h"])])
     if "MoE-256-h" in results and "MoE-1024-h" in results:
         claims.grade("More hierarchical experts help further (256-h → 1024-h)",
                      Check("MoE-256-h − MoE-1024-h test ppl (paired)",
                            paired(_per_seed(results, "MoE-256-h"), _per_seed(results, "MoE-1024-h")),
-                           reproduced=0.0, partly=0.0))
+                           reproduced=0.0, partly=0.0),
+                     [_fed(results, ["MoE-256-h", "MoE-1024-h"])])
     if ablation is not None:
         off, on = ablation["off"], ablation["on"]
 
@@ -324,7 +343,7 @@ def run(ctx: RunContext) -> ExperimentResult:
 
     # ---- rows ---------------------------------------------------------------------------------------
     main_metrics = ("test_ppl", "test_bits_per_byte", "valid_ppl", "ops_per_timestep", "params_total",
-                    "params_active", "train_time_s")
+                    "params_active", "token_visits_per_expert_param", "train_time_s")
     bal_metrics = ("cv_importance", "cv_load", "max_over_mean_load", "test_cv_importance", "test_cv_load",
                    "test_max_over_mean_load")
     rows = []
@@ -403,6 +422,11 @@ def run(ctx: RunContext) -> ExperimentResult:
         "groups) and 2·D·H for each of the 4 experts a token uses. Training adds the noise logits.",
         "params active: all parameters except the experts a token is not routed to (gates, LSTMs, embedding and "
         "softmax included).",
+        "token_visits_per_expert_param: training tokens × experts per token / experts / parameters per expert — how "
+        f"often each expert parameter is used in training. The claims that compare MoE models need ≥ {MIN_VISITS:g} "
+        "for every MoE they compare (a starved expert cannot show what more experts buy); they are not testable "
+        "otherwise. More --steps feed the experts (add --dropout when a run passes over the training split "
+        "several times); a smaller --dim shrinks each expert.",
         "test ppl = exp(mean cross-entropy per byte) over consecutive non-overlapping windows of the test split, "
         f"each from a zero LSTM state; validation curve on the first {n_valid_eval} validation windows.",
         "Balance (the shape of Table 6): CV(importance), CV(load) (load = hard assignment counts) and max/mean load "

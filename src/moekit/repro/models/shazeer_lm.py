@@ -39,6 +39,16 @@ class LMCost:
     softmax_ops: int
     params_total: int
     params_active: int       # parameters a token uses: all but the experts it is not routed to
+    num_experts: int = 0
+    experts_per_token: int = 0
+    params_per_expert: int = 0
+
+    def token_visits_per_expert_parameter(self, tokens: int) -> float:
+        """How often, on average, each expert parameter is used in training on ``tokens`` tokens:
+        ``tokens · experts_per_token / num_experts / params_per_expert`` (0 for a model without experts)."""
+        if not self.num_experts or not self.params_per_expert:
+            return 0.0
+        return tokens * self.experts_per_token / self.num_experts / self.params_per_expert
 
 
 def lstm_ops(input_dim: int, hidden: int, proj: int | None = None) -> int:
@@ -146,8 +156,12 @@ class ShazeerLM(nn.Module):
             per_expert_params = sum(p.numel() for p in self.middle.experts.parameters()) // self.num_experts
         total = sum(p.numel() for p in self.parameters())
         active = total - (self.num_experts - self._experts_per_token()) * per_expert_params
+        has_experts = self.middle is not None
         return LMCost(ops_per_timestep=lstm + gate + expert, lstm_ops=lstm, gate_ops=gate, expert_ops=expert,
-                      softmax_ops=D * self.vocab_size, params_total=total, params_active=active)
+                      softmax_ops=D * self.vocab_size, params_total=total, params_active=active,
+                      num_experts=self.num_experts if has_experts else 0,
+                      experts_per_token=self._experts_per_token() if has_experts else 0,
+                      params_per_expert=per_expert_params)
 
     def forward(self, ids_BL: Tensor) -> MoEOutput:
         if not isinstance(ids_BL, Tensor) or ids_BL.dtype not in (torch.int64, torch.int32):
