@@ -1,11 +1,11 @@
 """Train a small MoE classifier with expert parallelism on torch.distributed, checkpointing as it goes.
 
-    torchrun --nproc-per-node 2 examples/train_expert_parallel.py --ckpt runs/ep/ckpt.safetensors
+    torchrun --nproc-per-node 2 examples/train_expert_parallel.py --ckpt runs/ep/ckpt
 
 Runs under ``torchrun --nproc-per-node N`` (N = 1, 2, 4 on CPU with gloo; plain ``python`` = one process).
 The experts of the MoE layer are spread over the N ranks (E must be divisible by N); each rank trains on
 its slice of every global batch. Every ``--ckpt-every`` steps the model, the optimizer, the RNG and the
-loss history are saved atomically to ``--ckpt``. Killed at any moment (even with SIGKILL) and started
+loss history are saved atomically to the DCP checkpoint directory ``--ckpt``. Killed at any moment (even with SIGKILL) and started
 again with the same command, it resumes from the last checkpoint, and its loss curve (``--log``, one
 JSON line per step: the global-batch mean loss) is bit-identical to an uninterrupted run's.
 
@@ -54,7 +54,7 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", type=Path, required=True, help="checkpoint file (resumed from when it exists)")
+    p.add_argument("--ckpt", type=Path, required=True, help="checkpoint directory (resumed from when it exists)")
     p.add_argument("--log", type=Path, default=None, help="loss log, one JSON line per step (default: next to --ckpt)")
     p.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
     p.add_argument("--ckpt-every", type=int, default=10, help="steps between checkpoints (default: 10)")
@@ -84,11 +84,11 @@ def main(argv=None) -> int:
             parser.error(f"--batch ({args.batch}) and --experts ({args.experts}) must be divisible by the "
                          f"number of processes ({W})")
         torch.set_num_threads(1)
-        log = args.log or args.ckpt.with_suffix(".losses.jsonl")
+        log = args.log or args.ckpt.with_name(args.ckpt.name + ".losses.jsonl")
         X, Y = load_digits()
         torch.manual_seed(args.seed)
         model = DigitsMoE(experts=args.experts)
-        expert_parallel(model, init_device_mesh("cpu", (W,)))
+        expert_parallel(model, init_device_mesh("cpu", (W,), mesh_dim_names=("ep",)))
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
         start, losses = 0, []
         if args.ckpt.exists():
@@ -130,10 +130,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # The checkpoint is on disk and the process group destroyed: exit without interpreter finalization,
-    # during which gloo's worker threads are sometimes torn down in a way that aborts the process
-    # ("terminate called without an active exception") after the run has succeeded.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    raise SystemExit(main())
