@@ -159,3 +159,26 @@ def test_bad_arguments_raise():
         DeepMoEResNet()(torch.randn(2, 3, 8, 8))
     with pytest.raises(TypeError, match="x"):
         DeepMoEResNet()([[0.0]])
+
+
+def test_conv1_skips_the_output_channels_whose_second_gate_is_zero():
+    model = _sparse_model().double().eval()
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    out = model(x)
+    model.train()
+    dense = model(x)
+    model.eval()
+    torch.testing.assert_close(out.y, dense.y)                    # the skipped outputs are read with gate 0
+    block = model.blocks[0]
+    g1, g2 = out.gates[0], out.gates[1]
+    h = F.relu(model.stem(x))
+    o1 = block(h, g1, g2)[1][0]
+    per_pair = 9 * 8 * 8
+    live_in = int((g1 != 0).any(0).sum())
+    live_out = int((g2 != 0).any(0).sum())
+    assert live_out < block.conv1.out_channels                     # channel 0 of the second gate is always 0
+    assert float(o1.metrics["macs_executed"]) == live_in * live_out * per_pair
+    ideal = ((g1 != 0).sum(1).double() * (g2 != 0).sum(1).double()).mean() * per_pair
+    assert float(o1.metrics["macs_ideal"]) == pytest.approx(float(ideal))
+    # the library conv alone would have computed every output channel of the live inputs
+    assert float(block.conv1(h, g1).metrics["macs_executed"]) == live_in * block.conv1.out_channels * per_pair

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moekit.layers.deepmoe import (DeepMoEOutput, GatedConv2d, MultiHeadGate, ShallowEmbedding, conv_macs,
-                              embedding_loss)
+                              embedding_loss, gate_l1)
 from moekit.types import MoEOutput, merge_outputs, zero_loss
 from moekit._validation import positive_int as _positive_int
 
@@ -44,13 +44,56 @@ class GatedBasicBlock(nn.Module):
     def forward(self, x_BCHW: Tensor, g1_BC: Tensor | None, g2_BC: Tensor | None
                 ) -> tuple[Tensor, list[MoEOutput], int]:
         """Returns the block output, the two gated-conv outputs and the shortcut's MACs per example."""
-        o1 = self.conv1(x_BCHW, g1_BC)
+        dead_out = (not self.training and g2_BC is not None and self.conv1.skip_zero_channels
+                    and bool((g2_BC == 0).all(0).any()))
+        o1 = self._conv1_live(x_BCHW, g1_BC, g2_BC) if dead_out else self.conv1(x_BCHW, g1_BC)
         o2 = self.conv2(F.relu(o1.y), g2_BC)
         if self.shortcut is None:
             return F.relu(o2.y + x_BCHW), [o1, o2], 0
         s = self.shortcut(x_BCHW)
         macs = conv_macs(self.shortcut.in_channels, self.shortcut.out_channels, 1, s.shape[2], s.shape[3])
         return F.relu(o2.y + s), [o1, o2], macs
+
+
+    def _conv1_live(self, x_BCHW: Tensor, g1_BC: Tensor | None, g2_BC: Tensor) -> MoEOutput:
+        """conv1 at eval time computing only the output channels conv2 reads: an output channel whose second
+        gate is zero for every example of the batch is multiplied by 0 in conv2, so it is left at 0 and not
+        computed. With ``g1_BC`` the zero-gated input channels are skipped too (as :class:`GatedConv2d` does).
+        MAC counts: ``executed`` = live inputs × live outputs × k²·H·W of this batch; ``ideal`` = the mean over
+        examples of that product with the example's own nonzero gates."""
+        conv = self.conv1
+        B, _, H, W = x_BCHW.shape
+        Ho, Wo = conv.output_size(H, W)
+        per_pair = conv.kernel_size * conv.kernel_size * Ho * Wo          # MACs of one (input, output) channel pair
+        out_idx = (g2_BC != 0).any(0).nonzero().squeeze(1)
+        if g1_BC is None:
+            xg, w = x_BCHW, conv.weight
+            in_B = torch.full((B,), float(conv.in_channels), dtype=torch.float64)
+            n_in = conv.in_channels
+        else:
+            in_idx = (g1_BC != 0).any(0).nonzero().squeeze(1)
+            xg = x_BCHW.index_select(1, in_idx) * g1_BC.index_select(1, in_idx)[:, :, None, None]
+            w = conv.weight.index_select(1, in_idx)
+            in_B = (g1_BC != 0).sum(1).double().cpu()
+            n_in = int(in_idx.numel())
+        bias = None if conv.bias is None else conv.bias.index_select(0, out_idx)
+        y = x_BCHW.new_zeros(B, conv.out_channels, Ho, Wo)
+        if out_idx.numel() and n_in:
+            y = y.index_copy(1, out_idx, F.conv2d(xg, w.index_select(0, out_idx), bias, conv.stride, conv.padding))
+        elif out_idx.numel() and bias is not None:
+            y = y.index_copy(1, out_idx, bias[None, :, None, None].expand(B, -1, Ho, Wo).contiguous())
+        out_B = (g2_BC != 0).sum(1).double().cpu()
+        metrics = {
+            "macs_executed": torch.tensor(float(n_in * int(out_idx.numel()) * per_pair), dtype=torch.float64),
+            "macs_ideal": (in_B * out_B).mean() * per_pair,
+            "macs_dense": torch.tensor(float(conv.in_channels * conv.out_channels * per_pair), dtype=torch.float64),
+            "active_channels": torch.tensor(float(n_in)),
+        }
+        if g1_BC is None:
+            return MoEOutput(y, zero_loss(x_BCHW), metrics)
+        l1 = gate_l1(g1_BC)
+        metrics |= {"gate_l1": l1.detach(), "zero_gates": (g1_BC == 0).float().mean().detach()}
+        return MoEOutput(y, conv.l1_weight * l1 if conv.l1_weight > 0 else zero_loss(x_BCHW), metrics)
 
 
 class DeepMoEResNet(nn.Module):
