@@ -1,19 +1,24 @@
-"""Expert parallelism on CPU/gloo: one MoE layer's forward+backward at EP=1 vs EP=2.
+"""Expert parallelism on CPU/gloo, weak scaling: EP = 1, 2, 4 processes, the same work per process.
 
-    python benchmarks/expert_parallel.py                 # E = 64 and 256, 4096 tokens per step in all
+    python benchmarks/expert_parallel.py                    # E = 64, 2048 tokens per process, FSDP2 on
+    python benchmarks/expert_parallel.py --no-fsdp --ep 1 2
 
-EP=1 is one process with one thread running the whole global batch; EP=2 is two processes with one
-thread each, each running half the batch with half the experts (tokens go to their experts' owner by
-all-to-all). Printed per E: step time, tokens/s, the tokens/s ratio EP=2 / EP=1, and the share of the
-EP=2 step spent in the all-to-all collectives (from torch.profiler: the dispatch, combine and their
-backward exchanges, including the wait for the slower rank).
-Legend: T tokens per step (all ranks), D dim, H expert hidden dim, E experts, k experts per token.
+Every process runs a training step (forward, backward, AdamW) of ``Linear → MoE → Linear`` on its own
+``--tokens`` tokens; the E experts are split over the EP processes (``expert_parallel`` on a 1-D
+``("ep",)`` mesh) and, with FSDP2 (default), ``fully_shard_moe`` shards everything else over them.
+Printed per EP size: the median step time, tokens/s per process (flat under perfect weak scaling),
+the share of the step spent in the all-to-all exchanges (torch.profiler: dispatch, combine and their
+backward exchanges, including the wait for the slowest rank), the parameter + gradient + optimizer
+bytes each rank holds, and the peak resident memory of rank 0 (whole process, interpreter included).
+With more processes than cores the processes share cores: the machine's core count is printed.
+Legend: T tokens per process, D dim, H expert hidden dim, E experts, k experts per token, P EP size.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -31,27 +36,43 @@ def _port() -> int:
 
 def worker(args) -> None:
     import torch.distributed as dist
+    from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
 
     import moekit
-    from moekit.parallel import expert_parallel, sync_gradients
+    from moekit.parallel import expert_parallel, fully_shard_moe, sync_gradients
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     W, rank = dist.get_world_size(), dist.get_rank()
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(args.dim, args.dim)
+            self.moe = moekit.MoE(args.dim, args.hidden, args.experts, top_k=args.top_k, expert="glu")
+            self.out = nn.Linear(args.dim, args.dim)
+
+        def forward(self, x):
+            o = self.moe(self.inp(x))
+            return self.out(o.y), o.aux_loss
+
     torch.manual_seed(0)
-    layer = moekit.MoE(args.dim, args.hidden, args.experts, top_k=args.top_k, expert="glu")
-    if W > 1:
-        expert_parallel(layer, init_device_mesh("cpu", (W,)))
-    T = args.tokens // W
-    x = torch.randn(args.tokens, args.dim, generator=torch.Generator().manual_seed(1))[rank * T:(rank + 1) * T]
+    model = Block()
+    mesh = init_device_mesh("cpu", (W,), mesh_dim_names=("ep",))
+    expert_parallel(model, mesh)
+    if args.fsdp:
+        fully_shard_moe(model, mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(args.tokens, args.dim, generator=torch.Generator().manual_seed(1 + rank))
 
     def step():
-        out = layer(x)
-        (out.y.sum() + out.aux_loss).backward()
-        if W > 1:
-            sync_gradients(layer)
-        layer.zero_grad(set_to_none=True)
+        y, aux = model(x)
+        (y.square().mean() + aux).backward()
+        if not args.fsdp:
+            sync_gradients(model)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
 
     for _ in range(2):
         step()
@@ -69,11 +90,19 @@ def worker(args) -> None:
             t0 = time.perf_counter()
             step()
             prof_step = time.perf_counter() - t0
-        names = ("all_to_all", "alltoall", "wait_tensor")
+        names = ("all_to_all", "alltoall")
         a2a = sum(e.self_cpu_time_total for e in prof.key_averages() if any(n in e.key for n in names)) / 1e6
         comm = a2a / prof_step
+
+    def local_bytes(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+    held = sum(local_bytes(p) + (local_bytes(p.grad) if p.grad is not None else 0) for p in model.parameters())
+    held += sum(local_bytes(v) for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024        # KiB on Linux -> MiB
     if rank == 0:
-        print(json.dumps({"step_s": statistics.median(times), "comm_share": comm}))
+        print(json.dumps({"step_s": statistics.median(times), "comm_share": comm, "held_mib": held / 2**20,
+                          "peak_rss_mib": peak_rss}))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -91,30 +120,40 @@ def launch(nproc: int, argv: list[str]) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per step over all ranks (default 4096)")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per process per step (default 2048)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--experts", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--ep", type=int, nargs="+", default=[1, 2, 4], help="EP sizes (default 1 2 4)")
+    p.add_argument("--no-fsdp", dest="fsdp", action="store_false", help="replicated non-expert weights instead")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for n in args.ep:
+        if n < 1 or args.experts % n:
+            p.error(f"--ep: each size must be positive and divide --experts ({args.experts}), got {n}")
     if args.worker:
-        args.experts = args.experts[0]
         worker(args)
         return
-    print(f"T={args.tokens} D={args.dim} H={args.hidden} k={args.top_k} GLU experts, float32, one thread per "
-          f"process, gloo, torch={torch.__version__}")
-    header = f"{'E':>5} {'EP=1 ms':>9} {'EP=2 ms':>9} {'EP=1 tok/s':>11} {'EP=2 tok/s':>11} {'ratio':>6} {'all-to-all':>10}"
+    print(f"T={args.tokens}/process D={args.dim} H={args.hidden} E={args.experts} k={args.top_k} GLU experts, "
+          f"float32, one thread per process, gloo, FSDP2 {'on' if args.fsdp else 'off'}, {os.cpu_count()} cores, "
+          f"torch={torch.__version__}")
+    header = (f"{'P':>3} {'step ms':>8} {'tok/s/proc':>11} {'vs P=1':>7} {'all-to-all':>10} {'held MiB/rank':>14} "
+              f"{'peak RSS MiB':>13}")
     print(header)
     print("-" * len(header))
-    for E in args.experts:
-        base = ["--tokens", str(args.tokens), "--dim", str(args.dim), "--hidden", str(args.hidden), "--experts",
-                str(E), "--top-k", str(args.top_k), "--repeats", str(args.repeats)]
-        one, two = launch(1, base), launch(2, base)
-        t1, t2 = one["step_s"], two["step_s"]
-        print(f"{E:>5} {t1 * 1e3:9.1f} {t2 * 1e3:9.1f} {args.tokens / t1:11.0f} {args.tokens / t2:11.0f} "
-              f"{t1 / t2:6.2f} {two['comm_share'] * 100:9.1f}%")
+    base = ["--tokens", str(args.tokens), "--dim", str(args.dim), "--hidden", str(args.hidden), "--experts",
+            str(args.experts), "--top-k", str(args.top_k), "--repeats", str(args.repeats)]
+    if not args.fsdp:
+        base.append("--no-fsdp")
+    first = None
+    for n in args.ep:
+        r = launch(n, base)
+        tps = args.tokens / r["step_s"]
+        first = first or tps
+        print(f"{n:>3} {r['step_s'] * 1e3:8.1f} {tps:11.0f} {tps / first:7.2f} {r['comm_share'] * 100:9.1f}% "
+              f"{r['held_mib']:14.2f} {r['peak_rss_mib']:13.0f}")
 
 
 if __name__ == "__main__":
