@@ -1,12 +1,16 @@
 """moekit — Mixture-of-Experts layers, routers, losses and paper reproductions for PyTorch.
 
-Shape-suffix legend, one meaning per letter, package-wide (``x_TD`` is a (T, D) tensor; files use
-these letters and no others of their own):
-  T tokens · D model dim · H expert hidden dim · E experts · K experts per token (top-k) ·
-  A flat (token, expert) assignments · R rows handed to the experts (grouped by expert) ·
-  C capacity (assignments per expert) · G routing groups · N tokens per group · S slots per expert ·
-  Z = E·S slots · P expert groups · Q experts per group · B batch · L sequence length ·
-  V vocabulary · Y classes.
+Shape-suffix legend, one meaning per letter, package-wide (``x_TD`` is a (T, D) tensor; every file
+uses these letters with these meanings and adds none of its own):
+  T tokens (or examples) · D model dim / a layer's input features ·
+  H hidden units (expert hidden dim; transformers' intermediate_size) · E experts ·
+  K experts per token (top-k) · A flat (token, expert) assignments ·
+  R rows handed to the experts (grouped by expert) ·
+  M rows a process receives from others (expert parallelism) · C capacity (assignments per expert) ·
+  G routing groups · N tokens per group · S slots per expert · Z = E·S slots · P expert groups ·
+  Q experts per group · W processes (ranks) · B batch · L sequence length · V vocabulary ·
+  Y classes (labels) · O output features or output channels · I input channels · U image height ·
+  X image width · F tasks · J recorded steps.
 """
 from . import checkpoint, config, dispatch, experts, losses, routing, stats
 from .config import MoEConfig

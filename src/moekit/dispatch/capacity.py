@@ -1,7 +1,7 @@
 """Capacity-limited assignment (GShard / V-MoE): each expert takes at most C assignments per group.
 
 Legend: T tokens, E experts, K experts per token, A = T·K assignments, C capacity, G routing groups,
-Q queues (one per (group, expert) pair).
+N tokens per group; the queues are the G·E (group, expert) pairs.
 
 Capacity formula (moekit's default): ``C = max(1, ceil(N · k · c / E))`` for a group of N real tokens,
 k experts per token and capacity ratio c. V-MoE additionally rounds C up to a multiple of 4 by
@@ -45,7 +45,7 @@ def capacity_mask(expert_ids_TK: Tensor, num_experts: int, capacity: int | Tenso
     Assignments are served slot by slot — every token's first choice before any second choice — and
     within a slot in token order, or, with Batch Priority Routing, in descending ``priority_T``
     (stable: ties keep token order), so at low capacity the least confident tokens are dropped.
-    Queue ``q`` keeps its first ``capacity`` (an int, or a per-queue tensor (Q,)) assignments in that
+    Queue ``q`` keeps its first ``capacity`` (an int, or a per-queue tensor, one entry per queue) assignments in that
     order. Ids ``>= num_experts`` are queues of their own that keep nothing.
     """
     T, K = expert_ids_TK.shape
@@ -59,14 +59,14 @@ def capacity_mask(expert_ids_TK: Tensor, num_experts: int, capacity: int | Tenso
     queue_A = expert_ids_TK.reshape(-1)[flat_A].clamp_max(num_experts)
     # Rank of each assignment among those of its queue, in service order.
     by_queue_A = torch.argsort(queue_A, stable=True)
-    counts_Q = torch.zeros(num_experts + 1, dtype=torch.long, device=device).scatter_add_(
+    queue_counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device).scatter_add_(
         0, queue_A, torch.ones_like(queue_A))
-    starts_Q = torch.cumsum(counts_Q, 0) - counts_Q
-    rank_sorted_A = torch.arange(queue_A.numel(), device=device) - starts_Q[queue_A[by_queue_A]]
+    queue_starts = torch.cumsum(queue_counts, 0) - queue_counts
+    rank_sorted_A = torch.arange(queue_A.numel(), device=device) - queue_starts[queue_A[by_queue_A]]
     rank_A = torch.empty_like(rank_sorted_A).scatter_(0, by_queue_A, rank_sorted_A)
     if isinstance(capacity, Tensor):
-        cap_Q = torch.cat([capacity.to(device=device, dtype=torch.long), capacity.new_zeros(1).to(device)])
-        fits_A = rank_A < cap_Q[queue_A]
+        queue_cap = torch.cat([capacity.to(device=device, dtype=torch.long), capacity.new_zeros(1).to(device)])
+        fits_A = rank_A < queue_cap[queue_A]
     else:
         fits_A = rank_A < capacity
     fits_A = fits_A & (queue_A < num_experts)

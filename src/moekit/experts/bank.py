@@ -1,10 +1,11 @@
 """Expert banks: E expert networks stored as stacked weights and run with grouped matmuls.
 
-Legend: A rows (assignments, sorted by expert), E experts, D model dim, H expert hidden dim.
+Legend (the package's, ``moekit/__init__.py``): R rows handed to the experts (sorted by expert), E experts,
+T tokens, D model dim, H expert hidden dim.
 
 Every bank has these entry points:
-  * ``forward(x_AD, counts_E)`` — the fast path: rows already sorted by expert, ``counts_E`` rows each;
-  * ``forward_weighted(x_AD, counts_E, weight_A)`` — the same with each row's combine weight applied
+  * ``forward(x_RD, counts_E)`` — the fast path: rows already sorted by expert, ``counts_E`` rows each;
+  * ``forward_weighted(x_RD, counts_E, weight_R)`` — the same with each row's combine weight applied
     (to the output; :class:`InputGated` banks apply it to the input): what dispatchers call;
   * ``forward_dense(x_TD) -> y_ETD`` / ``forward_dense_weighted(x_TD, combine_TE) -> y_TD`` — every
     expert on every token; only the reference dispatch (the test oracle) uses them.
@@ -64,29 +65,29 @@ def _act_grad(name: str, g: Tensor) -> Tensor:
 # traffic and page faults, not arithmetic, set their cost). As an opaque operator it also compiles
 # under ``torch.compile`` (the in-place ``out=`` kernels on views would not trace).
 @torch.library.custom_op("moekit::glu", mutates_args=())
-def glu(h_A2H: Tensor, act_name: str) -> Tensor:
-    gate, up = h_A2H.chunk(2, dim=-1)
+def glu(h_R2H: Tensor, act_name: str) -> Tensor:
+    gate, up = h_R2H.chunk(2, dim=-1)
     a = ACTIVATIONS[act_name](gate)
     return a * up if (a is gate or act_name == "identity") else a.mul_(up)   # in place only into a fresh output
 
 
 @glu.register_fake
-def _(h_A2H: Tensor, act_name: str) -> Tensor:
-    return h_A2H.new_empty(*h_A2H.shape[:-1], h_A2H.shape[-1] // 2)
+def _(h_R2H: Tensor, act_name: str) -> Tensor:
+    return h_R2H.new_empty(*h_R2H.shape[:-1], h_R2H.shape[-1] // 2)
 
 
 @torch.library.custom_op("moekit::glu_backward", mutates_args=())
-def _glu_backward(dy_AH: Tensor, h_A2H: Tensor, act_name: str) -> Tensor:
-    gate, up = h_A2H.chunk(2, dim=-1)
+def _glu_backward(dy_RH: Tensor, h_R2H: Tensor, act_name: str) -> Tensor:
+    gate, up = h_R2H.chunk(2, dim=-1)
     H = gate.shape[-1]
-    dh = torch.empty_like(h_A2H)
+    dh = torch.empty_like(h_R2H)
     dgate, dup = dh[:, :H], dh[:, H:]
     if act_name == "silu":              # fused kernels writing into dh: no graph, no copies
-        torch.ops.aten.silu_backward.grad_input(dy_AH * up, gate, grad_input=dgate)
+        torch.ops.aten.silu_backward.grad_input(dy_RH * up, gate, grad_input=dgate)
         torch.ops.aten.silu.out(gate, out=dup)
-        dup.mul_(dy_AH)
+        dup.mul_(dy_RH)
     else:                               # the activations' own backward kernels (no autograd in here)
-        g_up = dy_AH * up
+        g_up = dy_RH * up
         a = ACTIVATIONS[act_name](gate)
         if act_name == "gelu":
             dg = torch.ops.aten.gelu_backward(g_up, gate)
@@ -99,28 +100,28 @@ def _glu_backward(dy_AH: Tensor, h_A2H: Tensor, act_name: str) -> Tensor:
         else:
             raise ValueError(f"activation: no GLU backward for {act_name!r}; choose one of {sorted(ACTIVATIONS)}")
         dgate.copy_(dg)
-        torch.mul(dy_AH, a, out=dup)
+        torch.mul(dy_RH, a, out=dup)
     return dh
 
 
 @_glu_backward.register_fake
-def _(dy_AH: Tensor, h_A2H: Tensor, act_name: str) -> Tensor:
-    return torch.empty_like(h_A2H)
+def _(dy_RH: Tensor, h_R2H: Tensor, act_name: str) -> Tensor:
+    return torch.empty_like(h_R2H)
 
 
 def _glu_setup(ctx, inputs, output):
-    h_A2H, act_name = inputs
-    ctx.save_for_backward(h_A2H)
+    h_R2H, act_name = inputs
+    ctx.save_for_backward(h_R2H)
     ctx.act_name = act_name
 
 
-def _glu_bwd(ctx, dy_AH: Tensor):
-    (h_A2H,) = ctx.saved_tensors
+def _glu_bwd(ctx, dy_RH: Tensor):
+    (h_R2H,) = ctx.saved_tensors
     if torch.is_grad_enabled():         # backward of a backward (create_graph=True): differentiable ops
-        gate, up = h_A2H.chunk(2, dim=-1)
+        gate, up = h_R2H.chunk(2, dim=-1)
         a = ACTIVATIONS[ctx.act_name](gate)
-        return torch.cat([dy_AH * up * _act_grad(ctx.act_name, gate), dy_AH * a], dim=-1), None
-    return _glu_backward(dy_AH.contiguous(), h_A2H, ctx.act_name), None
+        return torch.cat([dy_RH * up * _act_grad(ctx.act_name, gate), dy_RH * a], dim=-1), None
+    return _glu_backward(dy_RH.contiguous(), h_R2H, ctx.act_name), None
 
 
 glu.register_autograd(_glu_bwd, setup_context=_glu_setup)
@@ -152,21 +153,21 @@ class ExpertBank(Recorded, nn.Module):
     #: the name this bank's kind has in :data:`EXPERTS`
     kind: str = "modules"
 
-    def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def forward_dense(self, x_TD: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward_weighted(self, x_AD: Tensor, counts_E: Tensor, weight_A: Tensor,
-                         valid_A: Tensor | None = None) -> Tensor:
-        """``weight_a · expert(x_a)`` for rows sorted by expert; rows where ``valid_A`` is False
+    def forward_weighted(self, x_RD: Tensor, counts_E: Tensor, weight_R: Tensor,
+                         valid_R: Tensor | None = None) -> Tensor:
+        """``weight_a · expert(x_a)`` for rows sorted by expert; rows where ``valid_R`` is False
         (padding past the last expert, which the kernels may leave undefined) give 0 and pass no
         gradient — they are zeroed *before* the weight multiply, whose gradient reads them."""
-        y_AD = self(x_AD, counts_E)
-        if valid_A is not None:
-            y_AD = torch.where(valid_A[:, None], y_AD, torch.zeros_like(y_AD))
-        return y_AD * weight_A[:, None].to(y_AD.dtype)
+        y_RD = self(x_RD, counts_E)
+        if valid_R is not None:
+            y_RD = torch.where(valid_R[:, None], y_RD, torch.zeros_like(y_RD))
+        return y_RD * weight_R[:, None].to(y_RD.dtype)
 
     def forward_dense_weighted(self, x_TD: Tensor, combine_TE: Tensor) -> Tensor:
         """``y_t = Σ_e combine[t, e] · expert_e(x_t)``, every expert on every token (the oracle)."""
@@ -209,17 +210,17 @@ class MLPExperts(ExpertBank):
         return (f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
                 f"activation={self.activation}, bias={self.b1 is not None}")
 
-    def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
-        dt = compute_dtype(x_AD, self.w1)
-        x_AD = x_AD.to(dt)
+    def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+        dt = compute_dtype(x_RD, self.w1)
+        x_RD = x_RD.to(dt)
         fuse = self.fuse_grad_accumulation
-        h_AH = grouped_mm(x_AD, local(self.w1).to(dt), counts_E, fuse_grad_accumulation=fuse)
+        h_RH = grouped_mm(x_RD, local(self.w1).to(dt), counts_E, fuse_grad_accumulation=fuse)
         if self.b1 is not None:
-            h_AH = h_AH + _row_bias(local(self.b1).to(dt), counts_E, x_AD.shape[0])
-        y_AD = grouped_mm(self.act(h_AH), local(self.w2).to(dt), counts_E, fuse_grad_accumulation=fuse)
+            h_RH = h_RH + _row_bias(local(self.b1).to(dt), counts_E, x_RD.shape[0])
+        y_RD = grouped_mm(self.act(h_RH), local(self.w2).to(dt), counts_E, fuse_grad_accumulation=fuse)
         if self.b2 is not None:
-            y_AD = y_AD + _row_bias(local(self.b2).to(dt), counts_E, x_AD.shape[0])
-        return y_AD
+            y_RD = y_RD + _row_bias(local(self.b2).to(dt), counts_E, x_RD.shape[0])
+        return y_RD
 
     def forward_dense(self, x_TD: Tensor) -> Tensor:
         x_TD = x_TD.to(compute_dtype(x_TD, self.w1))
@@ -302,16 +303,16 @@ class GLUExperts(ExpertBank):
         a = gate * torch.sigmoid(self.alpha * gate) if self.alpha is not None else self.act(gate)
         return a * (up + self.up_offset) if self.up_offset != 0.0 else a * up
 
-    def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
-        dt = compute_dtype(x_AD, self.w_in)
+    def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
+        dt = compute_dtype(x_RD, self.w_in)
         fuse = self.fuse_grad_accumulation
-        h_A2H = grouped_mm(x_AD.to(dt), local(self.w_in).to(dt), counts_E, fuse_grad_accumulation=fuse)
+        h_R2H = grouped_mm(x_RD.to(dt), local(self.w_in).to(dt), counts_E, fuse_grad_accumulation=fuse)
         if self.b_in is not None:
-            h_A2H = h_A2H + _row_bias(local(self.b_in).to(dt), counts_E, x_AD.shape[0])
-        y_AD = grouped_mm(self._glu(h_A2H), local(self.w_out).to(dt), counts_E, fuse_grad_accumulation=fuse)
+            h_R2H = h_R2H + _row_bias(local(self.b_in).to(dt), counts_E, x_RD.shape[0])
+        y_RD = grouped_mm(self._glu(h_R2H), local(self.w_out).to(dt), counts_E, fuse_grad_accumulation=fuse)
         if self.b_out is not None:
-            y_AD = y_AD + _row_bias(local(self.b_out).to(dt), counts_E, x_AD.shape[0])
-        return y_AD
+            y_RD = y_RD + _row_bias(local(self.b_out).to(dt), counts_E, x_RD.shape[0])
+        return y_RD
 
     def forward_dense(self, x_TD: Tensor) -> Tensor:
         dt = compute_dtype(x_TD, self.w_in)
@@ -325,7 +326,7 @@ class GLUExperts(ExpertBank):
 
 
 class ModuleExperts(ExpertBank):
-    """Any user ``nn.Module`` experts (each maps (N, D) -> (N, D)); run one by one (slower path)."""
+    """Any user ``nn.Module`` experts (each maps (rows, D) -> (rows, D)); run one by one (slower path)."""
 
     def __init__(self, experts: list[nn.Module] | nn.ModuleList, dim: int):
         super().__init__()
@@ -338,9 +339,9 @@ class ModuleExperts(ExpertBank):
         """User modules are compared by class name (their own settings are theirs)."""
         return ExpertsConfig("modules", {"classes": [type(m).__qualname__ for m in self.experts]})
 
-    def forward(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
+    def forward(self, x_RD: Tensor, counts_E: Tensor) -> Tensor:
         sizes = counts_E.tolist()                   # host read: per-module experts need concrete sizes
-        chunks = torch.split(x_AD, sizes + [x_AD.shape[0] - sum(sizes)], dim=0)
+        chunks = torch.split(x_RD, sizes + [x_RD.shape[0] - sum(sizes)], dim=0)
         outs = [expert(c) for expert, c in zip(self.experts, chunks[:-1])]
         pad = chunks[-1].shape[0]
         if pad:                                     # padding rows (not executed): zeros
@@ -356,14 +357,14 @@ class InputGated:
     ``Σ_k E_k(w_k x)`` (Llama-4), the same as output-side gating only for linear experts. The bank's
     parameters and kernels are those of the bank class it is mixed into (:func:`input_gated`)."""
 
-    def forward_weighted(self, x_AD: Tensor, counts_E: Tensor, weight_A: Tensor,
-                         valid_A: Tensor | None = None) -> Tensor:
-        x_AD = x_AD * weight_A[:, None].to(x_AD.dtype)
-        if valid_A is None:
-            return self(x_AD, counts_E)
-        x_AD = torch.where(valid_A[:, None], x_AD, torch.zeros_like(x_AD))     # no gradient from padding rows
-        y_AD = self(x_AD, counts_E)
-        return torch.where(valid_A[:, None], y_AD, torch.zeros_like(y_AD))
+    def forward_weighted(self, x_RD: Tensor, counts_E: Tensor, weight_R: Tensor,
+                         valid_R: Tensor | None = None) -> Tensor:
+        x_RD = x_RD * weight_R[:, None].to(x_RD.dtype)
+        if valid_R is None:
+            return self(x_RD, counts_E)
+        x_RD = torch.where(valid_R[:, None], x_RD, torch.zeros_like(x_RD))     # no gradient from padding rows
+        y_RD = self(x_RD, counts_E)
+        return torch.where(valid_R[:, None], y_RD, torch.zeros_like(y_RD))
 
     def forward_dense_weighted(self, x_TD: Tensor, combine_TE: Tensor) -> Tensor:
         """``y_t = Σ_{e: combine[t,e] ≠ 0} E_e(combine[t, e] · x_t)``: E dense passes (the oracle)."""

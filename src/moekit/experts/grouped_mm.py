@@ -1,8 +1,10 @@
 """Grouped matrix multiply for expert banks: rows of ``x`` sorted by expert, one weight per expert.
 
-Legend: A rows (token-expert assignments, sorted by expert), E experts, D in features, H out features.
+Legend (the package's, ``moekit/__init__.py``): R rows handed to the experts (sorted by expert), E experts,
+D input features, O output features, C capacity (here the largest group's row count: the padded buffer's
+rows per expert).
 
-``grouped_mm(x_AD, w_EDH, counts_E) -> y_AH`` with ``y[rows of e] = x[rows of e] @ w[e]``.
+``grouped_mm(x_RD, w_EDO, counts_E) -> y_RO`` with ``y[rows of e] = x[rows of e] @ w[e]``.
 Kernels:
   * ``torch.nn.functional.grouped_mm`` where it is supported: on CPU float32/bf16/fp16, on GPU bf16
     with compute capability >= 8.0; 16-byte aligned operands;
@@ -10,8 +12,8 @@ Kernels:
     uneven; the group sizes are read on the host, with no device to synchronise with). It runs within
     ~10 % of torch's CPU kernel both ways (``benchmarks/grouped_mm_kernels.py``), takes any dtype and
     alignment, and is the kernel that adds into an existing gradient (the fusion below);
-  * otherwise on GPU a loop-free padded ``bmm`` (rows scattered into an (E, max_count, D) buffer; reads
-    the largest group size on the host).
+  * otherwise on GPU a loop-free padded ``bmm`` (rows scattered into an (E, C, D) buffer, C the largest
+    group size, read on the host).
 Autograd is ours (registered on the ``moekit::grouped_mm`` custom operator): the backward makes the incoming gradient dense and
 contiguous (torch's own grouped_mm backward fails on expanded gradients) and reuses the same kernels:
 ``dx = dy @ w[e]^T`` per group, ``dw[e] = x[rows of e]^T dy[rows of e]``.
@@ -76,150 +78,151 @@ def _group_positions(counts_E: Tensor, num_rows: int) -> tuple[Tensor, Tensor, i
     return group_R, pos_R, max(max_count, 1)
 
 
-def _pad(x_AD: Tensor, group_A: Tensor, pos_A: Tensor, E: int, M: int) -> Tensor:
-    """(E, M, D) buffer holding each group's rows (zeros past its count); padding rows are left out."""
-    out_EMD = x_AD.new_zeros(E + 1, M, x_AD.shape[-1])
-    out_EMD[group_A, pos_A] = x_AD
-    return out_EMD[:E]
+def _pad(x_RD: Tensor, group_R: Tensor, pos_R: Tensor, E: int, C: int) -> Tensor:
+    """(E, C, D) buffer (C = the largest group's row count) holding each group's rows (zeros past its
+    count); padding rows are left out."""
+    out_ECD = x_RD.new_zeros(E + 1, C, x_RD.shape[-1])
+    out_ECD[group_R, pos_R] = x_RD
+    return out_ECD[:E]
 
 
-def _mm_kernel(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
+def _mm_kernel(x_RD: Tensor, w_EDO: Tensor, counts_E: Tensor) -> Tensor:
     """y[rows of e] = x[rows of e] @ w[e] (no autograd). Rows past ``counts_E.sum()`` are not computed:
     the native kernel leaves them undefined, the fallback zero."""
-    if x_AD.shape[0] == 0:
-        return x_AD.new_zeros(0, w_EDH.shape[-1])
-    if native_supported(x_AD, w_EDH):
-        return F.grouped_mm(x_AD, w_EDH, offs=_offsets(counts_E))
-    if x_AD.device.type == "cpu":          # one GEMM per non-empty group, written in place: no padding
-        y_AH = x_AD.new_empty(x_AD.shape[0], w_EDH.shape[-1])
+    if x_RD.shape[0] == 0:
+        return x_RD.new_zeros(0, w_EDO.shape[-1])
+    if native_supported(x_RD, w_EDO):
+        return F.grouped_mm(x_RD, w_EDO, offs=_offsets(counts_E))
+    if x_RD.device.type == "cpu":          # one GEMM per non-empty group, written in place: no padding
+        y_RO = x_RD.new_empty(x_RD.shape[0], w_EDO.shape[-1])
         start = 0
         for e, c in enumerate(counts_E.tolist()):
             if c:
-                torch.mm(x_AD[start:start + c], w_EDH[e], out=y_AH[start:start + c])
+                torch.mm(x_RD[start:start + c], w_EDO[e], out=y_RO[start:start + c])
             start += c
-        y_AH[start:] = 0                   # padding rows
-        return y_AH
-    E = w_EDH.shape[0]
-    group_A, pos_A, M = _group_positions(counts_E, x_AD.shape[0])
-    y_EMH = torch.bmm(_pad(x_AD, group_A, pos_A, E, M), w_EDH)
-    y_EMH = torch.cat([y_EMH, y_EMH.new_zeros(1, M, y_EMH.shape[-1])])     # padding rows read zeros
-    return y_EMH[group_A, pos_A]
+        y_RO[start:] = 0                   # padding rows
+        return y_RO
+    E = w_EDO.shape[0]
+    group_R, pos_R, C = _group_positions(counts_E, x_RD.shape[0])
+    y_ECO = torch.bmm(_pad(x_RD, group_R, pos_R, E, C), w_EDO)
+    y_ECO = torch.cat([y_ECO, y_ECO.new_zeros(1, C, y_ECO.shape[-1])])     # padding rows read zeros
+    return y_ECO[group_R, pos_R]
 
 
-def _cpu_wgrad_loop(x_AD: Tensor, dy_AH: Tensor, counts_E: Tensor, dw_EDH: Tensor, *, accumulate: bool) -> Tensor:
-    """One GEMM per group into ``dw_EDH``: ``dw[e] = x[rows of e]^T dy[rows of e]``, or ``+=`` with
+def _cpu_wgrad_loop(x_RD: Tensor, dy_RO: Tensor, counts_E: Tensor, dw_EDO: Tensor, *, accumulate: bool) -> Tensor:
+    """One GEMM per group into ``dw_EDO``: ``dw[e] = x[rows of e]^T dy[rows of e]``, or ``+=`` with
     ``accumulate`` (the GEMM adds into the gradient: no temporary, one pass). Padding rows are left out."""
-    xt_DA = x_AD.t()
+    xt_DR = x_RD.t()
     start = 0
     for e, c in enumerate(counts_E.tolist()):
         if c and accumulate:
-            dw_EDH[e].addmm_(xt_DA[:, start:start + c], dy_AH[start:start + c])
+            dw_EDO[e].addmm_(xt_DR[:, start:start + c], dy_RO[start:start + c])
         elif c:
-            torch.mm(xt_DA[:, start:start + c], dy_AH[start:start + c], out=dw_EDH[e])
+            torch.mm(xt_DR[:, start:start + c], dy_RO[start:start + c], out=dw_EDO[e])
         elif not accumulate:
-            dw_EDH[e].zero_()              # an expert with no rows has a zero gradient
+            dw_EDO[e].zero_()              # an expert with no rows has a zero gradient
         start += c
-    return dw_EDH
+    return dw_EDO
 
 
-def _wgrad_kernel(x_AD: Tensor, dy_AH: Tensor, counts_E: Tensor) -> Tensor:
+def _wgrad_kernel(x_RD: Tensor, dy_RO: Tensor, counts_E: Tensor) -> Tensor:
     """dw[e] = x[rows of e]^T @ dy[rows of e] (no autograd); padding rows are left out."""
     E = counts_E.shape[0]
-    if x_AD.shape[0] > 0 and native_supported(x_AD, dy_AH):
-        return F.grouped_mm(x_AD.t(), dy_AH, offs=_offsets(counts_E))
-    if x_AD.device.type == "cpu":
-        return _cpu_wgrad_loop(x_AD, dy_AH, counts_E, x_AD.new_empty(E, x_AD.shape[-1], dy_AH.shape[-1]),
+    if x_RD.shape[0] > 0 and native_supported(x_RD, dy_RO):
+        return F.grouped_mm(x_RD.t(), dy_RO, offs=_offsets(counts_E))
+    if x_RD.device.type == "cpu":
+        return _cpu_wgrad_loop(x_RD, dy_RO, counts_E, x_RD.new_empty(E, x_RD.shape[-1], dy_RO.shape[-1]),
                                accumulate=False)
-    group_A, pos_A, M = _group_positions(counts_E, x_AD.shape[0])
-    return torch.bmm(_pad(x_AD, group_A, pos_A, E, M).transpose(1, 2), _pad(dy_AH, group_A, pos_A, E, M))
+    group_R, pos_R, C = _group_positions(counts_E, x_RD.shape[0])
+    return torch.bmm(_pad(x_RD, group_R, pos_R, E, C).transpose(1, 2), _pad(dy_RO, group_R, pos_R, E, C))
 
 
 # The kernels are registered as custom operators with their own shape functions, so ``torch.compile``
 # traces a grouped matmul as one opaque node (torch's own meta function for ``_grouped_mm`` accepts
 # bf16 only) and the dynamic per-expert sizes never reach the graph.
 @torch.library.custom_op("moekit::grouped_mm", mutates_args=())
-def _grouped_mm_op(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor, fuse_grad_accumulation: bool = False) -> Tensor:
-    return _mm_kernel(x_AD.contiguous(), w_EDH, counts_E)
+def _grouped_mm_op(x_RD: Tensor, w_EDO: Tensor, counts_E: Tensor, fuse_grad_accumulation: bool = False) -> Tensor:
+    return _mm_kernel(x_RD.contiguous(), w_EDO, counts_E)
 
 
 @_grouped_mm_op.register_fake
-def _(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor, fuse_grad_accumulation: bool = False) -> Tensor:
-    return x_AD.new_empty(x_AD.shape[0], w_EDH.shape[-1])
+def _(x_RD: Tensor, w_EDO: Tensor, counts_E: Tensor, fuse_grad_accumulation: bool = False) -> Tensor:
+    return x_RD.new_empty(x_RD.shape[0], w_EDO.shape[-1])
 
 
 @torch.library.custom_op("moekit::grouped_mm_wgrad", mutates_args=())
-def _grouped_mm_wgrad_op(x_AD: Tensor, dy_AH: Tensor, counts_E: Tensor) -> Tensor:
-    return _wgrad_kernel(x_AD.contiguous(), dy_AH.contiguous(), counts_E)
+def _grouped_mm_wgrad_op(x_RD: Tensor, dy_RO: Tensor, counts_E: Tensor) -> Tensor:
+    return _wgrad_kernel(x_RD.contiguous(), dy_RO.contiguous(), counts_E)
 
 
 @_grouped_mm_wgrad_op.register_fake
-def _(x_AD: Tensor, dy_AH: Tensor, counts_E: Tensor) -> Tensor:
-    return x_AD.new_empty(counts_E.shape[0], x_AD.shape[-1], dy_AH.shape[-1])
+def _(x_RD: Tensor, dy_RO: Tensor, counts_E: Tensor) -> Tensor:
+    return x_RD.new_empty(counts_E.shape[0], x_RD.shape[-1], dy_RO.shape[-1])
 
 
-@torch.library.custom_op("moekit::grouped_mm_wgrad_accumulate", mutates_args=("dw_EDH",))
-def _grouped_mm_wgrad_accumulate_op(x_AD: Tensor, dy_AH: Tensor, counts_E: Tensor, dw_EDH: Tensor) -> None:
+@torch.library.custom_op("moekit::grouped_mm_wgrad_accumulate", mutates_args=("dw_EDO",))
+def _grouped_mm_wgrad_accumulate_op(x_RD: Tensor, dy_RO: Tensor, counts_E: Tensor, dw_EDO: Tensor) -> None:
     """dw[e] += x[rows of e]^T @ dy[rows of e], in place."""
-    x_AD, dy_AH = x_AD.contiguous(), dy_AH.contiguous()
-    if x_AD.device.type != "cpu":
-        dw_EDH.add_(_wgrad_kernel(x_AD, dy_AH, counts_E).to(dw_EDH.dtype))
+    x_RD, dy_RO = x_RD.contiguous(), dy_RO.contiguous()
+    if x_RD.device.type != "cpu":
+        dw_EDO.add_(_wgrad_kernel(x_RD, dy_RO, counts_E).to(dw_EDO.dtype))
         return
-    _cpu_wgrad_loop(x_AD, dy_AH, counts_E, dw_EDH, accumulate=True)
+    _cpu_wgrad_loop(x_RD, dy_RO, counts_E, dw_EDO, accumulate=True)
 
 
-def _fusable(w: Tensor, x_AD: Tensor) -> bool:
+def _fusable(w: Tensor, x_RD: Tensor) -> bool:
     """Whether the backward may add straight into ``w.grad``: a leaf whose gradient exists, matches it
     and would otherwise only be accumulated (eager mode; under ``torch.compile`` autograd does it)."""
     if torch.compiler.is_compiling() or not (w.is_leaf and w.requires_grad):
         return False
     g = w.grad
-    return (g is not None and g.shape == w.shape and g.dtype == w.dtype == x_AD.dtype and g.device == w.device
+    return (g is not None and g.shape == w.shape and g.dtype == w.dtype == x_RD.dtype and g.device == w.device
             and g.layout == torch.strided and g.is_contiguous())
 
 
 def _setup_context(ctx, inputs, output):
-    x_AD, w_EDH, counts_E, fuse = inputs
-    ctx.save_for_backward(x_AD, w_EDH, counts_E)
-    ctx.fuse_target = w_EDH if fuse else None     # the parameter itself: its .grad is read at backward time
+    x_RD, w_EDO, counts_E, fuse = inputs
+    ctx.save_for_backward(x_RD, w_EDO, counts_E)
+    ctx.fuse_target = w_EDO if fuse else None     # the parameter itself: its .grad is read at backward time
 
 
-def _backward(ctx, dy_AH: Tensor):
-    x_AD, w_EDH, counts_E = ctx.saved_tensors
-    dy_AH = dy_AH.contiguous()
+def _backward(ctx, dy_RO: Tensor):
+    x_RD, w_EDO, counts_E = ctx.saved_tensors
+    dy_RO = dy_RO.contiguous()
     dx = dw = None
     if ctx.needs_input_grad[0]:
-        dx = _grouped_mm_op(dy_AH, w_EDH.transpose(1, 2), counts_E)
+        dx = _grouped_mm_op(dy_RO, w_EDO.transpose(1, 2), counts_E)
     if ctx.needs_input_grad[1]:
         target = ctx.fuse_target
-        if target is not None and _fusable(target, x_AD):
-            _grouped_mm_wgrad_accumulate_op(x_AD, dy_AH, counts_E, target.grad)
+        if target is not None and _fusable(target, x_RD):
+            _grouped_mm_wgrad_accumulate_op(x_RD, dy_RO, counts_E, target.grad)
         else:
-            dw = _grouped_mm_wgrad_op(x_AD, dy_AH, counts_E).to(w_EDH.dtype)
+            dw = _grouped_mm_wgrad_op(x_RD, dy_RO, counts_E).to(w_EDO.dtype)
     return dx, dw, None, None
 
 
 _grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def grouped_mm(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor, *, fuse_grad_accumulation: bool = False) -> Tensor:
-    """Differentiable grouped matmul. ``counts_E`` (int64, sum = A) gives each expert's row count.
+def grouped_mm(x_RD: Tensor, w_EDO: Tensor, counts_E: Tensor, *, fuse_grad_accumulation: bool = False) -> Tensor:
+    """Differentiable grouped matmul. ``counts_E`` (int64, sum = R) gives each expert's row count.
 
-    ``fuse_grad_accumulation``: when ``w_EDH`` is a parameter whose ``.grad`` exists, the backward adds
-    its gradient into ``.grad`` directly (no temporary; autograd hooks on ``w_EDH`` do not run). See the
+    ``fuse_grad_accumulation``: when ``w_EDO`` is a parameter whose ``.grad`` exists, the backward adds
+    its gradient into ``.grad`` directly (no temporary; autograd hooks on ``w_EDO`` do not run). See the
     module docstring."""
-    if x_AD.dim() != 2 or w_EDH.dim() != 3 or x_AD.shape[1] != w_EDH.shape[1]:
-        raise ValueError(f"grouped_mm: expected x (A, D) and w (E, D, H), got {tuple(x_AD.shape)} and "
-                         f"{tuple(w_EDH.shape)}")
-    if counts_E.shape != (w_EDH.shape[0],):
-        raise ValueError(f"counts: expected shape ({w_EDH.shape[0]},), got {tuple(counts_E.shape)}")
+    if x_RD.dim() != 2 or w_EDO.dim() != 3 or x_RD.shape[1] != w_EDO.shape[1]:
+        raise ValueError(f"grouped_mm: expected x (R, D) and w (E, D, O), got {tuple(x_RD.shape)} and "
+                         f"{tuple(w_EDO.shape)}")
+    if counts_E.shape != (w_EDO.shape[0],):
+        raise ValueError(f"counts: expected shape ({w_EDO.shape[0]},), got {tuple(counts_E.shape)}")
     if not isinstance(fuse_grad_accumulation, bool):
         raise TypeError(f"fuse_grad_accumulation: must be a bool, got {fuse_grad_accumulation!r}")
-    return _grouped_mm_op(x_AD, w_EDH, counts_E, fuse_grad_accumulation)
+    return _grouped_mm_op(x_RD, w_EDO, counts_E, fuse_grad_accumulation)
 
 
-def grouped_mm_reference(x_AD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:
+def grouped_mm_reference(x_RD: Tensor, w_EDO: Tensor, counts_E: Tensor) -> Tensor:
     """Obviously-right per-expert loop; tests use it as the oracle (padding rows: zeros)."""
     sizes = counts_E.tolist()
-    chunks = torch.split(x_AD, sizes + [x_AD.shape[0] - sum(sizes)], dim=0)
-    out = [c @ w_EDH[e] for e, c in enumerate(chunks[:-1])]
-    return torch.cat(out + [x_AD.new_zeros(chunks[-1].shape[0], w_EDH.shape[-1])], dim=0)
+    chunks = torch.split(x_RD, sizes + [x_RD.shape[0] - sum(sizes)], dim=0)
+    out = [c @ w_EDO[e] for e, c in enumerate(chunks[:-1])]
+    return torch.cat(out + [x_RD.new_zeros(chunks[-1].shape[0], w_EDO.shape[-1])], dim=0)

@@ -1,6 +1,7 @@
 """Expert-choice routing (Zhou et al. 2022): each expert picks its top-C tokens.
 
-Legend: T tokens, D model dim, E experts, C tokens per expert, A = E·C assignments.
+Legend: T tokens, D model dim, E experts, C capacity (assignments per expert: the tokens each expert
+takes), A = E·C assignments.
 """
 from __future__ import annotations
 

@@ -249,13 +249,13 @@ class SoftPlan(RoutingPlan):
         R = rows_RD.shape[0]
         a = Assignments(torch.arange(R, device=x_TD.device), torch.arange(E, device=x_TD.device).repeat_interleave(G * S),
                         torch.ones(R, dtype=rows_RD.dtype, device=x_TD.device), R, E, top_k=1)
-        out_RD = dispatcher(rows_RD, a, experts)
-        Dout = out_RD.shape[-1]
-        out_GZD = out_RD.view(E, G, S, Dout).permute(1, 0, 2, 3).reshape(G, E * S, Dout)
-        y_TD = torch.einsum("gnz,gzd->gnd", self.combine_GNZ.to(out_GZD.dtype), out_GZD).reshape(G * N, Dout)
+        out_RO = dispatcher(rows_RD, a, experts)
+        O = out_RO.shape[-1]                # O: the experts' output features (D for the package's banks)
+        out_GZO = out_RO.view(E, G, S, O).permute(1, 0, 2, 3).reshape(G, E * S, O)
+        y_TO = torch.einsum("gnz,gzd->gnd", self.combine_GNZ.to(out_GZO.dtype), out_GZO).reshape(G * N, O)
         slots_E = torch.full((E,), G * S, dtype=torch.float32, device=x_TD.device)
         zero = slots_E.sum() * 0
-        return y_TD, self._metrics(slots_E, mask_T, total=zero, dropped=zero, skipped=zero,
+        return y_TO, self._metrics(slots_E, mask_T, total=zero, dropped=zero, skipped=zero,
                                    load_name="slots_per_expert")
 
 

@@ -1,7 +1,7 @@
 """Soft MoE slot routing (Puigcerver et al. 2023).
 
-Legend: G groups (sequences), N tokens per group, D model dim, E experts, S slots per expert,
-ES = E·S slots in all, T = G·N tokens.
+Legend: G routing groups (sequences), N tokens per group, D model dim, E experts, S slots per expert,
+Z = E·S slots in all, T = G·N tokens.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .plans import SoftPlan
 
 
 class SoftRouter(Router):
-    """Per group of N tokens: slot logits ``L = x Φ`` (N, E·S); each slot is a mixture of the group's
+    """Per group of N tokens: slot logits ``x Φ`` (N, Z); each slot is a mixture of the group's
     tokens with ``dispatch = softmax over tokens``; each token's output is a mixture of the slot
     outputs with ``combine = softmax over slots``. No token is dropped, no balancing loss.
 
@@ -31,7 +31,7 @@ class SoftRouter(Router):
         super().__init__(dim, num_experts, 1, **kwargs)
         self.slots_per_expert = slots_per_expert
         self.normalize = bool(normalize)
-        # One gate column per slot (E·S columns); `self.gate` of the base class is unused by soft routing.
+        # One gate column per slot (Z = E·S columns); `self.gate` of the base class is unused by soft routing.
         self.gate = nn.Linear(dim, num_experts * slots_per_expert, bias=False)
         nn.init.normal_(self.gate.weight, std=dim ** -0.5)
         self.logit_scale = nn.Parameter(torch.ones(())) if normalize else None
