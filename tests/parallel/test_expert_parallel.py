@@ -39,6 +39,7 @@ def test_bad_input_names_the_argument(tmp_path):
     assert res["wrapped"].startswith("ValueError: module:") and "DistributedDataParallel" in res["wrapped"]
     assert res["indivisible_untouched"].startswith("ValueError: num_experts:")
     assert res["untouched"] is True            # nothing changed before the error
+    assert res["plain_ddp"] == res["plain_fsdp"] == "RuntimeError" and res["shard_kept"] is True
 
 
 MATRIX = [  # (world, spec)
