@@ -1,6 +1,7 @@
 """Situational fusion of representation experts (Shen et al., ICCV 2019).
 
-Legend: B examples, N representations (experts), F_i feature dim of representation i, A actions.
+Legend (the package's letters): B examples, E representations (the experts), D_i the feature dim of
+representation i, H hidden units, Y actions (the policy's classes).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ..types import MoEOutput
 PENALTY_FORMS = ("quadratic", "pairwise", "mean")
 
 
-def affinity_penalty(mean_weights_N: Tensor, affinity_NN: Tensor, form: str = "quadratic") -> Tensor:
+def affinity_penalty(mean_weights_E: Tensor, affinity_EE: Tensor, form: str = "quadratic") -> Tensor:
     """Inter-task affinity regulariser on the batch-mean fusion weights ``w̄``.
 
     ``"pairwise"``: ``Σ_{i≠j} w̄_i w̄_j A_ij`` — weight on two mutually redundant representations at once
@@ -30,25 +31,25 @@ def affinity_penalty(mean_weights_N: Tensor, affinity_NN: Tensor, form: str = "q
     back out (in the situational-fusion experiment: 10.2 % success with it against 32.9 % with
     ``"quadratic"``). It stays selectable by name for anyone who needs the earlier numbers.
     """
-    N = mean_weights_N.shape[0]
-    if affinity_NN.shape != (N, N):
-        raise ValueError(f"affinity: expected shape ({N}, {N}), got {tuple(affinity_NN.shape)}")
-    off_NN = affinity_NN * (1 - torch.eye(N, device=affinity_NN.device, dtype=affinity_NN.dtype))
+    E = mean_weights_E.shape[0]
+    if affinity_EE.shape != (E, E):
+        raise ValueError(f"affinity: expected shape ({E}, {E}), got {tuple(affinity_EE.shape)}")
+    off_EE = affinity_EE * (1 - torch.eye(E, device=affinity_EE.device, dtype=affinity_EE.dtype))
     if form == "pairwise":
-        return mean_weights_N @ off_NN @ mean_weights_N
+        return mean_weights_E @ off_EE @ mean_weights_E
     if form == "mean":
-        return (mean_weights_N * off_NN.sum(1) / max(N - 1, 1)).sum()
+        return (mean_weights_E * off_EE.sum(1) / max(E - 1, 1)).sum()
     if form == "quadratic":
-        return mean_weights_N @ affinity_NN @ mean_weights_N
+        return mean_weights_E @ affinity_EE @ mean_weights_E
     raise ValueError(f"form: expected one of {', '.join(repr(f) for f in PENALTY_FORMS)}, got {form!r}")
 
 
 class SituationalFusion(nn.Module):
-    """Mixture of policies over N frozen representations: ``π(a|o) = Σ_i w_i(o) π_i(a|o)`` with
+    """Mixture of policies over E frozen representations: ``π(a|o) = Σ_i w_i(o) π_i(a|o)`` with
     ``w(o) = softmax(f(o))`` (action-level fusion), or one head on ``Σ_i w_i(o) P_i φ_i(o)``
     (feature-level fusion, the baseline). ``f`` is a small MLP on the concatenated representations.
 
-    ``forward(features: list of (B, F_i)) -> MoEOutput(y = action probabilities (B, A), aux_loss =
+    ``forward(features: list of (B, D_i)) -> MoEOutput(y = action probabilities (B, Y), aux_loss =
     β · affinity penalty, metrics)``.
 
     ``penalty_form`` picks the affinity penalty (see :func:`affinity_penalty`); it defaults to ``"quadratic"``,
@@ -70,10 +71,10 @@ class SituationalFusion(nn.Module):
         if penalty_form not in PENALTY_FORMS:
             raise ValueError(f"penalty_form: expected one of {', '.join(repr(f) for f in PENALTY_FORMS)}, "
                              f"got {penalty_form!r}")
-        N = len(feature_dims)
+        E = len(feature_dims)
         self.level, self.beta, self.penalty_form = level, float(beta), penalty_form
         self.feature_dims = [int(f) for f in feature_dims]
-        self.fusion = nn.Sequential(nn.Linear(sum(self.feature_dims), hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, N))
+        self.fusion = nn.Sequential(nn.Linear(sum(self.feature_dims), hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, E))
         if level == "action":
             self.heads = nn.ModuleList(nn.Sequential(nn.Linear(f, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, num_actions))
                                        for f in self.feature_dims)
@@ -82,12 +83,12 @@ class SituationalFusion(nn.Module):
             self.head = nn.Sequential(nn.ReLU(), nn.Linear(hidden_dim, num_actions))
         if affinity is not None:
             affinity = torch.as_tensor(affinity, dtype=torch.float32)
-            if affinity.shape != (N, N):
-                raise ValueError(f"affinity: expected shape ({N}, {N}), got {tuple(affinity.shape)}")
+            if affinity.shape != (E, E):
+                raise ValueError(f"affinity: expected shape ({E}, {E}), got {tuple(affinity.shape)}")
         self.register_buffer("affinity", affinity)
 
     def fusion_weights(self, features: Sequence[Tensor]) -> Tensor:
-        """Per-example fusion weights ``w(o)`` (B, N), rows summing to 1 (for analysing the situations)."""
+        """Per-example fusion weights ``w(o)`` (B, E), rows summing to 1 (for analysing the situations)."""
         if len(features) != len(self.feature_dims):
             raise ValueError(f"features: expected {len(self.feature_dims)} representations, got {len(features)}")
         for i, (f, d) in enumerate(zip(features, self.feature_dims)):
@@ -96,19 +97,19 @@ class SituationalFusion(nn.Module):
         return torch.softmax(self.fusion(torch.cat(list(features), dim=-1)), dim=-1)
 
     def forward(self, features: Sequence[Tensor]) -> MoEOutput:
-        w_BN = self.fusion_weights(features)
+        w_BE = self.fusion_weights(features)
         if self.level == "action":
-            probs_BNA = torch.stack([torch.softmax(h(f), -1) for h, f in zip(self.heads, features)], dim=1)
-            y_BA = torch.einsum("bn,bna->ba", w_BN, probs_BNA)
+            probs_BEY = torch.stack([torch.softmax(h(f), -1) for h, f in zip(self.heads, features)], dim=1)
+            y_BY = torch.einsum("be,bey->by", w_BE, probs_BEY)
         else:
-            z_BNH = torch.stack([p(f) for p, f in zip(self.projections, features)], dim=1)
-            y_BA = torch.softmax(self.head(torch.einsum("bn,bnh->bh", w_BN, z_BNH)), dim=-1)
-        w_mean_N = w_BN.mean(0)
-        aux = torch.zeros((), device=w_BN.device)
-        metrics = {"fusion_weights": w_mean_N.detach()}
+            z_BEH = torch.stack([p(f) for p, f in zip(self.projections, features)], dim=1)
+            y_BY = torch.softmax(self.head(torch.einsum("be,beh->bh", w_BE, z_BEH)), dim=-1)
+        w_mean_E = w_BE.mean(0)
+        aux = torch.zeros((), device=w_BE.device)
+        metrics = {"fusion_weights": w_mean_E.detach()}
         if self.affinity is not None:
-            penalty = affinity_penalty(w_mean_N, self.affinity, self.penalty_form)
+            penalty = affinity_penalty(w_mean_E, self.affinity, self.penalty_form)
             metrics["affinity_penalty"] = penalty.detach()
             if self.beta > 0:
                 aux = aux + self.beta * penalty
-        return MoEOutput(y_BA, aux, metrics)
+        return MoEOutput(y_BY, aux, metrics)
