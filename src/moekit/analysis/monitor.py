@@ -1,6 +1,6 @@
 """RoutingMonitor: per-layer routing statistics of a whole model over training or evaluation steps.
 
-Legend: E experts, N recorded steps of one layer.
+Legend: T tokens, K experts per token, A flat assignments, E experts, J recorded steps of one layer.
 
 Forward hooks on every :class:`moekit.MoE` inside a model (moekit's own models, or a transformers
 model after :func:`moekit.hf.patch` / :func:`moekit.hf.upcycle`) keep, per layer and forward, the
@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from .tables import markdown_table
 
 
-def _capacity_keep_of(layer: nn.Module, d: Any, mask_R: Tensor | None, group_size: int | None) -> Tensor | None:
-    """``keep_RK`` of a token-choice layer's capacity queues for the decision ``d`` it routed with the
-    router mask ``mask_R`` (the layer's own group padding), or None when the layer is dropless."""
+def _capacity_keep_of(layer: nn.Module, d: Any, mask_T: Tensor | None, group_size: int | None) -> Tensor | None:
+    """``keep_TK`` of a token-choice layer's capacity queues for the decision ``d`` it routed with the
+    router mask ``mask_T`` (the layer's own group padding), or None when the layer is dropless."""
     from .. import dispatch
     if hasattr(layer, "_priority"):
         priority = layer._priority(d)
@@ -40,11 +40,11 @@ def _capacity_keep_of(layer: nn.Module, d: Any, mask_R: Tensor | None, group_siz
     if policy is not None:
         if policy.dropless:
             return None
-        return policy.keep(d.expert_ids, layer.num_experts, mask_T=mask_R, group_size=group_size, priority_T=priority)
+        return policy.keep(d.expert_ids, layer.num_experts, mask_T=mask_T, group_size=group_size, priority_T=priority)
     factor, capacity = getattr(layer, "capacity_factor", None), getattr(layer, "capacity", None)
     if factor is None and capacity is None:
         return None
-    return dispatch.capacity_keep(d.expert_ids, layer.num_experts, factor, capacity=capacity, mask_T=mask_R,
+    return dispatch.capacity_keep(d.expert_ids, layer.num_experts, factor, capacity=capacity, mask_T=mask_T,
                                   group_size=group_size,
                                   priority_T=priority if getattr(layer, "batch_priority", False) else None,
                                   multiple_of=getattr(layer, "capacity_multiple_of", 1))
@@ -189,34 +189,34 @@ class RoutingMonitor:
         args, kwargs, d = call
         E = layer.num_experts
         router_mask = args[1] if len(args) > 1 else kwargs.get("mask_T", kwargs.get("mask"))
-        R = d.probs.shape[0]                          # routed rows: the tokens, then the layer's group padding
-        if R < real_T.numel():
-            raise ValueError(f"mask: {real_T.numel()} tokens in the mask, the router saw {R}")
-        real_R = torch.cat([real_T, real_T.new_zeros(R - real_T.numel())])
-        probs_RE = d.probs.detach().float()
-        ent_R = -(probs_RE * probs_RE.clamp_min(1e-20).log()).sum(-1)
-        n_real = real_R.sum()
-        entropy = (ent_R * real_R).sum() / n_real.clamp_min(1)
+        T = d.probs.shape[0]                          # routed tokens: the layer's, then its group padding
+        if T < real_T.numel():
+            raise ValueError(f"mask: {real_T.numel()} tokens in the mask, the router saw {T}")
+        real_T = torch.cat([real_T, real_T.new_zeros(T - real_T.numel())])
+        probs_TE = d.probs.detach().float()
+        ent_T = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1)
+        n_real = real_T.sum()
+        entropy = (ent_T * real_T).sum() / n_real.clamp_min(1)
         if d.kind == "soft":                          # slots mix every token: their count has no padding
             load = metrics["slots_per_expert"]
             dropped = metrics["dropped_assignments"]
             total = load.sum() + dropped
         elif d.kind == "expert_choice":               # the experts' picks of real tokens
             token_A, expert_A, _ = d.assignments()
-            keep_A = real_R[token_A]
+            keep_A = real_T[token_A]
             load = torch.bincount(expert_A[keep_A], minlength=E)
             dropped = torch.zeros((), device=load.device)
             total = keep_A.sum()
         else:
-            ids_RK = d.expert_ids
-            K = ids_RK.shape[-1]
-            executed_RK = real_R[:, None].expand(R, K)
-            keep_RK = _capacity_keep_of(layer, d, router_mask, kwargs.get("group_size"))
-            if keep_RK is not None:    # the layer's own queues: the padding it did not know of took places too
-                executed_RK = executed_RK & keep_RK
-            load = torch.bincount(ids_RK[executed_RK], minlength=E)
+            ids_TK = d.expert_ids
+            K = ids_TK.shape[-1]
+            executed_TK = real_T[:, None].expand(T, K)
+            keep_TK = _capacity_keep_of(layer, d, router_mask, kwargs.get("group_size"))
+            if keep_TK is not None:    # the layer's own queues: the padding it did not know of took places too
+                executed_TK = executed_TK & keep_TK
+            load = torch.bincount(ids_TK[executed_TK], minlength=E)
             total = n_real * K
-            dropped = total - executed_RK.sum()
+            dropped = total - executed_TK.sum()
         return {"tokens_per_expert": load.detach(), "dropped": dropped.detach(), "total": total.detach(),
                 "entropy": entropy.detach()}
 
@@ -238,7 +238,7 @@ class RoutingMonitor:
 
     # ---- summaries --------------------------------------------------------------------------------
     def load_history(self, layer: str) -> Tensor:
-        """(N, E) tokens per expert of each recorded step of ``layer`` (float, CPU)."""
+        """(J, E) tokens per expert of each recorded step of ``layer`` (float, CPU)."""
         if layer not in self.records:
             raise KeyError(f"layer: unknown {layer!r}; monitored layers: {list(self.records)}")
         recs = self.records[layer]
@@ -252,12 +252,12 @@ class RoutingMonitor:
         rows = []
         for name, recs in self.records.items():
             E = self.layers[name].num_experts
-            hist_NE = self.load_history(name)
-            n = hist_NE.shape[0]
-            total_E = hist_NE.sum(0)
+            hist_JE = self.load_history(name)
+            n = hist_JE.shape[0]
+            total_E = hist_JE.sum(0)
             dropped = float(sum(r["dropped"].float().cpu() for r in recs)) if recs else 0.0
             assignments = float(sum(r["total"].float().cpu() for r in recs)) if recs else 0.0
-            per_step = hist_NE.max(-1).values / hist_NE.mean(-1).clamp_min(1e-10) if n else torch.zeros(0)
+            per_step = hist_JE.max(-1).values / hist_JE.mean(-1).clamp_min(1e-10) if n else torch.zeros(0)
             rows.append({
                 "layer": name, "experts": E, "steps": n,
                 "assignments": int(round(assignments)),
@@ -288,12 +288,12 @@ class RoutingMonitor:
         plt = _plt()
         lines = [f"# {title}", "", self.table(), ""]
         for i, name in enumerate(self.records):
-            hist_NE = self.load_history(name)
-            if hist_NE.shape[0] == 0:
+            hist_JE = self.load_history(name)
+            if hist_JE.shape[0] == 0:
                 continue
-            share_NE = hist_NE / hist_NE.sum(-1, keepdim=True).clamp_min(1)
-            fig, ax = plt.subplots(figsize=(1.5 + 0.3 * hist_NE.shape[1], 1.5 + 0.12 * hist_NE.shape[0]))
-            im = ax.imshow(share_NE.numpy(), aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
+            share_JE = hist_JE / hist_JE.sum(-1, keepdim=True).clamp_min(1)
+            fig, ax = plt.subplots(figsize=(1.5 + 0.3 * hist_JE.shape[1], 1.5 + 0.12 * hist_JE.shape[0]))
+            im = ax.imshow(share_JE.numpy(), aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
             ax.set_xlabel("expert")
             ax.set_ylabel("step")
             ax.set_title(f"{name}: load per step")
