@@ -2,7 +2,7 @@
 training step, bitwise-deterministic runs, and the fast dispatch against the reference dispatcher in
 float32, bfloat16 and under autocast.
 
-Legend: B batch, S sequence, D dim, E experts.
+Legend: B batch, L sequence length, D model dim, H hidden units, E experts, T tokens.
 """
 import copy
 import os
@@ -20,7 +20,7 @@ DEVICE = "cuda"
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-B, S, D, H, E = 4, 64, 64, 128, 8
+B, L, D, H, E = 4, 64, 64, 128, 8
 
 # every token-choice router (options of the current language-model variants where they matter)
 TOKEN_CHOICE = {
@@ -45,8 +45,8 @@ def _layer(dtype=torch.float32, **kwargs) -> MoE:
 
 def _inputs(dtype):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, S, D, generator=g).to(DEVICE, dtype)
-    mask = torch.ones(B, S, dtype=torch.bool)
+    x = torch.randn(B, L, D, generator=g).to(DEVICE, dtype)
+    mask = torch.ones(B, L, dtype=torch.bool)
     mask[0, 40:] = False                       # right padding
     mask[2, :17] = False                       # left padding
     return x, mask.to(DEVICE)
