@@ -1,7 +1,7 @@
 """RoutingMonitor: per-layer statistics of every MoE layer of a model, checked against the routing
 decisions recomputed by hand; markdown report with load heat-maps; transformers models after patch.
 
-Legend: T tokens, D model dim, E experts, K experts per token.
+Legend: T tokens, D model dim, E experts, K experts per token, B batch, L sequence length, C capacity.
 """
 
 import pytest
@@ -135,13 +135,13 @@ def test_patched_model_counts_only_real_tokens(family, side):
     pytest.importorskip("transformers")
     model = _tiny_hf(family)
     lengths = [7, 4, 5]
-    S = max(lengths)
+    L = max(lengths)
     torch.manual_seed(1)
     seqs = [torch.randint(1, 50, (n,)) for n in lengths]
-    ids = torch.zeros(len(seqs), S, dtype=torch.long)
-    mask = torch.zeros(len(seqs), S, dtype=torch.long)
+    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
     for b, s in enumerate(seqs):
-        cols = slice(0, len(s)) if side == "right" else slice(S - len(s), S)
+        cols = slice(0, len(s)) if side == "right" else slice(L - len(s), L)
         ids[b, cols], mask[b, cols] = s, 1
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     # reference: every sequence alone, no padding at all
@@ -185,11 +185,11 @@ def test_captured_mask_lasts_one_model_forward_and_follows_the_cache():
 def test_set_mask_on_own_layers_dropless_capacity_and_expert_choice():
     from moekit.dispatch import expert_capacity
     torch.manual_seed(0)
-    B, S = 2, 6
+    B, L = 2, 6
     model = nn.ModuleDict({"drop": MoE(D, 12, 4, 2), "cap": MoE(D, 12, 4, 1, router="switch", capacity_factor=1.0),
                            "ec": MoE(D, 12, 4, None, router="expert_choice")}).eval()
-    x = torch.randn(B, S, D)
-    mask = torch.ones(B, S, dtype=torch.bool)
+    x = torch.randn(B, L, D)
+    mask = torch.ones(B, L, dtype=torch.bool)
     mask[0, 4:] = False
     mask[1, :3] = False
     real = mask.reshape(-1)
@@ -204,9 +204,9 @@ def test_set_mask_on_own_layers_dropless_capacity_and_expert_choice():
     assert int(mon.records["drop"][0]["total"]) == int(real.sum()) * 2
     # capacity: the padding took queue places in the layer; replay the queue token by token
     ids = model["cap"].router(x.reshape(-1, D)).expert_ids[:, 0]
-    C = expert_capacity(B * S, 1, 4, 1.0)
+    C = expert_capacity(B * L, 1, 4, 1.0)
     taken, load = [0] * 4, torch.zeros(4)
-    for t in range(B * S):
+    for t in range(B * L):
         e = int(ids[t])
         if taken[e] < C:
             taken[e] += 1
@@ -215,14 +215,14 @@ def test_set_mask_on_own_layers_dropless_capacity_and_expert_choice():
     rec = mon.records["cap"][0]
     assert int(rec["total"]) == int(real.sum()) and int(rec["dropped"]) == int(real.sum() - load.sum())
     # the same replay with every token real gives the layer's own count
-    mon.set_mask(torch.ones(B, S, dtype=torch.bool))
+    mon.set_mask(torch.ones(B, L, dtype=torch.bool))
     model["cap"](x)
     torch.testing.assert_close(mon.load_history("cap")[1], outs["cap"].metrics["tokens_per_expert"].float())
     # the same for top-2 capacity with Batch Priority Routing and with routing groups that need padding
     for layer in (MoE(D, 12, 4, 2, capacity_factor=1.0, batch_priority=True),
                   MoE(D, 12, 4, 2, capacity_factor=1.0, group_size=5)):
         with RoutingMonitor(layer.eval()) as one:
-            one.set_mask(torch.ones(B, S, dtype=torch.bool))
+            one.set_mask(torch.ones(B, L, dtype=torch.bool))
             own = layer(x)
             torch.testing.assert_close(one.load_history("<model>")[0], own.metrics["tokens_per_expert"].float())
             assert int(one.records["<model>"][0]["dropped"]) == int(own.metrics["dropped_assignments"])
@@ -236,7 +236,7 @@ def test_set_mask_on_own_layers_dropless_capacity_and_expert_choice():
     tok, exp, _ = d.assignments()
     torch.testing.assert_close(mon.load_history("ec")[0], torch.bincount(exp[real[tok]], minlength=4).float())
     # a layer called with its own mask is counted with it (the layer already left the padding out)
-    mon.set_mask(torch.zeros(B, S, dtype=torch.bool))
+    mon.set_mask(torch.zeros(B, L, dtype=torch.bool))
     own = model["drop"](x, mask)
     torch.testing.assert_close(mon.load_history("drop")[-1], own.metrics["tokens_per_expert"].float())
     # flattened tokens: the mask's last columns are this forward's tokens (as after a cache)
@@ -244,10 +244,10 @@ def test_set_mask_on_own_layers_dropless_capacity_and_expert_choice():
     model["drop"](x[:, -2:].reshape(-1, D))
     assert int(mon.records["drop"][-1]["total"]) == int(mask[:, -2:].sum()) * 2
     # a mask that fits no layer input is an error naming the mask
-    mon.set_mask(torch.ones(3, S, dtype=torch.bool))
+    mon.set_mask(torch.ones(3, L, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask"):
         model["drop"](x)
     mon.set_mask(None)
     model["drop"](x)
-    assert int(mon.records["drop"][-1]["total"]) == B * S * 2
+    assert int(mon.records["drop"][-1]["total"]) == B * L * 2
     mon.remove()
