@@ -306,20 +306,35 @@ class AsyncSave:
             self._done = True
 
 
+_ASYNC_GROUP: list = []          # one gloo group for background saves, made on the first async_save
+
+
+def _async_group():
+    dist = _dist()
+    if dist is None:
+        return None
+    if not _ASYNC_GROUP:
+        _ASYNC_GROUP.append(dist.new_group(backend="gloo"))
+    return _ASYNC_GROUP[0]
+
+
 def async_save(module: nn.Module, path: str | os.PathLike, optimizer: torch.optim.Optimizer | None = None,
                extra: dict[str, Any] | None = None) -> AsyncSave:
     """Like :func:`save`, but returns once the state is copied (DCP's ``async_save`` stages it); the
-    writes continue in the background and training may change the module meanwhile. Call ``.result()``
-    on the returned object on every rank before the next save; the checkpoint becomes current then."""
+    writes continue in a background thread and training may change the module meanwhile. The
+    background coordination runs on its own gloo process group (made on the first call, collectively),
+    so it never interleaves with the training's collectives. Call ``.result()`` on the returned object
+    on every rank before the next save; the checkpoint becomes current then."""
     import torch.distributed.checkpoint as dcp
     path, state, meta = _prepare(module, path, optimizer, extra)
+    group = _async_group()
     rank, _ = _rank_world()
     tmp, old_mode = _start(path)
     try:
         _write_json(tmp / "rng" / f"rank{rank}.json", _rng_json())
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*single process.*")
-            future = dcp.async_save(state, checkpoint_id=str(tmp))
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=group)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -339,12 +339,35 @@ def ck_reload(layout, ckpt, out_dir):
     checkpoint.save(m, Path(out_dir) / "ck", optimizer=opt, extra=extra)
 
 
+def ck_async(ckpt):
+    """async_save, a training step with its collectives while the save runs, result(), reload == saved."""
+    from moekit import checkpoint
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("ep",))
+    m = expert_parallel(ck_model(7), mesh)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    x = global_batch(1, seed=5 + dist.get_rank())[0].float()
+    ck_run(m, x).square().mean().backward()
+    sync_gradients(m)
+    opt.step()
+    saved = {k: (v.to_local() if hasattr(v, "to_local") else v).clone() for k, v in m.state_dict().items()}
+    pending = checkpoint.async_save(m, ckpt, optimizer=opt, extra={"step": 1})
+    for _ in range(2):                                   # keep training (all-to-all, all-reduce) meanwhile
+        ck_run(m, x).square().mean().backward()
+        sync_gradients(m)
+        opt.step()
+    pending.result()
+    n = expert_parallel(ck_model(8), mesh)
+    assert checkpoint.load(n, ckpt, optimizer=torch.optim.Adam(n.parameters(), lr=1e-2)) == {"step": 1}
+    for k, v in n.state_dict().items():
+        assert torch.equal(v.to_local() if hasattr(v, "to_local") else v, saved[k]), k
+
+
 def main(argv):
     dist.init_process_group("gloo")
     try:
         cmd, *args = argv
         {"equivalence": equivalence, "errors": errors, "invariance": invariance, "save": ck_save,
-         "reload": ck_reload}[cmd](*args)
+         "reload": ck_reload, "async": ck_async}[cmd](*args)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -68,3 +68,8 @@ def test_checkpoint_reshards_4_2_1_4(tmp_path):
         assert state.keys() == reference.keys()
         for k, v in reference.items():
             assert torch.equal(state[k], v), (ck.name, k)
+
+
+def test_async_save_while_training(tmp_path):
+    # the save's background thread coordinates on its own group while the ranks train on
+    launch(2, WORKER, "async", tmp_path / "ck")
