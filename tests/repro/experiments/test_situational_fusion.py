@@ -13,11 +13,11 @@ pytest.importorskip("matplotlib")
 from moekit.repro.envs.gridnav import VIEWS  # noqa: E402
 from moekit.repro.experiments.base import VERDICTS, make_context, mean_std  # noqa: E402
 from moekit.repro.experiments.options import OptionError  # noqa: E402
-from moekit.repro.experiments.situational_fusion import EXPERIMENT, FUSED, imitation_loss  # noqa: E402
+from moekit.repro.experiments.situational_fusion import EXPERIMENT, FUSED, GATED, imitation_loss  # noqa: E402
 
 pytestmark = pytest.mark.slow   # trains models (quick runs of the experiment)
 
-MODELS = [f"single: {v}" for v in VIEWS] + list(FUSED) + ["random walk", "in-sight oracle"]
+MODELS = [f"single: {v}" for v in VIEWS] + list(FUSED) + list(GATED) + ["random walk", "in-sight oracle"]
 ROWS = [f"{m} [8 maps]" for m in MODELS]  # quick mode trains on 8 maps
 
 
@@ -77,8 +77,35 @@ def test_verdicts(quick_run):
     assert all(c.startswith("8 training maps: ") for c in claims)
     assert any("concat" in c for c in claims) and any("corridor" in c for c in claims)
     robust = [v for v in res.verdicts if "robust" in v.claim]
-    assert len(robust) == 2 and all(v.verdict == "not testable" and "gate" in v.reason for v in robust)
-    assert all(v.verdict in ("inconclusive", "not testable") for v in res.verdicts)   # one quick seed
+    assert len(robust) == 2 and all("frozen experts" in v.reason and "same gate" in v.reason for v in robust)
+    assert any("independently trained" in c for c in claims)
+    assert all(v.verdict == "inconclusive" for v in res.verdicts)   # one quick seed
+
+
+def test_frozen_expert_fusion_trains_only_its_gate_and_reads_the_gate_views():
+    from moekit.repro.models.navigation import GOAL_DIM, FrozenExpertFusion, GatedFeatureFusion, MLPPolicy
+    torch.manual_seed(0)
+    dims = [3, 4]
+    experts = [MLPPolicy(dims, [0], 8), MLPPolicy(dims, [1], 8)]
+    before = [p.detach().clone() for e in experts for p in e.parameters()]
+    model = FrozenExpertFusion(experts, dims, 8)
+    views, goal = [torch.randn(5, 3), torch.randn(5, 4)], torch.randn(5, GOAL_DIM)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    probs, _, w = model(views, goal)
+    (-probs[:, 0].log().mean()).backward()
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, (p for e in experts for p in e.parameters())))
+    assert torch.allclose(probs.sum(-1), torch.ones(5)) and torch.allclose(w.sum(-1), torch.ones(5))
+    # the expert probabilities mix with the gate's weights
+    probs, _, w = model(views, goal)
+    mix = w[:, :1] * experts[0](views, goal)[0] + w[:, 1:] * experts[1](views, goal)[0]
+    torch.testing.assert_close(probs, mix)
+    # a dropped view reaches the experts but not a gate that reads the intact views
+    dropped = [torch.zeros_like(views[0]), views[1]]
+    torch.testing.assert_close(model(dropped, goal, gate_views=views)[2], w)
+    assert not torch.allclose(model(dropped, goal)[2], w)
+    feat = GatedFeatureFusion(dims, 8)
+    torch.testing.assert_close(feat(dropped, goal, gate_views=views)[2], feat(views, goal)[2])
 
 
 def test_same_seed_same_numbers(tmp_path):

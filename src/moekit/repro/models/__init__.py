@@ -12,7 +12,7 @@
 | ``PatchMoE``, ``PatchRouter``, ``SmallCNN`` | Chen et al. 2022 (rotate task) | ``patch_moe`` |
 | ``MultiTaskRegressor`` | Ma et al. 2018 (MMoE, OMoE, shared-bottom) | ``multitask`` |
 | ``BackpropNet``, ``SingleNet`` | Jacobs et al. 1991; Bishop, PRML (the plain baselines) | ``baselines`` |
-| ``MLPPolicy``, ``FusionPolicy`` | situational fusion of visual representations (navigation) | ``navigation`` |
+| ``MLPPolicy``, ``FusionPolicy``, ``FrozenExpertFusion``, ``GatedFeatureFusion`` | situational fusion of visual representations (navigation) | ``navigation`` |
 """
 from .baselines import BackpropNet, SingleNet
 from .chen2022 import ChenMoE, ChenSingle
@@ -20,12 +20,12 @@ from .cnn import CondConvNet
 from .deepmoe_resnet import DeepMoEResNet, deepmoe_resnet
 from .mixer import MixerBlock, MLPMixer, SparseMixerBlock, count_parameters
 from .multitask import MultiTaskRegressor
-from .navigation import FusionPolicy, MLPPolicy
+from .navigation import FrozenExpertFusion, FusionPolicy, GatedFeatureFusion, MLPPolicy
 from .patch_moe import PatchMoE, PatchRouter, SmallCNN, patch_sum
 from .shazeer import ShazeerMoEClassifier
 from .shazeer_lm import ShazeerLM
 from .vit import ViT
 
-__all__ = ["BackpropNet", "ChenMoE", "ChenSingle", "CondConvNet", "DeepMoEResNet", "FusionPolicy", "MLPMixer",
+__all__ = ["BackpropNet", "ChenMoE", "ChenSingle", "CondConvNet", "DeepMoEResNet", "FrozenExpertFusion", "FusionPolicy", "GatedFeatureFusion", "MLPMixer",
            "MLPPolicy", "MultiTaskRegressor", "SingleNet", "MixerBlock", "PatchMoE", "PatchRouter", "ShazeerLM", "ShazeerMoEClassifier", "SmallCNN",
            "SparseMixerBlock", "ViT", "count_parameters", "deepmoe_resnet", "patch_sum"]

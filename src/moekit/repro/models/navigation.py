@@ -1,7 +1,13 @@
 """Navigation policies of the situational-fusion reproduction (views + target category → action
-probabilities): a plain MLP over some views and :class:`moekit.layers.fusion.SituationalFusion` over all.
+probabilities): a plain MLP over some views, :class:`moekit.layers.fusion.SituationalFusion` over all
+(heads and gate trained jointly, the gate reading every view), and the paper's own form of the method:
+:class:`FrozenExpertFusion` (independently trained single-view policies, frozen, mixed by a gate that reads a
+separate gate input) with :class:`GatedFeatureFusion`, its feature-level counterpart with the same gate.
 
-Every policy returns ``(probs (B, A), aux_loss, fusion weights (B, V) or None)``.
+Every policy returns ``(probs (B, A), aux_loss, fusion weights (B, V) or None)``. The two gated models take
+``gate_views``: the observation the gate reads (default: the views themselves). The paper computes the
+mixing weights from the RGB image, which a failing representation does not change; the experiment passes the
+intact views there while the experts read the changed ones.
 Legend: B batch, A actions, V views, F/H feature/hidden widths.
 """
 from __future__ import annotations
@@ -49,4 +55,51 @@ class FusionPolicy(nn.Module):
         return out.y, out.aux_loss, self.fusion.fusion_weights(feats)
 
 
-__all__ = ["FusionPolicy", "GOAL_DIM", "MLPPolicy"]
+class _Gate(nn.Module):
+    """Softmax weights over ``n`` experts from the gate views and the goal: ``ΣF → H → n`` (ReLU)."""
+
+    def __init__(self, view_dims: list[int], n: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(sum(view_dims) + GOAL_DIM, hidden), nn.ReLU(), nn.Linear(hidden, n))
+
+    def forward(self, gate_views: list[Tensor], goal_B: Tensor) -> Tensor:
+        return torch.softmax(self.net(torch.cat([*gate_views, goal_B], dim=-1)), -1)
+
+
+class FrozenExpertFusion(nn.Module):
+    """Action-level fusion of independently trained policies: ``π(a) = Σ_i w_i(gate views) π_i(a | view_i)``.
+    The experts are frozen (no gradient reaches them); only the gate trains."""
+
+    def __init__(self, experts: list[nn.Module], view_dims: list[int], hidden: int):
+        super().__init__()
+        self.experts = nn.ModuleList(experts)
+        for p in self.experts.parameters():
+            p.requires_grad_(False)
+        self.gate = _Gate(view_dims, len(experts), hidden)
+
+    def forward(self, views: list[Tensor], goal_B: Tensor, gate_views: list[Tensor] | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        w_BN = self.gate(views if gate_views is None else gate_views, goal_B)
+        with torch.no_grad():
+            probs_BNA = torch.stack([e(views, goal_B)[0] for e in self.experts], dim=1)
+        return torch.einsum("bn,bna->ba", w_BN, probs_BNA), torch.zeros(()), w_BN
+
+
+class GatedFeatureFusion(nn.Module):
+    """Feature-level fusion with the same gate as :class:`FrozenExpertFusion`: per-view projections
+    ``z_i = ReLU(P_i [view_i, goal])``, ``π = softmax(head(Σ_i w_i(gate views) z_i))``; trained end to end."""
+
+    def __init__(self, view_dims: list[int], hidden: int):
+        super().__init__()
+        self.projections = nn.ModuleList(nn.Linear(d + GOAL_DIM, hidden) for d in view_dims)
+        self.head = nn.Linear(hidden, NUM_ACTIONS)
+        self.gate = _Gate(view_dims, len(view_dims), hidden)
+
+    def forward(self, views: list[Tensor], goal_B: Tensor, gate_views: list[Tensor] | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        w_BN = self.gate(views if gate_views is None else gate_views, goal_B)
+        z_BNH = torch.stack([torch.relu(p(f)) for p, f in zip(self.projections, _with_goal(views, goal_B))], dim=1)
+        return torch.softmax(self.head(torch.einsum("bn,bnh->bh", w_BN, z_BNH)), -1), torch.zeros(()), w_BN
+
+
+__all__ = ["FrozenExpertFusion", "FusionPolicy", "GOAL_DIM", "GatedFeatureFusion", "MLPPolicy"]
