@@ -1,6 +1,6 @@
 """Balancing and stability losses for routers, as pure functions.
 
-Legend: T tokens, E experts, K experts per token.
+Legend: T tokens, E experts, K experts per token, G routing groups.
 Each function returns the *unweighted* loss; routers multiply by their coefficient.
 
 Routers form their losses from :class:`moekit.stats.RoutingStats` (per-expert sums that can be added

@@ -1,34 +1,37 @@
 """Classic dense mixtures of experts: adaptive mixtures of local experts and hierarchical mixtures.
 
-Legend: N examples (any leading dims), D input dim, O output/target dim, E experts,
-G groups (top level of a hierarchy), M experts per group (E = G·M), H hidden units.
+Legend (the package's, ``moekit/__init__.py``): T examples (any leading dims), D input features,
+O output (target) features, E experts, P expert groups (top level of a hierarchy), Q experts per group
+(E = P·Q), H hidden units. The loss functions' arguments ``gates_NE``, ``outputs_NEO`` and ``target_NO``
+keep the names callers pass them by (and errors report), from before the package legend: their N is T.
 
 Jacobs, Jordan, Nowlan & Hinton (1991), "Adaptive mixtures of local experts": a gating network
 produces ``p = softmax(s(x))`` over E experts with outputs ``o_i(x)``. Three error functions:
 
-* cooperative  ``E = ||d − Σ_i p_i o_i||²``        (experts are blended, so they do not localise),
-* competitive  ``E = Σ_i p_i ||d − o_i||²``         (each expert is pulled toward the whole target),
+* cooperative  ``err = ||d − Σ_i p_i o_i||²``        (experts are blended, so they do not localise),
+* competitive  ``err = Σ_i p_i ||d − o_i||²``         (each expert is pulled toward the whole target),
 * Gaussian mixture (the one the paper uses)
-  ``E = −log Σ_i p_i exp(−½ ||d − o_i||²)``          (unit-variance Gaussian experts, constant dropped).
+  ``err = −log Σ_i p_i exp(−½ ||d − o_i||²)``          (unit-variance Gaussian experts, constant dropped).
 
-For the Gaussian mixture the gradients are ``∂E/∂o_i = −h_i (d − o_i)`` and ``∂E/∂s_i = p_i − h_i`` with
-the posterior responsibility ``h_i = p_i exp(−½||d−o_i||²) / Σ_j p_j exp(−½||d−o_j||²)``: an expert only
+For the Gaussian mixture the gradients are ``∂err/∂o_i = −h_i (d − o_i)`` and ``∂err/∂s_i = p_i − h_i``
+with the posterior responsibility ``h_i = p_i exp(−½||d−o_i||²) / Σ_j p_j exp(−½||d−o_j||²)``: an expert only
 learns from the cases it is (posterior-)responsible for, and the gate learns to predict that posterior.
 
 With learned variances (a mixture density network, Bishop PRML §14.5.3) the expert density is the full
-Gaussian ``N(d | o_i, σ_i²)`` including its normalising constant, isotropic (one σ_i per expert) or
-diagonal (one σ_io per expert and output), so ``E = −log p(d|x)`` with ``p(d|x) = Σ_i p_i N(d | o_i, σ_i²)``.
+Gaussian ``Normal(d | o_i, σ_i²)`` including its normalising constant, isotropic (one σ_i per expert) or
+diagonal (one σ_io per expert and output), so ``err = −log p(d|x)`` with
+``p(d|x) = Σ_i p_i Normal(d | o_i, σ_i²)``.
 
 Jordan & Jacobs (1994) nest the gates: ``p(t|x) = Σ_i g_i(x) Σ_j g_{j|i}(x) p_ij(t|x)``. Flattening the
-product ``g_i g_{j|i}`` into one distribution over the E = G·M leaf experts gives exactly the flat
+product ``g_i g_{j|i}`` into one distribution over the E = P·Q leaf experts gives exactly the flat
 mixture's form, so :class:`HierarchicalMixtureOfExperts` reuses the same loss functions.
 
 Usage::
 
     moe = MixtureOfLocalExperts(in_dim=2, out_dim=4, num_experts=4)   # linear experts, linear gate
-    out = moe(x_ND)                     # ClassicMoEOutput: y, gates, log_gates, expert_outputs, ...
-    loss = moe.loss(out, target_NO)     # the configured error function, mean over examples
-    h_NE = out.responsibilities(target_NO)
+    out = moe(x_TD)                     # ClassicMoEOutput: y, gates, log_gates, expert_outputs, ...
+    loss = moe.loss(out, target_TO)     # the configured error function, mean over examples
+    h_TE = out.responsibilities(target_TO)
 
 Unlike the sparse :class:`moekit.layers.MoE`, these models are whole predictors: the mixture loss *is*
 the task loss, so they return a :class:`ClassicMoEOutput` rather than ``MoEOutput(y, aux_loss, metrics)``.
@@ -64,7 +67,7 @@ _LOG_2PI = math.log(2.0 * math.pi)
 
 
 # --------------------------------------------------------------------------------------------------
-# Loss functions (pure; any leading dims, written for the (N, E, O) case)
+# Loss functions (pure; any leading dims, written for the (T, E, O) case)
 # --------------------------------------------------------------------------------------------------
 
 def _check_shapes(gates_NE: Tensor, outputs_NEO: Tensor, target_NO: Tensor) -> None:
@@ -79,83 +82,84 @@ def _check_shapes(gates_NE: Tensor, outputs_NEO: Tensor, target_NO: Tensor) -> N
                          f"got {tuple(target_NO.shape)}")
 
 
-def _reduce(loss_N: Tensor, reduction: str) -> Tensor:
+def _reduce(loss_T: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
-        return loss_N.mean()
+        return loss_T.mean()
     if reduction == "sum":
-        return loss_N.sum()
+        return loss_T.sum()
     if reduction == "none":
-        return loss_N
+        return loss_T
     raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _as_log_gates(gates_NE: Tensor, gates_are_log: bool) -> Tensor:
+def _as_log_gates(gates_TE: Tensor, gates_are_log: bool) -> Tensor:
     # log of a softmax loses precision (and gives inf·0 = nan gradients) once a gate underflows to 0,
     # so modules pass exact log-softmax values with gates_are_log=True.
-    return gates_NE if gates_are_log else torch.log(gates_NE)
+    return gates_TE if gates_are_log else torch.log(gates_TE)
 
 
 def expert_log_likelihood(outputs_NEO: Tensor, target_NO: Tensor, log_var: Tensor | None = None) -> Tensor:
-    """Per-expert log-density of the target, ``(N, E)``.
+    """Per-expert log-density of the target, ``(T, E)``.
 
     Without ``log_var`` (the 1991 paper): ``−½ ||d − o_i||²`` (unit variance, constant dropped).
     With ``log_var`` (log σ², broadcastable to ``outputs_NEO``: ``(E, 1)``/``(..., E, 1)`` isotropic or
     ``(E, O)``/``(..., E, O)`` diagonal): the full Gaussian
-    ``log N(d | o_i, σ_i²) = −½ Σ_o [(d_o − o_io)² / σ_io² + log σ_io² + log 2π]``.
+    ``log Normal(d | o_i, σ_i²) = −½ Σ_o [(d_o − o_io)² / σ_io² + log σ_io² + log 2π]``.
     """
-    diff_NEO = target_NO.unsqueeze(-2) - outputs_NEO  # d − o_i for every expert
+    diff_TEO = target_NO.unsqueeze(-2) - outputs_NEO  # d − o_i for every expert
     if log_var is None:
-        return -0.5 * diff_NEO.pow(2).sum(-1)
+        return -0.5 * diff_TEO.pow(2).sum(-1)
     try:
-        shape = torch.broadcast_shapes(log_var.shape, diff_NEO.shape)
+        shape = torch.broadcast_shapes(log_var.shape, diff_TEO.shape)
     except RuntimeError:
         shape = None
-    if shape != diff_NEO.shape:
-        raise ValueError(f"log_var: expected a shape broadcastable to outputs {tuple(diff_NEO.shape)} "
+    if shape != diff_TEO.shape:
+        raise ValueError(f"log_var: expected a shape broadcastable to outputs {tuple(diff_TEO.shape)} "
                          f"((E, 1) isotropic or (E, O) diagonal), got {tuple(log_var.shape)}")
-    return -0.5 * (diff_NEO.pow(2) * torch.exp(-log_var) + log_var + _LOG_2PI).sum(-1)
+    return -0.5 * (diff_TEO.pow(2) * torch.exp(-log_var) + log_var + _LOG_2PI).sum(-1)
 
 
 def gmm_nll(gates_NE: Tensor, outputs_NEO: Tensor, target_NO: Tensor, log_var: Tensor | None = None, *,
             gates_are_log: bool = False, reduction: str = "mean") -> Tensor:
-    """Gaussian-mixture negative log-likelihood ``E = −log Σ_i p_i exp(log N_i(d))`` (Jacobs et al. eq. 1.3).
+    """Gaussian-mixture negative log-likelihood ``err = −log Σ_i p_i exp(log Normal_i(d))`` (Jacobs et al. eq. 1.3).
 
     Computed as ``−logsumexp_i(log p_i + log N_i)``, which is stable for far-off targets and sharp gates.
     ``log N_i`` is :func:`expert_log_likelihood`: ``−½||d − o_i||²`` without ``log_var``, the normalised
     Gaussian with it. ``gates_are_log=True`` means ``gates_NE`` already holds ``log p`` (preferred).
     """
     _check_shapes(gates_NE, outputs_NEO, target_NO)
-    log_joint_NE = _as_log_gates(gates_NE, gates_are_log) + expert_log_likelihood(outputs_NEO, target_NO, log_var)
-    return _reduce(-torch.logsumexp(log_joint_NE, dim=-1), reduction)
+    log_joint_TE = _as_log_gates(gates_NE, gates_are_log) + expert_log_likelihood(outputs_NEO, target_NO, log_var)
+    return _reduce(-torch.logsumexp(log_joint_TE, dim=-1), reduction)
 
 
 def posterior_responsibilities(gates_NE: Tensor, outputs_NEO: Tensor, target_NO: Tensor,
                                log_var: Tensor | None = None, *, gates_are_log: bool = False) -> Tensor:
-    """``h_i = p_i N_i(d) / Σ_j p_j N_j(d)``, shape ``(N, E)``: the posterior probability that expert i
-    generated the target. For :func:`gmm_nll`, ``∂E/∂s_i = p_i − h_i`` and ``∂E/∂o_i = −h_i (d − o_i)/σ_i²``."""
+    """``h_i = p_i Normal_i(d) / Σ_j p_j Normal_j(d)``, shape ``(T, E)``: the posterior probability that
+    expert i generated the target. For :func:`gmm_nll`, ``∂err/∂s_i = p_i − h_i`` and
+    ``∂err/∂o_i = −h_i (d − o_i)/σ_i²``."""
     _check_shapes(gates_NE, outputs_NEO, target_NO)
-    log_joint_NE = _as_log_gates(gates_NE, gates_are_log) + expert_log_likelihood(outputs_NEO, target_NO, log_var)
-    return torch.softmax(log_joint_NE, dim=-1)
+    log_joint_TE = _as_log_gates(gates_NE, gates_are_log) + expert_log_likelihood(outputs_NEO, target_NO, log_var)
+    return torch.softmax(log_joint_TE, dim=-1)
 
 
 def competitive_loss(gates_NE: Tensor, outputs_NEO: Tensor, target_NO: Tensor, *, gates_are_log: bool = False,
                      reduction: str = "mean") -> Tensor:
-    """``E = Σ_i p_i ||d − o_i||²`` (Jacobs et al. eq. 1.2): every expert chases the whole target,
+    """``err = Σ_i p_i ||d − o_i||²`` (Jacobs et al. eq. 1.2): every expert chases the whole target,
     weighted by its gate, so the experts compete instead of cancelling each other's residuals."""
     _check_shapes(gates_NE, outputs_NEO, target_NO)
-    p_NE = gates_NE.exp() if gates_are_log else gates_NE
-    sq_NE = (target_NO.unsqueeze(-2) - outputs_NEO).pow(2).sum(-1)
-    return _reduce((p_NE * sq_NE).sum(-1), reduction)
+    p_TE = gates_NE.exp() if gates_are_log else gates_NE
+    sq_TE = (target_NO.unsqueeze(-2) - outputs_NEO).pow(2).sum(-1)
+    return _reduce((p_TE * sq_TE).sum(-1), reduction)
 
 
 def cooperative_loss(gates_NE: Tensor, outputs_NEO: Tensor, target_NO: Tensor, *, gates_are_log: bool = False,
                      reduction: str = "mean") -> Tensor:
-    """``E = ||d − Σ_i p_i o_i||²`` (Jacobs et al. eq. 1.1): the blend is fitted, experts cooperate
+    """``err = ||d − Σ_i p_i o_i||²`` (Jacobs et al. eq. 1.1): the blend is fitted, experts cooperate
     (each one's error signal depends on the others' outputs, so they do not localise)."""
     _check_shapes(gates_NE, outputs_NEO, target_NO)
-    p_NE = gates_NE.exp() if gates_are_log else gates_NE
-    blend_NO = (p_NE.unsqueeze(-1) * outputs_NEO).sum(-2)
-    return _reduce((target_NO - blend_NO).pow(2).sum(-1), reduction)
+    p_TE = gates_NE.exp() if gates_are_log else gates_NE
+    blend_TO = (p_TE.unsqueeze(-1) * outputs_NEO).sum(-2)
+    return _reduce((target_NO - blend_TO).pow(2).sum(-1), reduction)
 
 
 def mixture_loss(kind: str, gates_NE: Tensor, outputs_NEO: Tensor, target_NO: Tensor,
@@ -178,37 +182,37 @@ def mixture_loss(kind: str, gates_NE: Tensor, outputs_NEO: Tensor, target_NO: Te
 
 @dataclass
 class ClassicMoEOutput:
-    """What a classic mixture returns. Index e of the expert dim is expert ``e`` (``i·M + j`` in a hierarchy)."""
+    """What a classic mixture returns. Index e of the expert dim is expert ``e`` (``i·Q + j`` in a hierarchy)."""
 
-    y: Tensor                          # (N, O) prediction: blend Σ p_i o_i, or the most probable expert's o_i
-    gates: Tensor                      # (N, E) p_i(x) (the product g_i g_{j|i} in a hierarchy)
-    log_gates: Tensor                  # (N, E) exact log p_i(x) from log-softmax; what the losses use
-    expert_outputs: Tensor             # (N, E, O) o_i(x)
-    log_var: Tensor | None = None      # broadcastable to (N, E, O): learned log σ²; None = unit variance
-    group_gates: Tensor | None = None  # (N, G) top-level gate g_i (hierarchy only)
-    within_gates: Tensor | None = None  # (N, G, M) within-group gates g_{j|i} (hierarchy only)
+    y: Tensor                          # (T, O) prediction: blend Σ p_i o_i, or the most probable expert's o_i
+    gates: Tensor                      # (T, E) p_i(x) (the product g_i g_{j|i} in a hierarchy)
+    log_gates: Tensor                  # (T, E) exact log p_i(x) from log-softmax; what the losses use
+    expert_outputs: Tensor             # (T, E, O) o_i(x)
+    log_var: Tensor | None = None      # broadcastable to (T, E, O): learned log σ²; None = unit variance
+    group_gates: Tensor | None = None  # (T, P) top-level gate g_i (hierarchy only)
+    within_gates: Tensor | None = None  # (T, P, Q) within-group gates g_{j|i} (hierarchy only)
 
     @property
     def expert_ids(self) -> Tensor:
-        """(N,) index of the most probable expert (argmax gate)."""
+        """(T,) index of the most probable expert (argmax gate)."""
         return self.gates.argmax(dim=-1)
 
     @property
     def blend(self) -> Tensor:
-        """(N, O) ``Σ_i p_i o_i`` — the mixture mean, whatever ``y`` holds."""
+        """(T, O) ``Σ_i p_i o_i`` — the mixture mean, whatever ``y`` holds."""
         return (self.gates.unsqueeze(-1) * self.expert_outputs).sum(-2)
 
     def responsibilities(self, target_NO: Tensor) -> Tensor:
-        """(N, E) posterior responsibilities ``h_i`` of the Gaussian-mixture model for these targets."""
+        """(T, E) posterior responsibilities ``h_i`` of the Gaussian-mixture model for these targets."""
         return posterior_responsibilities(self.log_gates, self.expert_outputs, target_NO, self.log_var,
                                           gates_are_log=True)
 
     def group_responsibilities(self, target_NO: Tensor) -> Tensor:
-        """(N, G) posterior of the top-level branches, ``h_i = Σ_j h_ij`` (hierarchy only)."""
+        """(T, P) posterior of the top-level branches, ``h_i = Σ_j h_ij`` (hierarchy only)."""
         if self.group_gates is None:
             raise ValueError("group_responsibilities: this output has no group structure (flat mixture)")
-        h_NE = self.responsibilities(target_NO)
-        return h_NE.reshape(*h_NE.shape[:-1], self.group_gates.shape[-1], -1).sum(-1)
+        h_TE = self.responsibilities(target_NO)
+        return h_TE.reshape(*h_TE.shape[:-1], self.group_gates.shape[-1], -1).sum(-1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,7 +222,8 @@ class ClassicMoEOutput:
 class _StackedNet(nn.Module):
     """``copies`` independent one- or two-layer nets evaluated together: ``(..., D) -> (..., copies, out)``.
 
-    Weights are stacked (``w_CDO``), so E linear experts cost one einsum rather than E module calls.
+    Weights are stacked, (copies, D, out) (``weight_CDO``: the parameter names are state-dict keys and
+    predate the package legend), so E linear experts cost one einsum rather than E module calls.
     With ``hidden`` set, each copy is ``Linear(D, H) → tanh → Linear(H, out)``. Initialisation matches
     ``nn.Linear`` (uniform ±1/√fan_in) independently per copy, which breaks the symmetry between experts.
     """
@@ -241,12 +246,12 @@ class _StackedNet(nn.Module):
             nn.init.uniform_(w, -bound, bound, generator=generator)
             nn.init.uniform_(b, -bound, bound, generator=generator)
 
-    def forward(self, x_ND: Tensor) -> Tensor:
-        h_NCO = torch.einsum("...d,cdo->...co", x_ND, self.weight_CDO) + self.bias_CO
+    def forward(self, x_TD: Tensor) -> Tensor:
+        h = torch.einsum("...d,cdo->...co", x_TD, self.weight_CDO) + self.bias_CO     # (T, copies, out)
         if self.hidden is None:
-            return h_NCO
-        # second layer: each copy reads its own hidden units (N, C, H) -> (N, C, O)
-        return torch.einsum("...ch,cho->...co", torch.tanh(h_NCO), self.weight2_CHO) + self.bias2_CO
+            return h
+        # second layer: each copy reads its own hidden units (T, copies, H) -> (T, copies, O)
+        return torch.einsum("...ch,cho->...co", torch.tanh(h), self.weight2_CHO) + self.bias2_CO
 
 
 class _ModuleExperts(nn.Module):
@@ -256,8 +261,8 @@ class _ModuleExperts(nn.Module):
         super().__init__()
         self.experts = nn.ModuleList(factory(in_dim, out_dim) for _ in range(copies))
 
-    def forward(self, x_ND: Tensor) -> Tensor:
-        return torch.stack([e(x_ND) for e in self.experts], dim=-2)  # (N, E, O)
+    def forward(self, x_TD: Tensor) -> Tensor:
+        return torch.stack([e(x_TD) for e in self.experts], dim=-2)  # (T, E, O)
 
 
 def _check_int(name: str, value: object) -> int:
@@ -331,22 +336,22 @@ class _ClassicMixture(nn.Module):
     def _gate_net(self, copies: int, out: int) -> _StackedNet:
         return _StackedNet(copies, self.in_dim, out, hidden=self.gate_hidden if self.gate_kind == "mlp" else None)
 
-    def _check_input(self, x_ND: Tensor) -> None:
-        if not isinstance(x_ND, Tensor):
-            raise TypeError(f"x: expected a Tensor, got {type(x_ND).__name__}")
-        if x_ND.dim() < 1 or x_ND.shape[-1] != self.in_dim:
-            raise ValueError(f"x: expected shape (..., {self.in_dim}), got {tuple(x_ND.shape)}")
+    def _check_input(self, x_TD: Tensor) -> None:
+        if not isinstance(x_TD, Tensor):
+            raise TypeError(f"x: expected a Tensor, got {type(x_TD).__name__}")
+        if x_TD.dim() < 1 or x_TD.shape[-1] != self.in_dim:
+            raise ValueError(f"x: expected shape (..., {self.in_dim}), got {tuple(x_TD.shape)}")
 
-    def _finish(self, x_ND: Tensor, log_gates_NE: Tensor, **extra) -> ClassicMoEOutput:
-        outputs_NEO = self.experts(x_ND)
-        gates_NE = log_gates_NE.exp()
+    def _finish(self, x_TD: Tensor, log_gates_TE: Tensor, **extra) -> ClassicMoEOutput:
+        outputs_TEO = self.experts(x_TD)
+        gates_TE = log_gates_TE.exp()
         if self.output == "blend":
-            y_NO = (gates_NE.unsqueeze(-1) * outputs_NEO).sum(-2)
+            y_TO = (gates_TE.unsqueeze(-1) * outputs_TEO).sum(-2)
         else:  # the most probable expert's output (a hard, non-differentiable choice of expert)
-            idx = gates_NE.argmax(-1, keepdim=True).unsqueeze(-1).expand(*outputs_NEO.shape[:-2], 1,
-                                                                         outputs_NEO.shape[-1])
-            y_NO = outputs_NEO.gather(-2, idx).squeeze(-2)
-        return ClassicMoEOutput(y=y_NO, gates=gates_NE, log_gates=log_gates_NE, expert_outputs=outputs_NEO,
+            idx = gates_TE.argmax(-1, keepdim=True).unsqueeze(-1).expand(*outputs_TEO.shape[:-2], 1,
+                                                                         outputs_TEO.shape[-1])
+            y_TO = outputs_TEO.gather(-2, idx).squeeze(-2)
+        return ClassicMoEOutput(y=y_TO, gates=gates_TE, log_gates=log_gates_TE, expert_outputs=outputs_TEO,
                                 log_var=self.log_var_EO, **extra)
 
     def loss(self, out: ClassicMoEOutput, target_NO: Tensor, reduction: str = "mean") -> Tensor:
@@ -367,7 +372,7 @@ class _ClassicMixture(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 class MixtureOfLocalExperts(_ClassicMixture):
-    """Adaptive mixture of local experts (Jacobs et al. 1991): ``p(d|x) = Σ_i p_i(x) N(d | o_i(x), σ_i²)``.
+    """Adaptive mixture of local experts (Jacobs et al. 1991): ``p(d|x) = Σ_i p_i(x) Normal(d | o_i(x), σ_i²)``.
 
     Args:
         in_dim, out_dim: input and target sizes.
@@ -387,21 +392,21 @@ class MixtureOfLocalExperts(_ClassicMixture):
                  learn_variance: bool | str | None = False, output: str = "blend"):
         super().__init__(in_dim, out_dim, num_experts, expert, expert_hidden, gate, gate_hidden, loss,
                          learn_variance, output)
-        self.gate = self._gate_net(1, num_experts)  # s(x): (N, 1, E)
+        self.gate = self._gate_net(1, num_experts)  # s(x): (T, 1, E)
 
-    def forward(self, x_ND: Tensor) -> ClassicMoEOutput:
-        self._check_input(x_ND)
-        logits_NE = self.gate(x_ND).squeeze(-2)
-        return self._finish(x_ND, torch.log_softmax(logits_NE, dim=-1))
+    def forward(self, x_TD: Tensor) -> ClassicMoEOutput:
+        self._check_input(x_TD)
+        logits_TE = self.gate(x_TD).squeeze(-2)
+        return self._finish(x_TD, torch.log_softmax(logits_TE, dim=-1))
 
 
 class HierarchicalMixtureOfExperts(_ClassicMixture):
     """Two-level hierarchical mixture (Jordan & Jacobs 1994): ``p(t|x) = Σ_i g_i(x) Σ_j g_{j|i}(x) p_ij(t|x)``.
 
-    A top gate ``g = softmax(u(x))`` over G groups and one gate per group ``g_{·|i} = softmax(v_i(x))`` over
-    its M experts. Leaf expert ``(i, j)`` is expert ``e = i·M + j`` of the flattened output, whose gate is
+    A top gate ``g = softmax(u(x))`` over P groups and one gate per group ``g_{·|i} = softmax(v_i(x))`` over
+    its Q experts. Leaf expert ``(i, j)`` is expert ``e = i·Q + j`` of the flattened output, whose gate is
     ``g_i g_{j|i}`` (``log g_i + log g_{j|i}`` exactly), so all losses of the flat mixture apply unchanged.
-    Arguments as :class:`MixtureOfLocalExperts`, with ``num_groups`` (G) and ``experts_per_group`` (M).
+    Arguments as :class:`MixtureOfLocalExperts`, with ``num_groups`` (P) and ``experts_per_group`` (Q).
     """
 
     def __init__(self, in_dim: int, out_dim: int, num_groups: int, experts_per_group: int, expert=None,
@@ -413,16 +418,16 @@ class HierarchicalMixtureOfExperts(_ClassicMixture):
                          gate_hidden, loss, learn_variance, output)
         self.num_groups = num_groups
         self.experts_per_group = experts_per_group
-        self.top_gate = self._gate_net(1, num_groups)                    # u(x): (N, 1, G)
-        self.group_gates = self._gate_net(num_groups, experts_per_group)  # v_i(x): (N, G, M)
+        self.top_gate = self._gate_net(1, num_groups)                    # u(x): (T, 1, P)
+        self.group_gates = self._gate_net(num_groups, experts_per_group)  # v_i(x): (T, P, Q)
 
-    def forward(self, x_ND: Tensor) -> ClassicMoEOutput:
-        self._check_input(x_ND)
-        log_top_NG = torch.log_softmax(self.top_gate(x_ND).squeeze(-2), dim=-1)
-        log_within_NGM = torch.log_softmax(self.group_gates(x_ND), dim=-1)
-        # log(g_i g_{j|i}) flattened so that expert e = i·M + j
-        log_gates_NE = (log_top_NG.unsqueeze(-1) + log_within_NGM).flatten(-2)
-        return self._finish(x_ND, log_gates_NE, group_gates=log_top_NG.exp(), within_gates=log_within_NGM.exp())
+    def forward(self, x_TD: Tensor) -> ClassicMoEOutput:
+        self._check_input(x_TD)
+        log_top_TP = torch.log_softmax(self.top_gate(x_TD).squeeze(-2), dim=-1)
+        log_within_TPQ = torch.log_softmax(self.group_gates(x_TD), dim=-1)
+        # log(g_i g_{j|i}) flattened so that expert e = i·Q + j
+        log_gates_TE = (log_top_TP.unsqueeze(-1) + log_within_TPQ).flatten(-2)
+        return self._finish(x_TD, log_gates_TE, group_gates=log_top_TP.exp(), within_gates=log_within_TPQ.exp())
 
     def extra_repr(self) -> str:
         return f"num_groups={self.num_groups}, experts_per_group={self.experts_per_group}, " + super().extra_repr()

@@ -2,30 +2,30 @@
 
 A CondConv layer holds E expert kernels ``W_1..W_E`` (and biases ``b_1..b_E``) and computes, per example,
 
-    y = (α_1 W_1 + … + α_E W_E) * x + (α_1 b_1 + … + α_E b_E),     α = r(x) = sigmoid(GAP(x) R)   (CondConv)
+    y = (α_1 W_1 + … + α_E W_E) * x + (α_1 b_1 + … + α_E b_E),     α = r(x) = sigmoid(fc(GAP(x)))  (CondConv)
                                                                     α = softmax(r(x) / τ)           (DynamicConv)
 
 Convolution is linear in the kernel, so this is *exactly* the dense mixture of E conv experts
 ``Σ_i α_i (W_i * x + b_i)`` (Yang et al. 2019, CondConv). Two ways to compute it (``mode``):
 
 * ``"mix_kernels"`` – form each example's kernel ``Σ_i α_i W_i`` (a (B,E)×(E,|W|) matmul), then run ONE
-  grouped conv over the whole batch with ``groups = B·G`` (the batch folded into the channels).
+  grouped conv over the whole batch with ``B·groups`` groups (the batch folded into the channels).
   Per example: E·|W| MADDs of mixing + one conv.
 * ``"mix_outputs"`` – run the E expert convs as ONE dense conv with E·O output channels over the
-  batch, then mix the E outputs with α. Per example: E convs + E·O·H'W' MADDs of mixing.
+  batch, then mix the E outputs with α. Per example: E convs + E·O·U'X' MADDs of mixing.
 
 ``mode="auto"`` picks per call with :func:`choose_mode`, a documented cost comparison (below).
 Both modes are checked against :func:`condconv_reference` (the explicit loop Σ_i α_i conv(x, W_i, b_i)).
 
 **Auto rule** (:func:`choose_mode`). ``mix_kernels`` executes far fewer MADDs for every E ≥ 2, but its
-per-example grouped conv runs at a lower throughput than one dense conv (the batch becomes B·G small
+per-example grouped conv runs at a lower throughput than one dense conv (the batch becomes B·groups small
 convolutions), while ``mix_outputs`` is one large dense conv. The rule compares estimated *times* in
 units of dense-conv MADDs::
 
-    cost_mix_kernels = E·|W|  +  |W|·P·Q / η        (η = GROUPED_CONV_EFFICIENCY)
-    cost_mix_outputs = E·|W|·P·Q  +  E·O·P·Q
+    cost_mix_kernels = E·|W|  +  |W|·U'·X' / η        (η = GROUPED_CONV_EFFICIENCY)
+    cost_mix_outputs = E·|W|·U'·X'  +  E·O·U'·X'
 
-(|W| = O·(C/G)·k_h·k_w, the MADDs of one kernel at one output pixel) and mixes outputs when that is
+(|W| = O·(I/groups)·kh·kw, the MADDs of one kernel at one output pixel) and mixes outputs when that is
 cheaper — essentially while E < 1/η: few experts → mix outputs, many experts → mix kernels, as the
 paper's released code does (seed 002). With batch size 1 the grouped conv is an ordinary conv and
 ``mix_kernels`` is always chosen. η = 0.6 was measured with ``benchmarks/condconv.py`` on CPU
@@ -44,12 +44,14 @@ across a block's CondConv layers [code]. Layers built with ``own_router=False`` 
 require ``routing_weights``. :func:`routing_metrics` turns routing weights into detached logging metrics.
 
 **MADDs** (:meth:`CondConv2d.madds`, :meth:`CondConvRouter.madds`): per-example multiply-accumulates
-actually executed: conv ``O·(C/G)·k²·H'W'``, linear ``in·out``, kernel mixing ``E·|W|`` (+ ``E·O`` for
-biases), output mixing ``E·O·H'W'``, global average pooling ``C·H·W`` (one add each). Bias additions,
+actually executed: conv ``O·(I/groups)·kh·kw·U'X'``, linear ``in·out``, kernel mixing ``E·|W|`` (+ ``E·O``
+for biases), output mixing ``E·O·U'X'``, global average pooling ``I·U·X`` (one add each). Bias additions,
 activations, sigmoid/softmax and batch-norm are not counted.
 
-Legend: B batch, C input channels, O output channels, G groups, I = C/G input channels per group,
-H/W input height/width, P/Q output height/width, k_h/k_w kernel size, E experts, R router hidden units.
+Legend (the package's, ``moekit/__init__.py``): B batch, I input channels (a kernel's input-channel axis
+holds I/groups of them), O output channels, U/X image height/width (the input's; U'/X' in the text are
+the output's), E experts, H router hidden units. ``groups`` is the conv's channel groups and kh/kw its
+kernel height/width (sizes, not shape letters).
 """
 from __future__ import annotations
 
@@ -91,14 +93,15 @@ def choose_mode(num_experts: int, batch_size: int, kernel_madds: int, out_channe
                 grouped_efficiency: float = GROUPED_CONV_EFFICIENCY) -> str:
     """The ``mode="auto"`` rule: ``"mix_outputs"`` if its estimated cost is lower, else ``"mix_kernels"``.
 
-    ``kernel_madds`` = |W| = O·(C/G)·k_h·k_w (MADDs of applying one kernel at one output pixel),
-    ``out_pixels`` = P·Q. Estimated per-example costs, in dense-conv MADD units::
+    ``kernel_madds`` = |W| = O·(I/groups)·kh·kw (MADDs of applying one kernel at one output pixel),
+    ``out_pixels`` = U'·X' (the output's height times width). Estimated per-example costs, in dense-conv
+    MADD units::
 
-        mix_kernels: E·|W| + |W|·PQ / η      (η = grouped_efficiency)
-        mix_outputs: E·|W|·PQ + E·O·PQ
+        mix_kernels: E·|W| + |W|·U'X' / η      (η = grouped_efficiency)
+        mix_outputs: E·|W|·U'X' + E·O·U'X'
 
     ``batch_size == 1`` always gives ``"mix_kernels"`` (the grouped conv is then an ordinary conv and
-    never costs more MADDs). Ties go to ``mix_kernels`` (fewer MADDs, no (B, E·O, P, Q) intermediate).
+    never costs more MADDs). Ties go to ``mix_kernels`` (fewer MADDs, no (B, E·O, U', X') intermediate).
     """
     for name, v in (("num_experts", num_experts), ("batch_size", batch_size), ("kernel_madds", kernel_madds),
                     ("out_channels", out_channels), ("out_pixels", out_pixels)):
@@ -107,9 +110,9 @@ def choose_mode(num_experts: int, batch_size: int, kernel_madds: int, out_channe
         raise ValueError(f"grouped_efficiency: expected a value in (0, 1], got {grouped_efficiency}")
     if batch_size == 1:
         return "mix_kernels"
-    E, Wk, PQ = num_experts, kernel_madds, out_pixels
-    cost_kernels = E * Wk + Wk * PQ / grouped_efficiency
-    cost_outputs = E * Wk * PQ + E * out_channels * PQ
+    E, w_size, pixels = num_experts, kernel_madds, out_pixels
+    cost_kernels = E * w_size + w_size * pixels / grouped_efficiency
+    cost_outputs = E * w_size * pixels + E * out_channels * pixels
     return "mix_outputs" if cost_outputs < cost_kernels else "mix_kernels"
 
 
@@ -128,51 +131,51 @@ def routing_metrics(routing_weights_BE: Tensor) -> dict[str, Tensor]:
     }
 
 
-def condconv_reference(x_BCHW: Tensor, weight_EOIkk: Tensor, bias_EO: Tensor | None, alpha_BE: Tensor,
+def condconv_reference(x_BIUX: Tensor, weight_EOIkk: Tensor, bias_EO: Tensor | None, alpha_BE: Tensor,
                        stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
                        dilation: int | tuple[int, int] = 1, groups: int = 1) -> Tensor:
     """The slow, obviously-right definition: ``Σ_i α_i · (conv(x, W_i) + b_i)``, one conv per expert."""
     y = None
     for i in range(weight_EOIkk.shape[0]):
         b = None if bias_EO is None else bias_EO[i]
-        yi_BOPQ = F.conv2d(x_BCHW, weight_EOIkk[i], b, stride, padding, dilation, groups)
-        term = alpha_BE[:, i, None, None, None].to(yi_BOPQ.dtype) * yi_BOPQ
+        yi_BOUX = F.conv2d(x_BIUX, weight_EOIkk[i], b, stride, padding, dilation, groups)
+        term = alpha_BE[:, i, None, None, None].to(yi_BOUX.dtype) * yi_BOUX
         y = term if y is None else y + term
     assert y is not None
     return y
 
 
-def mix_kernels_conv2d(x_BCHW: Tensor, alpha_BE: Tensor, weight_EOIkk: Tensor, bias_EO: Tensor | None,
+def mix_kernels_conv2d(x_BIUX: Tensor, alpha_BE: Tensor, weight_EOIkk: Tensor, bias_EO: Tensor | None,
                        stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
                        dilation: tuple[int, int] = (1, 1), groups: int = 1) -> Tensor:
     """``mode="mix_kernels"``: Σ_i α_i W_i per example (one matmul), then ONE conv with the batch folded
-    into the groups (B·G groups). Same result as :func:`condconv_reference`."""
-    B, C, H, W = x_BCHW.shape
-    E, O, I, kh, kw = weight_EOIkk.shape
-    w_BOIkk = (alpha_BE @ weight_EOIkk.reshape(E, -1)).reshape(B * O, I, kh, kw)
+    into the groups (B·groups groups). Same result as :func:`condconv_reference`."""
+    B, I, U, X = x_BIUX.shape
+    E, O, in_per_group, kh, kw = weight_EOIkk.shape
+    w_BOIkk = (alpha_BE @ weight_EOIkk.reshape(E, -1)).reshape(B * O, in_per_group, kh, kw)
     b = None if bias_EO is None else (alpha_BE @ bias_EO).reshape(B * O)
-    # channels (B, C) flattened: group b·G+g holds example b's input group g and output group g
-    y = F.conv2d(x_BCHW.reshape(1, B * C, H, W), w_BOIkk, b, stride, padding, dilation, B * groups)
+    # channels (B, I) flattened: group b·groups+g holds example b's input group g and output group g
+    y = F.conv2d(x_BIUX.reshape(1, B * I, U, X), w_BOIkk, b, stride, padding, dilation, B * groups)
     return y.reshape(B, O, y.shape[-2], y.shape[-1])
 
 
-def mix_outputs_conv2d(x_BCHW: Tensor, alpha_BE: Tensor, weight_EOIkk: Tensor, bias_EO: Tensor | None,
+def mix_outputs_conv2d(x_BIUX: Tensor, alpha_BE: Tensor, weight_EOIkk: Tensor, bias_EO: Tensor | None,
                        stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
                        dilation: tuple[int, int] = (1, 1), groups: int = 1) -> Tensor:
     """``mode="mix_outputs"``: all E expert convs as ONE dense conv with E·O outputs, then
     Σ_i α_i y_i (+ Σ_i α_i b_i). Same result as :func:`condconv_reference`."""
-    B = x_BCHW.shape[0]
-    E, O, I, kh, kw = weight_EOIkk.shape
-    G = groups
-    # out channels must be group-major for F.conv2d: (G, E, O/G) — expert i's group-g filters together
-    w = weight_EOIkk.reshape(E, G, O // G, I, kh, kw).transpose(0, 1).reshape(G * E * (O // G), I, kh, kw)
-    y = F.conv2d(x_BCHW, w, None, stride, padding, dilation, G)
-    P, Q = y.shape[-2], y.shape[-1]
-    y_BEOPQ = y.reshape(B, G, E, O // G, P, Q).transpose(1, 2).reshape(B, E, O, P, Q)
-    y_BOPQ = torch.einsum("be,beopq->bopq", alpha_BE, y_BEOPQ)
+    B = x_BIUX.shape[0]
+    E, O, in_per_group, kh, kw = weight_EOIkk.shape
+    # out channels must be group-major for F.conv2d: (groups, E, O/groups) — expert i's group-g filters together
+    w = weight_EOIkk.reshape(E, groups, O // groups, in_per_group, kh, kw).transpose(0, 1).reshape(
+        groups * E * (O // groups), in_per_group, kh, kw)
+    y = F.conv2d(x_BIUX, w, None, stride, padding, dilation, groups)
+    U, X = y.shape[-2], y.shape[-1]                              # the output's height and width
+    y_BEOUX = y.reshape(B, groups, E, O // groups, U, X).transpose(1, 2).reshape(B, E, O, U, X)
+    y_BOUX = torch.einsum("be,beoux->boux", alpha_BE, y_BEOUX)
     if bias_EO is not None:
-        y_BOPQ = y_BOPQ + (alpha_BE @ bias_EO)[:, :, None, None]
-    return y_BOPQ
+        y_BOUX = y_BOUX + (alpha_BE @ bias_EO)[:, :, None, None]
+    return y_BOUX
 
 
 def anneal_temperature(step: int, total: int, start: float = 30.0, end: float = 1.0) -> float:
@@ -204,10 +207,11 @@ def _check_router_options(routing: object, temperature: object, reduction: objec
 
 
 class CondConvRouter(nn.Module):
-    """``α = sigmoid(GAP(x) R + c)`` (CondConv) or ``α = softmax((GAP(x) R + c) / τ)`` (DynamicConv): (B, E).
+    """``α = sigmoid(r(x))`` (CondConv) or ``α = softmax(r(x) / τ)`` (DynamicConv): (B, E), ``r`` a
+    linear map (with bias) of ``GAP(x)``.
 
-    ``reduction=None`` (CondConv) makes ``R`` one linear layer C→E; an int r makes it the
-    squeeze-excitation MLP of Dynamic Conv, C→R→E with ReLU, R = max(4, C // r).
+    ``reduction=None`` (CondConv) makes ``r`` one linear layer I→E; an int r makes it the
+    squeeze-excitation MLP of Dynamic Conv, I→H→E with ReLU, H = max(4, I // r) hidden units.
     ``temperature`` (softmax only) is a buffer changed with :meth:`set_temperature`.
     Build one per block and pass its output to every CondConv layer of the block.
     """
@@ -240,24 +244,24 @@ class CondConvRouter(nn.Module):
         _check_router_options(self.routing, temperature, self.reduction)
         self.temperature.fill_(float(temperature))
 
-    def logits(self, x_BCHW: Tensor) -> Tensor:
+    def logits(self, x_BIUX: Tensor) -> Tensor:
         """``r(x)`` before the sigmoid/softmax: (B, E)."""
-        _check_input(x_BCHW, self.in_channels)
-        h_BC = x_BCHW.mean(dim=(2, 3))
+        _check_input(x_BIUX, self.in_channels)
+        h = x_BIUX.mean(dim=(2, 3))                                  # (B, I)
         if self.fc_in is not None:
-            h_BC = F.relu(self.fc_in(h_BC))                          # (B, R)
-        return self.fc(h_BC)
+            h = F.relu(self.fc_in(h))                                # (B, H)
+        return self.fc(h)
 
-    def forward(self, x_BCHW: Tensor) -> Tensor:
-        z_BE = self.logits(x_BCHW)
+    def forward(self, x_BIUX: Tensor) -> Tensor:
+        z_BE = self.logits(x_BIUX)
         if self.routing == "sigmoid":
             return torch.sigmoid(z_BE)
         return torch.softmax(z_BE / self.temperature.to(z_BE.dtype), dim=-1)
 
     def madds(self, input_size: int | Sequence[int]) -> int:
-        """Per-example MADDs: GAP (C·H·W adds) + the linear layer(s)."""
-        H, W = _pair("input_size", input_size, 1)
-        n = self.in_channels * H * W
+        """Per-example MADDs: GAP (I·U·X adds) + the linear layer(s)."""
+        U, X = _pair("input_size", input_size, 1)
+        n = self.in_channels * U * X
         if self.hidden is None:
             return n + self.in_channels * self.num_experts
         return n + self.in_channels * self.hidden + self.hidden * self.num_experts
@@ -267,7 +271,7 @@ def _check_input(x: object, in_channels: int) -> Tensor:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x: expected a floating-point torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4 or x.shape[1] != in_channels:
-        raise ValueError(f"x: expected shape (B, {in_channels}, H, W), got {tuple(x.shape)}")
+        raise ValueError(f"x: expected shape (B, {in_channels}, U, X), got {tuple(x.shape)}")
     return x
 
 
@@ -275,12 +279,12 @@ def _check_input(x: object, in_channels: int) -> Tensor:
 class CondConv2d(nn.Module):
     """Per-example mixture of E conv kernels: ``y = (Σ_i α_i W_i) * x + Σ_i α_i b_i`` (Yang et al. 2019, eq. 1).
 
-    ``α = sigmoid(GAP(x) R)`` from the layer's own :class:`CondConvRouter` (``own_router=True``) or passed
+    ``α = sigmoid(r(x))`` from the layer's own :class:`CondConvRouter` (``own_router=True``) or passed
     in as ``routing_weights`` (B, E) — e.g. one router per block shared by its layers.
     Arguments as ``nn.Conv2d`` (``padding`` ints only, zero padding) plus ``num_experts`` and
     ``mode`` (``"auto"``, ``"mix_kernels"``, ``"mix_outputs"``; see the module docstring for the rule).
     Each expert kernel is initialised independently like ``nn.Conv2d`` (Kaiming-uniform, a=√5).
-    ``weight``: (E, O, C/G, k_h, k_w); ``bias``: (E, O) or None.
+    ``weight``: (E, O, I/groups, kh, kw); ``bias``: (E, O) or None.
     With E = 1 and α = 1 it is exactly ``nn.Conv2d``.
     """
 
@@ -332,12 +336,12 @@ class CondConv2d(nn.Module):
                 f"dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, mode={self.mode!r}")
 
     # ---------------------------------------------------------------- routing
-    def route(self, x_BCHW: Tensor) -> Tensor:
+    def route(self, x_BIUX: Tensor) -> Tensor:
         """Routing weights α (B, E) from this layer's own router."""
         if self.router is None:
             raise ValueError("routing_weights: this layer was built with own_router=False; pass routing_weights "
                              "(B, num_experts) computed by a shared CondConvRouter")
-        return self.router(x_BCHW)
+        return self.router(x_BIUX)
 
     def set_temperature(self, temperature: float) -> None:
         """Set the softmax temperature τ of this layer's own router."""
@@ -348,20 +352,20 @@ class CondConv2d(nn.Module):
 
     # ---------------------------------------------------------------- shapes and costs
     def output_size(self, input_size: int | Sequence[int]) -> tuple[int, int]:
-        H, W = _pair("input_size", input_size, 1)
-        return (conv_output_size(H, self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0]),
-                conv_output_size(W, self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1]))
+        U, X = _pair("input_size", input_size, 1)
+        return (conv_output_size(U, self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0]),
+                conv_output_size(X, self.kernel_size[1], self.stride[1], self.padding[1], self.dilation[1]))
 
     def kernel_madds(self) -> int:
-        """|W| = O·(C/G)·k_h·k_w: MADDs of applying one kernel at one output pixel (= its size)."""
+        """|W| = O·(I/groups)·kh·kw: MADDs of applying one kernel at one output pixel (= its size)."""
         return self.out_channels * (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
 
     def resolve_mode(self, batch_size: int, input_size: int | Sequence[int]) -> str:
         """The compute mode a call with this batch and input size uses (``mode``, or the auto rule)."""
         if self.mode != "auto":
             return self.mode
-        P, Q = self.output_size(input_size)
-        return choose_mode(self.num_experts, batch_size, self.kernel_madds(), self.out_channels, P * Q)
+        out_h, out_w = self.output_size(input_size)
+        return choose_mode(self.num_experts, batch_size, self.kernel_madds(), self.out_channels, out_h * out_w)
 
     def madds_breakdown(self, input_size: int | Sequence[int], mode: str = "mix_kernels") -> dict[str, int]:
         """Per-example MADDs by part: ``router`` (0 without an own router), ``mixing``, ``conv``, ``total``.
@@ -371,14 +375,14 @@ class CondConv2d(nn.Module):
         """
         if mode not in ("mix_kernels", "mix_outputs"):
             raise ValueError(f"mode: expected 'mix_kernels' or 'mix_outputs', got {mode!r}")
-        P, Q = self.output_size(input_size)
-        Wk, E, O, PQ = self.kernel_madds(), self.num_experts, self.out_channels, P * Q
+        out_h, out_w = self.output_size(input_size)
+        w_size, E, O, pixels = self.kernel_madds(), self.num_experts, self.out_channels, out_h * out_w
         router = 0 if self.router is None else self.router.madds(input_size)
         bias_mix = E * O if self.bias is not None else 0
         if mode == "mix_kernels":
-            mixing, conv = E * Wk + bias_mix, Wk * PQ
+            mixing, conv = E * w_size + bias_mix, w_size * pixels
         else:
-            mixing, conv = E * O * PQ + bias_mix, E * Wk * PQ
+            mixing, conv = E * O * pixels + bias_mix, E * w_size * pixels
         return {"router": router, "mixing": mixing, "conv": conv, "total": router + mixing + conv}
 
     def madds(self, input_size: int | Sequence[int], mode: str = "mix_kernels") -> int:
@@ -386,12 +390,12 @@ class CondConv2d(nn.Module):
         return self.madds_breakdown(input_size, mode)["total"]
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x_BCHW: Tensor, routing_weights: Tensor | None = None) -> Tensor:
-        """``(B, C, H, W) -> (B, O, P, Q)``; ``routing_weights`` (B, E) overrides the own router."""
-        _check_input(x_BCHW, self.in_channels)
-        B = x_BCHW.shape[0]
+    def forward(self, x_BIUX: Tensor, routing_weights: Tensor | None = None) -> Tensor:
+        """``(B, I, U, X) -> (B, O, U', X')``; ``routing_weights`` (B, E) overrides the own router."""
+        _check_input(x_BIUX, self.in_channels)
+        B = x_BIUX.shape[0]
         if routing_weights is None:
-            alpha_BE = self.route(x_BCHW)
+            alpha_BE = self.route(x_BIUX)
         else:
             if not isinstance(routing_weights, Tensor):
                 raise TypeError(f"routing_weights: expected a torch.Tensor, got {type(routing_weights).__name__}")
@@ -400,16 +404,16 @@ class CondConv2d(nn.Module):
                                  f"got {tuple(routing_weights.shape)}")
             alpha_BE = routing_weights
         alpha_BE = alpha_BE.to(self.weight.dtype)
-        # an empty batch cannot be folded into B·G = 0 groups: the dense path handles it
-        mode = "mix_outputs" if B == 0 else self.resolve_mode(B, tuple(x_BCHW.shape[2:]))
+        # an empty batch cannot be folded into B·groups = 0 groups: the dense path handles it
+        mode = "mix_outputs" if B == 0 else self.resolve_mode(B, tuple(x_BIUX.shape[2:]))
         fn = mix_kernels_conv2d if mode == "mix_kernels" else mix_outputs_conv2d
-        return fn(x_BCHW, alpha_BE, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return fn(x_BIUX, alpha_BE, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class DynamicConv2d(CondConv2d):
     """Dynamic Convolution (Chen et al. 2020): CondConv with ``α = softmax(r(x) / τ)`` (Σ_i α_i = 1).
 
-    ``r`` is the squeeze-excitation MLP GAP → C→R→E (``router_reduction=4``: R = max(4, C // 4)).
+    ``r`` is the squeeze-excitation MLP GAP → I→H→E (``router_reduction=4``: H = max(4, I // 4) hidden units).
     ``temperature`` starts at 30 (the paper's initial τ); anneal it toward 1 early in training with
     ``layer.set_temperature(anneal_temperature(step, total))``. All other arguments as :class:`CondConv2d`.
     """

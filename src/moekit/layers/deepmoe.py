@@ -2,11 +2,11 @@
 
 A shallow embedding network maps the input image to a latent vector ``e``; a multi-headed sparse gate
 turns ``e`` into one non-negative gate vector per gated convolution, ``g^l = ReLU(W_g^l e)``; the gated
-convolution is a mixture of experts over input channels, ``y^l = K^l * (g^l ⊙ x^l)``. A zero gate means
-that channel's share of the convolution need not be computed; at inference :class:`GatedConv2d` really
+convolution is a mixture of experts over input channels, ``y^l = w^l * (g^l ⊙ x^l)`` (kernel ``w^l``).
+A zero gate means that channel's share of the convolution need not be computed; at inference :class:`GatedConv2d` really
 skips every input channel whose gate is zero for the whole batch and reports executed vs dense MACs.
 
-Training objective (the paper's): ``L = CE(base logits, y) + λ Σ_l ||g^l||₁ + μ CE(embedding logits, y)``,
+Training objective (the paper's): ``loss = CE(base logits, y) + λ Σ_l ||g^l||₁ + μ CE(embedding logits, y)``,
 with the L1 norm averaged over the batch. Then the base network is fine-tuned with the gating frozen and
 ``λ = μ = 0``.
 
@@ -21,12 +21,13 @@ Where each term lives (and why):
   * :func:`deepmoe_aux_loss` computes both terms at once from the gates (the reference the split
     version is tested against).
 
-FLOPs are counted as multiply-accumulates (MACs) per example: a k×k convolution from C_in to C_out
-channels with an H_out×W_out output costs ``C_out·H_out·W_out·C_in·k²``; skipping c input channels saves
-``C_out·H_out·W_out·c·k²``. Biases and element-wise ops are not counted.
+FLOPs are counted as multiply-accumulates (MACs) per example: a k×k convolution from I input to O output
+channels with a U'×X' output costs ``O·U'·X'·I·k²``; skipping c input channels saves ``O·U'·X'·c·k²``.
+Biases and element-wise ops are not counted.
 
-Legend: B batch, C channels (C_in input, C_out output), H/W height/width, D embedding dim, K classes,
-L gated layers.
+Legend (the package's, ``moekit/__init__.py``): B batch, I input channels, O output channels, U/X image
+height/width (U'/X' in the text: a convolution's output), D embedding features (the gate heads' and the
+embedding classifier's input features), Y classes. A network has one gate tensor per gated layer (l).
 """
 from __future__ import annotations
 
@@ -50,13 +51,13 @@ def conv_output_size(size: int, kernel_size: int, stride: int, padding: int) -> 
 
 
 def conv_macs(in_channels: int, out_channels: int, kernel_size: int, out_h: int, out_w: int) -> int:
-    """MACs of one example through a k×k convolution: ``C_out · H_out · W_out · C_in · k²``."""
+    """MACs of one example through a k×k convolution: ``O · U' · X' · I · k²`` (U'×X' its output)."""
     return out_channels * out_h * out_w * in_channels * kernel_size * kernel_size
 
 
-def gate_l1(gates_BC: Tensor) -> Tensor:
+def gate_l1(gates_BI: Tensor) -> Tensor:
     """``mean_b ||g_b||₁`` — one layer's (unweighted) sparsity term."""
-    return gates_BC.abs().sum(-1).mean()
+    return gates_BI.abs().sum(-1).mean()
 
 
 class DeepMoEOutput(NamedTuple):
@@ -65,8 +66,9 @@ class DeepMoEOutput(NamedTuple):
     ``y``: base-network logits; ``aux_loss``: weighted ``λ Σ_l mean_b ||g^l_b||₁`` (zero when λ = 0);
     ``metrics``: detached per-layer and whole-network statistics (unweighted ``gate_l1``, zero-gate
     fraction, executed / ideal / dense MACs per example); ``embedding_logits``: the linear classifier on
-    ``e`` (for the μ term, see :func:`embedding_loss`; ``None`` for an ungated network); ``gates``: the
-    L gate tensors ``(B, C_l)`` (not detached, for analysis or custom losses; empty when ungated).
+    ``e`` (for the μ term, see :func:`embedding_loss`; ``None`` for an ungated network); ``gates``: one
+    gate tensor ``(B, I)`` per gated layer, I its input channels (not detached, for analysis or custom
+    losses; empty when ungated).
     """
     y: Tensor
     aux_loss: Tensor
@@ -83,7 +85,7 @@ class ShallowEmbedding(nn.Module):
     embedding classifier ``logits = e W_c + b_c`` used by the μ·CE term. The paper uses 4 (CIFAR) or 5
     (ImageNet) such layers at ≈2 % of the base network's compute; an 8×8 digit needs 3 to reach 1×1.
 
-    ``forward(x_BCHW) -> (e_BD, logits_BK)``.
+    ``forward(x_BIUX) -> (e_BD, logits_BY)``.
     """
 
     def __init__(self, in_channels: int = 1, embed_dim: int = 32, num_classes: int = 10, *,
@@ -100,10 +102,10 @@ class ShallowEmbedding(nn.Module):
         self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(widths[:-1], widths[1:]))
         self.classifier = nn.Linear(embed_dim, num_classes)
 
-    def forward(self, x_BCHW: Tensor) -> tuple[Tensor, Tensor]:
-        if x_BCHW.dim() != 4 or x_BCHW.shape[1] != self.in_channels:
-            raise ValueError(f"x: expected shape (B, in_channels={self.in_channels}, H, W), got {tuple(x_BCHW.shape)}")
-        h = x_BCHW
+    def forward(self, x_BIUX: Tensor) -> tuple[Tensor, Tensor]:
+        if x_BIUX.dim() != 4 or x_BIUX.shape[1] != self.in_channels:
+            raise ValueError(f"x: expected shape (B, in_channels={self.in_channels}, U, X), got {tuple(x_BIUX.shape)}")
+        h = x_BIUX
         for conv in self.convs:
             h = F.relu(conv(h))
         e_BD = h.mean(dim=(2, 3))
@@ -126,7 +128,8 @@ class MultiHeadGate(nn.Module):
     adds one initialised to ``bias_init`` so that training starts with the gates open (≈ the plain
     network); ``bias=False`` gives the paper's exact form.
 
-    ``forward(e_BD) -> list of L tensors g_BC`` (C = ``channels[l]``).
+    ``forward(e_BD) -> list of tensors g_BI``, one per gated layer l (I = ``channels[l]``, that layer's
+    input channels).
     """
 
     def __init__(self, embed_dim: int, channels: Sequence[int], *, bias: bool = True, bias_init: float = 1.0):
@@ -156,9 +159,9 @@ class MultiHeadGate(nn.Module):
 
 
 class GatedConv2d(nn.Module):
-    """Gated convolution, a mixture of experts over input channels: ``y = K * (g ⊙ x) + b``.
+    """Gated convolution, a mixture of experts over input channels: ``y = w * (g ⊙ x) + b`` (kernel ``w``).
 
-    ``forward(x_BCHW, gates_BC) -> MoEOutput(y, aux_loss = l1_weight · mean_b ||g_b||₁, metrics)``.
+    ``forward(x_BIUX, gates_BI) -> MoEOutput(y, aux_loss = l1_weight · mean_b ||g_b||₁, metrics)``.
     ``gates=None`` runs the plain (ungated) convolution, so the same layer builds the baseline CNN.
 
     In training mode (or with ``skip_zero_channels=False``) the dense product is computed. In eval mode
@@ -166,7 +169,7 @@ class GatedConv2d(nn.Module):
     of the kernel before the convolution, so their compute is really skipped (the result is the same: a
     zero gate zeroes that channel's contribution). With batch size 1 this is per-example skipping.
     Gradients of the skip path equal the dense path's for ``x``, the kernel and the bias; a skipped gate
-    itself gets no gradient (the dense path would give it ``Σ x·(K^T * dy)``), which changes nothing for
+    itself gets no gradient (the dense path would give it ``Σ x·(w^T * dy)``), which changes nothing for
     ReLU gates, whose pre-activation has zero gradient wherever the gate is zero.
 
     Metrics (detached, per example): ``gate_l1`` (unweighted), ``zero_gates`` (fraction of gate entries
@@ -208,75 +211,75 @@ class GatedConv2d(nn.Module):
         return (conv_output_size(height, self.kernel_size, self.stride, self.padding),
                 conv_output_size(width, self.kernel_size, self.stride, self.padding))
 
-    def forward(self, x_BCHW: Tensor, gates_BC: Tensor | None = None) -> MoEOutput:
-        if not isinstance(x_BCHW, Tensor):
-            raise TypeError(f"x: expected a torch.Tensor, got {type(x_BCHW).__name__}")
-        if x_BCHW.dim() != 4 or x_BCHW.shape[1] != self.in_channels:
-            raise ValueError(f"x: expected shape (B, in_channels={self.in_channels}, H, W), got {tuple(x_BCHW.shape)}")
-        B, _, H, W = x_BCHW.shape
-        Ho, Wo = self.output_size(H, W)
-        per_channel = conv_macs(1, self.out_channels, self.kernel_size, Ho, Wo)  # MACs of one input channel
+    def forward(self, x_BIUX: Tensor, gates_BI: Tensor | None = None) -> MoEOutput:
+        if not isinstance(x_BIUX, Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x_BIUX).__name__}")
+        if x_BIUX.dim() != 4 or x_BIUX.shape[1] != self.in_channels:
+            raise ValueError(f"x: expected shape (B, in_channels={self.in_channels}, U, X), got {tuple(x_BIUX.shape)}")
+        B, _, U, X = x_BIUX.shape
+        out_h, out_w = self.output_size(U, X)
+        per_channel = conv_macs(1, self.out_channels, self.kernel_size, out_h, out_w)  # MACs of one input channel
         dense = per_channel * self.in_channels
-        if gates_BC is None:
-            y = F.conv2d(x_BCHW, self.weight, self.bias, self.stride, self.padding)
+        if gates_BI is None:
+            y = F.conv2d(x_BIUX, self.weight, self.bias, self.stride, self.padding)
             d = torch.tensor(float(dense), dtype=torch.float64)
-            return MoEOutput(y, zero_loss(x_BCHW), {"macs_executed": d, "macs_ideal": d, "macs_dense": d})
-        if not isinstance(gates_BC, Tensor):
-            raise TypeError(f"gates: expected a torch.Tensor or None, got {type(gates_BC).__name__}")
-        if gates_BC.shape != (B, self.in_channels):
+            return MoEOutput(y, zero_loss(x_BIUX), {"macs_executed": d, "macs_ideal": d, "macs_dense": d})
+        if not isinstance(gates_BI, Tensor):
+            raise TypeError(f"gates: expected a torch.Tensor or None, got {type(gates_BI).__name__}")
+        if gates_BI.shape != (B, self.in_channels):
             raise ValueError(f"gates: expected shape (B={B}, in_channels={self.in_channels}), "
-                             f"got {tuple(gates_BC.shape)}")
+                             f"got {tuple(gates_BI.shape)}")
 
-        nonzero_BC = gates_BC != 0
-        active_C = nonzero_BC.any(0)
-        n_active = int(active_C.sum())
+        nonzero_BI = gates_BI != 0
+        active_I = nonzero_BI.any(0)
+        n_active = int(active_I.sum())
         if self.training or not self.skip_zero_channels or n_active == self.in_channels:
-            y = F.conv2d(x_BCHW * gates_BC[:, :, None, None], self.weight, self.bias, self.stride, self.padding)
+            y = F.conv2d(x_BIUX * gates_BI[:, :, None, None], self.weight, self.bias, self.stride, self.padding)
             executed = dense
         elif n_active == 0:   # every channel skipped: only the bias remains
-            y = x_BCHW.new_zeros(B, self.out_channels, Ho, Wo)
+            y = x_BIUX.new_zeros(B, self.out_channels, out_h, out_w)
             if self.bias is not None:
                 y = y + self.bias[None, :, None, None]
             executed = 0
         else:
-            idx = active_C.nonzero().squeeze(1)
-            xg = x_BCHW.index_select(1, idx) * gates_BC.index_select(1, idx)[:, :, None, None]
+            idx = active_I.nonzero().squeeze(1)
+            xg = x_BIUX.index_select(1, idx) * gates_BI.index_select(1, idx)[:, :, None, None]
             y = F.conv2d(xg, self.weight.index_select(1, idx), self.bias, self.stride, self.padding)
             executed = per_channel * n_active
 
-        l1 = gate_l1(gates_BC)
-        aux = self.l1_weight * l1 if self.l1_weight > 0 else zero_loss(x_BCHW)
+        l1 = gate_l1(gates_BI)
+        aux = self.l1_weight * l1 if self.l1_weight > 0 else zero_loss(x_BIUX)
         metrics = {
             "gate_l1": l1.detach(),
-            "zero_gates": (~nonzero_BC).float().mean().detach(),
+            "zero_gates": (~nonzero_BI).float().mean().detach(),
             "active_channels": torch.tensor(float(n_active)),
             "macs_executed": torch.tensor(float(executed), dtype=torch.float64),
-            "macs_ideal": (nonzero_BC.sum(1).double().mean() * per_channel).detach().cpu(),
+            "macs_ideal": (nonzero_BI.sum(1).double().mean() * per_channel).detach().cpu(),
             "macs_dense": torch.tensor(float(dense), dtype=torch.float64),
         }
         return MoEOutput(y, aux, metrics)
 
 
-def embedding_loss(embedding_logits_BK: Tensor, labels_B: Tensor, weight: float) -> MoEOutput:
+def embedding_loss(embedding_logits_BY: Tensor, labels_B: Tensor, weight: float) -> MoEOutput:
     """The μ term: ``MoEOutput(y = embedding logits, aux_loss = μ · CE(embedding logits, labels), metrics)``.
 
     Kept out of the network's forward because it needs labels (see the module docstring). Metrics:
     unweighted ``embedding_ce`` and ``embedding_acc`` (accuracy of the embedding classifier, in [0, 1]).
     """
     weight = _non_negative("weight", weight)
-    if not isinstance(embedding_logits_BK, Tensor) or embedding_logits_BK.dim() != 2:
-        raise ValueError("embedding_logits: expected a (B, K) tensor, got "
-                         f"{getattr(embedding_logits_BK, 'shape', type(embedding_logits_BK).__name__)}")
-    if not isinstance(labels_B, Tensor) or labels_B.shape != embedding_logits_BK.shape[:1]:
-        raise ValueError(f"labels: expected shape ({embedding_logits_BK.shape[0]},), got "
+    if not isinstance(embedding_logits_BY, Tensor) or embedding_logits_BY.dim() != 2:
+        raise ValueError("embedding_logits: expected a (B, Y) tensor, got "
+                         f"{getattr(embedding_logits_BY, 'shape', type(embedding_logits_BY).__name__)}")
+    if not isinstance(labels_B, Tensor) or labels_B.shape != embedding_logits_BY.shape[:1]:
+        raise ValueError(f"labels: expected shape ({embedding_logits_BY.shape[0]},), got "
                          f"{getattr(labels_B, 'shape', type(labels_B).__name__)}")
-    ce = F.cross_entropy(embedding_logits_BK, labels_B)
-    aux = weight * ce if weight > 0 else zero_loss(embedding_logits_BK)
-    acc = (embedding_logits_BK.argmax(-1) == labels_B).float().mean()
-    return MoEOutput(embedding_logits_BK, aux, {"embedding_ce": ce.detach(), "embedding_acc": acc.detach()})
+    ce = F.cross_entropy(embedding_logits_BY, labels_B)
+    aux = weight * ce if weight > 0 else zero_loss(embedding_logits_BY)
+    acc = (embedding_logits_BY.argmax(-1) == labels_B).float().mean()
+    return MoEOutput(embedding_logits_BY, aux, {"embedding_ce": ce.detach(), "embedding_acc": acc.detach()})
 
 
-def deepmoe_aux_loss(gates: Sequence[Tensor], embedding_logits_BK: Tensor, labels_B: Tensor,
+def deepmoe_aux_loss(gates: Sequence[Tensor], embedding_logits_BY: Tensor, labels_B: Tensor,
                      l1_weight: float, embedding_weight: float) -> MoEOutput:
     """Both DeepMoE regularisers at once: ``aux_loss = λ Σ_l mean_b ||g^l_b||₁ + μ CE(embedding logits, y)``.
 
@@ -286,8 +289,8 @@ def deepmoe_aux_loss(gates: Sequence[Tensor], embedding_logits_BK: Tensor, label
     """
     lam = _non_negative("l1_weight", l1_weight)
     if len(gates) == 0:
-        raise ValueError("gates: expected at least one (B, C) gate tensor")
+        raise ValueError("gates: expected at least one (B, I) gate tensor")
     l1 = sum((gate_l1(g) for g in gates[1:]), gate_l1(gates[0]))
-    emb = embedding_loss(embedding_logits_BK, labels_B, embedding_weight)
-    aux = (lam * l1 if lam > 0 else zero_loss(embedding_logits_BK)) + emb.aux_loss
-    return MoEOutput(embedding_logits_BK, aux, {"gate_l1": l1.detach(), **emb.metrics})
+    emb = embedding_loss(embedding_logits_BY, labels_B, embedding_weight)
+    aux = (lam * l1 if lam > 0 else zero_loss(embedding_logits_BY)) + emb.aux_loss
+    return MoEOutput(embedding_logits_BY, aux, {"gate_l1": l1.detach(), **emb.metrics})

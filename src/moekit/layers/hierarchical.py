@@ -1,8 +1,10 @@
 """Hierarchical sparsely-gated MoE (Shazeer et al. 2017, appendix B), built on the core pieces.
 
-Legend: T tokens, D model dim, H expert hidden dim, P primary groups (expert groups), Q experts per
-group, E = P·Q experts, K experts per token (= K1·K2: K1 groups per token, K2 experts per group),
-R rows (the T·K1 chosen (token, group) pairs, sorted by group).
+Legend (the package's, ``moekit/__init__.py``): T tokens, D model dim, H expert hidden dim, P expert groups
+(the primary gate's choices), Q experts per group, E = P·Q experts, K experts per token (= k1·k2: the top
+k1 groups of each token, the top k2 experts of each chosen group), R rows handed to the groups' gates (the
+T·k1 chosen (token, group) pairs, grouped by group: the primary level's experts are the groups).
+``self.P`` and ``self.B`` are the numbers of groups and of experts per group (attribute names kept).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ class HierarchicalMoE(nn.Module):
 
     The primary gate and the P secondary gates are core :class:`~moekit.routing.NoisyTopKRouter` s
     (zero-initialised, noise only in training, drawn from ``generator`` when given). A secondary gate
-    is computed only for the groups a token was routed to — T·K1 rows through one grouped matmul, not
+    is computed only for the groups a token was routed to — T·k1 rows through one grouped matmul, not
     T·P — so the routing cost does not grow with the number of groups. The two levels form a
     token-choice plan over the E = P·Q experts (combine weight ``G_i · G_ij``, router distribution
     ``softmax_primary(x)_i · softmax_i(x)_j``) that runs through the core dispatcher. Balancing uses the hierarchical importance and
@@ -68,12 +70,12 @@ class HierarchicalMoE(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"x: last dimension must be dim={self.dim}, got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.dim)
-        T, P, B, E = x_TD.shape[0], self.P, self.B, self.num_experts
+        T, P, Q, E = x_TD.shape[0], self.P, self.B, self.num_experts
         mask_T = None if mask is None else torch.broadcast_to(mask, x.shape[:-1]).reshape(-1)
 
-        # Primary gate over groups: (T, K1) groups and gates; its statistics hold Load_primary.
+        # Primary gate over groups: (T, k1) groups and gates; its statistics hold Load_primary.
         d1 = self.primary(x_TD, mask_T, generator=generator)
-        K1, K2 = self.k1, self.k2
+        k1, k2 = self.k1, self.k2
         # Secondary gates for the chosen (token, group) pairs only, slot-major r = k1·T + t, by group.
         group_R = d1.expert_ids.t().reshape(-1)
         order_R = torch.argsort(group_R, stable=True)
@@ -94,23 +96,24 @@ class HierarchicalMoE(nn.Module):
                 std_RQ = F.softplus(logits(r.noise.weight for r in self.secondary)) + NoisyTopKRouter.noise_eps
                 noisy_RQ = clean_RQ + self.primary.randn_like(clean_RQ, generator) * std_RQ
         h_RQ = clean_RQ if noisy_RQ is None else noisy_RQ
-        top_RK2, sub_RK2 = h_RQ.topk(K2, dim=-1)
-        subgate_RK2 = torch.softmax(top_RK2, dim=-1)
-        real_R = torch.ones_like(group_R, dtype=clean_RQ.dtype) if mask_T is None else mask_T.to(clean_RQ.dtype).repeat(K1)
+        top_vals, sub_ids = h_RQ.topk(k2, dim=-1)                  # (R, k2) each
+        subgates = torch.softmax(top_vals, dim=-1)
+        real_R = torch.ones_like(group_R, dtype=clean_RQ.dtype) if mask_T is None else mask_T.to(clean_RQ.dtype).repeat(k1)
         # Load_i(X^(i))_j: the secondary smooth load summed over the tokens routed to group i.
-        load_RQ = L.shazeer_load_per_token(clean_RQ, h_RQ, std_RQ, K2) * real_R[:, None]
-        load_PQ = torch.zeros(P, B, dtype=load_RQ.dtype, device=x.device).index_add(0, group_R, load_RQ)
+        load_RQ = L.shazeer_load_per_token(clean_RQ, h_RQ, std_RQ, k2) * real_R[:, None]
+        load_PQ = torch.zeros(P, Q, dtype=load_RQ.dtype, device=x.device).index_add(0, group_R, load_RQ)
         n_P = torch.zeros(P, dtype=load_RQ.dtype, device=x.device).index_add(0, group_R, real_R)
 
-        # Assignments (token, group i in its top K1, expert j in group i's top K2), weight G_i · G_ij.
-        expert_TK1K2 = (group_R[:, None] * B + sub_RK2).view(K1, T, K2).permute(1, 0, 2)
-        weight_TK1K2 = d1.weights[..., None] * subgate_RK2.view(K1, T, K2).permute(1, 0, 2)
+        # Assignments (token, group i in its top k1, expert j in group i's top k2), weight G_i · G_ij:
+        # (T, k1, k2) expert ids and weights.
+        picked_ids = (group_R[:, None] * Q + sub_ids).view(k1, T, k2).permute(1, 0, 2)
+        picked_weights = d1.weights[..., None] * subgates.view(k1, T, k2).permute(1, 0, 2)
         # Both levels renormalise over their top k, so the gates G_i·G_ij form a distribution over the
         # E experts: it is the plan's router distribution (its log stands for the logits).
-        gates_TE = torch.zeros(T, E, dtype=weight_TK1K2.dtype, device=x.device).scatter(
-            1, expert_TK1K2.reshape(T, -1), weight_TK1K2.reshape(T, -1))
+        gates_TE = torch.zeros(T, E, dtype=picked_weights.dtype, device=x.device).scatter(
+            1, picked_ids.reshape(T, -1), picked_weights.reshape(T, -1))
         plan = TokenChoicePlan(logits=torch.log(gates_TE.clamp_min(1e-30)), probs=gates_TE,
-                               expert_ids=expert_TK1K2.reshape(T, -1), weights=weight_TK1K2.reshape(T, -1), gates=gates_TE)
+                               expert_ids=picked_ids.reshape(T, -1), weights=picked_weights.reshape(T, -1), gates=gates_TE)
         y_TD, metrics = plan.run(x_TD, self.experts, self.dispatcher, CapacityPolicy(), mask_T=mask_T)
 
         # Hierarchical importance and load.

@@ -5,7 +5,8 @@ experts and a dispatcher — described as a whole by one :class:`~moekit.config.
 has no branch on the kind of routing: the router returns a plan of its kind
 (:mod:`moekit.routing.plans`) and the plan runs itself.
 
-Legend: see ``moekit/__init__.py`` (T tokens, D model dim, E experts, K experts per token).
+Legend: see ``moekit/__init__.py`` (T tokens, D model dim, H expert hidden dim, E experts, K experts per
+token, C capacity, N tokens per group).
 """
 from __future__ import annotations
 
@@ -338,7 +339,7 @@ class MoE(nn.Module):
         copied) or a gated MLP with ``gate_proj``/``up_proj``/``down_proj`` Linear layers and an
         activation ``act_fn`` or ``activation_fn`` (``LlamaMLP``, ``Qwen2MLP``, … → ``expert="glu"``).
         Activations: ``nn.SiLU``, ``nn.GELU`` (exact), ``nn.ReLU``, ``nn.Tanh``, ``nn.Identity``.
-        ``noise_std`` > 0 adds Gaussian noise of ``noise_std · std(W)`` to each copy (from ``generator``).
+        ``noise_std`` > 0 adds Gaussian noise of ``noise_std`` times the weight's std to each copy (from ``generator``).
         The router is freshly initialised; with a router whose top-k weights sum to 1 (``"topk"``, the
         default, renormalises) the new layer computes exactly the dense MLP at initialisation.
         ``moe_kwargs`` go to :class:`MoE` (``router``, ``capacity_factor``, …).

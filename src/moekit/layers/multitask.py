@@ -1,6 +1,7 @@
 """Multi-gate Mixture-of-Experts for multi-task learning (Ma et al., KDD 2018).
 
-Legend: T tokens (examples), D input dim, H expert hidden dim, O expert output dim, E experts, M tasks.
+Legend (the package's, ``moekit/__init__.py``): T tokens (examples), D input features, H expert hidden dim,
+E experts, F tasks.
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from ..types import MoEOutput
 
 
 class MultiGateMoE(nn.Module):
-    """E shared experts, one softmax gate per task: ``f_m(x) = Σ_i softmax(x W_m)_i · E_i(x)``.
+    """E shared experts, one softmax gate per task: ``f_m(x) = Σ_i softmax(x W_m)_i · expert_i(x)`` (task m).
 
     Every expert runs on every example (MMoE is dense); the experts are a stacked bank run as one
     batched matmul. ``forward(x (..., D)) -> MoEOutput(y, aux_loss, metrics)`` with ``y`` of shape
-    ``(M, ..., D)`` — one representation per task, fed to that task's tower. ``aux_loss`` is zero
+    ``(F, ..., D)`` — one representation per task, fed to that task's tower. ``aux_loss`` is zero
     (MMoE has no balancing loss); metrics report each task's mean gate over experts and its entropy.
     With ``num_tasks=1`` this is the one-gate MoE baseline of the paper (OMoE).
     """
@@ -37,12 +38,12 @@ class MultiGateMoE(nn.Module):
             raise ValueError(f"x: last dimension must be dim={self.dim}, got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.dim)
         y_ETD = self.experts.forward_dense(x_TD)                               # every expert, every example
-        gates_MTE = torch.softmax(torch.einsum("td,mde->mte", x_TD.float(), self.gates.float()), dim=-1)
-        y_MTD = torch.einsum("mte,etd->mtd", gates_MTE.to(y_ETD.dtype), y_ETD)
-        g = gates_MTE.detach()
+        gates_FTE = torch.softmax(torch.einsum("td,fde->fte", x_TD.float(), self.gates.float()), dim=-1)
+        y_FTD = torch.einsum("fte,etd->ftd", gates_FTE.to(y_ETD.dtype), y_ETD)
+        g = gates_FTE.detach()
         metrics = {
-            "gate_mean": g.mean(1),                                            # (M, E)
-            "gate_entropy": -(g * g.clamp_min(1e-20).log()).sum(-1).mean(-1),   # (M,)
+            "gate_mean": g.mean(1),                                            # (F, E)
+            "gate_entropy": -(g * g.clamp_min(1e-20).log()).sum(-1).mean(-1),   # (F,)
         }
         aux = torch.zeros((), device=x.device)
-        return MoEOutput(y_MTD.reshape(self.num_tasks, *x.shape), aux, metrics)
+        return MoEOutput(y_FTD.reshape(self.num_tasks, *x.shape), aux, metrics)
