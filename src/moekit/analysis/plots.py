@@ -94,7 +94,8 @@ def routing_heatmap(table: Any, row_labels: Sequence[str], col_labels: Sequence[
 
 def curves(series: Mapping[str, Any], title: str = "", xlabel: str = "step", ylabel: str = "",
            logy: bool = False, x: Any | None = None, stops: Mapping[str, Sequence[int]] | None = None) -> Any:
-    """Training curves. Each value is ``(S,)`` or ``(R, S)`` (R runs/seeds: mean line, min–max band).
+    """Training curves. Each value is ``(J,)`` or ``(runs, J)`` over J recorded steps (several runs/seeds:
+    mean line, min–max band).
 
     NaN entries (a run that stopped early) are ignored in the mean and band. ``stops[name]`` gives the
     step at which each run of that series stopped early (-1 = it did not): each stop is marked with an

@@ -1,6 +1,8 @@
 """Routing diagnostics: who went where, how specialised, how balanced.
 
-Legend: N examples/tokens, E experts, K labels (clusters, classes, vowels, ...).
+Legend (the package's, ``moekit/__init__.py``): T examples/tokens, E experts, Y labels (clusters, classes,
+vowels, ...). The arguments ``expert_ids_N`` and ``labels_N`` keep the names callers pass them by (and
+errors report), from before the package legend: their N is T.
 """
 from __future__ import annotations
 
@@ -16,13 +18,13 @@ def _as_long(name: str, v: Tensor | object) -> Tensor:
 
 
 def routing_table(expert_ids_N: Tensor, labels_N: Tensor, num_experts: int, num_labels: int) -> Tensor:
-    """Counts ``table_EK[e, k]`` = number of examples with label ``k`` routed to expert ``e``.
+    """Counts ``table_EY[e, y]`` = number of examples with label ``y`` routed to expert ``e``: (E, Y).
 
-    ``expert_ids_N`` may also be ``(N, k)`` (top-k): every slot counts once.
+    ``expert_ids_N`` (T,) may also be ``(T, k)`` (top-k): every slot counts once; ``labels_N`` (T,).
     """
     ids = torch.as_tensor(expert_ids_N)
     labels = _as_long("labels_N", labels_N)
-    if ids.dim() == 2:  # (N, k): repeat each label k times
+    if ids.dim() == 2:  # (T, k): repeat each label k times
         labels = labels[:, None].expand(-1, ids.shape[1]).reshape(-1)
     ids = _as_long("expert_ids_N", ids)
     if ids.numel() != labels.numel():
@@ -40,9 +42,9 @@ def routing_table(expert_ids_N: Tensor, labels_N: Tensor, num_experts: int, num_
 def dispatch_entropy(expert_ids_N: Tensor, labels_N: Tensor, num_experts: int, num_labels: int) -> float:
     """Chen et al. 2022's dispatch entropy, in nats.
 
-    ``H = Σ_e (n_e / n) · (−Σ_k p_{e,k} ln p_{e,k})`` with ``p_{e,k}`` the share of label ``k`` among
-    the ``n_e`` examples routed to expert ``e``. 0 means every expert sees a single label; ``ln K``
-    means every expert sees a uniform mix. Experts that receive nothing contribute 0.
+    ``entropy = Σ_e (n_e / n) · (−Σ_y p_{e,y} ln p_{e,y})`` with ``p_{e,y}`` the share of label ``y``
+    among the ``n_e`` examples routed to expert ``e``. 0 means every expert sees a single label; ``ln Y``
+    (Y labels) means every expert sees a uniform mix. Experts that receive nothing contribute 0.
     """
     table = routing_table(expert_ids_N, labels_N, num_experts, num_labels).double()
     n = table.sum()

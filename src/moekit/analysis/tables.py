@@ -13,9 +13,9 @@ def markdown_table(header: Sequence[str], rows: Iterable[Iterable[Any]]) -> str:
     return "\n".join(lines)
 
 
-def routing_counts_markdown(table_EK: Any, col_labels: Sequence[str], row_label: str = "expert") -> str:
-    """A routing table (rows: experts numbered from 0, as everywhere in moekit; columns: labels; counts)
+def routing_counts_markdown(table_EY: Any, col_labels: Sequence[str], row_label: str = "expert") -> str:
+    """A routing table (E, Y) (rows: experts numbered from 0, as everywhere in moekit; columns: labels; counts)
     with a per-expert total column."""
-    rows = [[f"{e}"] + [str(int(v)) for v in table_EK[e]] + [str(int(sum(table_EK[e])))]
-            for e in range(len(table_EK))]
+    rows = [[f"{e}"] + [str(int(v)) for v in table_EY[e]] + [str(int(sum(table_EY[e])))]
+            for e in range(len(table_EY))]
     return markdown_table([row_label, *col_labels, "total"], rows)
