@@ -1,7 +1,8 @@
 """transformers ↔ moekit: convert MoE blocks, patch whole models, upcycle dense models, and the
 transformers-convention balancing loss.
 
-Legend: B batch, S sequence length, T = B·S tokens, D model dim, E experts, K experts per token.
+Legend (the package's, ``moekit/__init__.py``): B batch, L sequence length, T = B·L tokens, D model dim,
+E experts, K experts per token.
 """
 from __future__ import annotations
 
@@ -217,9 +218,9 @@ def balancing_loss(model: nn.Module, attention_mask: Tensor | None = None) -> Te
     over layers, padding (``attention_mask`` 0) is left out, and the Switch loss of the pooled
     statistics is scaled by top_k:
 
-        ``L_hf = K · E · Σ_e f_e P_e``  with ``f_e = counts_e / (N·K)``, ``P_e = Σ_x p_e(x) / N``
+        ``loss_hf = K · E · Σ_e f_e P_e``  with ``f_e = counts_e / (T·K)``, ``P_e = Σ_x p_e(x) / T``
 
-    over the N real tokens of all layers, i.e. ``K ×`` moekit's ``switch_loss``. Families that route per
+    over the T real tokens of all layers, i.e. ``K ×`` moekit's ``switch_loss``. Families that route per
     sequence (Switch Transformers) keep one group per sequence and average the groups. Multiply by the
     model's ``router_aux_loss_coef`` as transformers does. Counts are the router's actual selections
     (transformers recounts the top-k of the softmax, which differs for routers with a selection bias).

@@ -1,6 +1,6 @@
 """Load a moekit MoE layer from the on-disk per-expert checkpoint layout (safetensors).
 
-Legend: E experts, D model dim, I expert hidden dim.
+Legend (the package's, ``moekit/__init__.py``): E experts, D model dim, H expert hidden dim.
 
 transformers writes MoE checkpoints in the models' original layout: one (out, in) Linear weight per
 expert and projection — ``experts.{e}.w1/w3/w2.weight`` (Mixtral: gate, up, down) or

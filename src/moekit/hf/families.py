@@ -1,12 +1,12 @@
 """The MoE block of each supported transformers family: how to build the equivalent moekit layer,
 and how to move the weights between the two layouts.
 
-Legend: E experts, D model dim, I expert hidden dim (transformers' ``intermediate_size``), H = I,
-T tokens, K experts per token.
+Legend (the package's, ``moekit/__init__.py``): E experts, D model dim, H expert hidden dim
+(transformers' ``intermediate_size``), T tokens, K experts per token, B batch, L sequence length.
 
-Layouts: transformers keeps the routed experts' fused gate/up weight as (E, 2I, D) for most families
-(gate rows first: ``x @ W.T`` then ``chunk(2)``), (E, D, 2I) with interleaved gate/up columns for
-GPT-OSS and (E, D, 2I) concatenated for Llama-4; moekit's :class:`~moekit.experts.GLUExperts` keeps
+Layouts: transformers keeps the routed experts' fused gate/up weight as (E, 2H, D) for most families
+(gate rows first: ``x @ w.T`` then ``chunk(2)``), (E, D, 2H) with interleaved gate/up columns for
+GPT-OSS and (E, D, 2H) concatenated for Llama-4; moekit's :class:`~moekit.experts.GLUExperts` keeps
 (E, D, 2H) with the gate columns first, ``w_out`` (E, H, D).
 
 Every family here is identified by the transformers classes themselves (``isinstance``), imported
@@ -49,7 +49,7 @@ class Family:
     read: Callable[[nn.Module], dict[str, Tensor]]
     write: Callable[[nn.Module, dict[str, Tensor]], None]
     outputs: Callable[[Tensor, Any, Tensor], Any] = field(default=lambda y, d, logits: y)
-    per_sequence_logits: bool = False     # router logits recorded as (B, S, E) instead of (B·S, E)
+    per_sequence_logits: bool = False     # router logits recorded as (B, L, E) instead of (B·L, E)
 
     def cls(self, which: str = "block") -> type | None:
         module, name = self.block if which == "block" else self.router
@@ -65,7 +65,7 @@ def _t(w: Tensor) -> Tensor:
 
 
 def _stacked_glu(experts: nn.Module) -> dict[str, Tensor]:
-    """(E, 2I, D) gate_up and (E, D, I) down → moekit w_in (E, D, 2I), w_out (E, I, D)."""
+    """(E, 2H, D) gate_up and (E, D, H) down → moekit w_in (E, D, 2H), w_out (E, H, D)."""
     return {"experts.w_in": _t(experts.gate_up_proj), "experts.w_out": _t(experts.down_proj)}
 
 
@@ -331,7 +331,7 @@ LLAMA4 = Family("llama4", (_LLAMA4, "Llama4TextMoe"), (_LLAMA4, "Llama4Router"),
                 _llama4_write, outputs=lambda y, d, logits: (y, logits.to(y.dtype)))
 
 
-# ---- DBRX: (E·I, D) blobs, p-norm weight normalisation ------------------------------------------------
+# ---- DBRX: (E·H, D) blobs, p-norm weight normalisation ------------------------------------------------
 _DBRX = "transformers.models.dbrx.modeling_dbrx"
 
 
@@ -347,20 +347,20 @@ def _dbrx_build(b):
 
 def _dbrx_read(b):
     m = b.experts.mlp
-    E, I, D = m.moe_num_experts, m.ffn_hidden_size, m.hidden_size
-    w1, v1, w2 = (w.detach().view(E, I, D) for w in (m.w1, m.v1, m.w2))
+    E, H, D = m.moe_num_experts, m.ffn_hidden_size, m.hidden_size
+    w1, v1, w2 = (w.detach().view(E, H, D) for w in (m.w1, m.v1, m.w2))
     return {"router.gate.weight": b.router.layer.weight.detach(),
             "experts.w_in": torch.cat([w1, v1], 1).transpose(1, 2), "experts.w_out": w2}
 
 
 def _dbrx_write(b, t):
     m = b.experts.mlp
-    E, I, D = m.moe_num_experts, m.ffn_hidden_size, m.hidden_size
+    E, H, D = m.moe_num_experts, m.ffn_hidden_size, m.hidden_size
     w1, v1 = t["experts.w_in"].transpose(1, 2).chunk(2, 1)
     _copy(b.router.layer.weight, t["router.gate.weight"])
-    _copy(m.w1, w1.reshape(E * I, D))
-    _copy(m.v1, v1.reshape(E * I, D))
-    _copy(m.w2, t["experts.w_out"].reshape(E * I, D))
+    _copy(m.w1, w1.reshape(E * H, D))
+    _copy(m.v1, v1.reshape(E * H, D))
+    _copy(m.w2, t["experts.w_out"].reshape(E * H, D))
 
 
 DBRX = Family("dbrx", (_DBRX, "DbrxFFN"), (_DBRX, "DbrxRouter"), 0, _dbrx_build, _dbrx_read, _dbrx_write)
