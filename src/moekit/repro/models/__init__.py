@@ -10,6 +10,7 @@
 | ``ViT`` | Riquelme et al. 2021 (V-MoE, Batch Priority Routing) | ``vit`` |
 | ``MLPMixer``, ``SparseMixerBlock`` | Lou et al. 2021 (Sparse-MLP) | ``mixer`` |
 | ``PatchMoE``, ``PatchRouter``, ``SmallCNN`` | Chen et al. 2022 (rotate task) | ``patch_moe`` |
+| ``SplitInputMixture`` | Nowlan & Hinton 1990 (speaker-gated vowel mixture) | ``speaker_gated`` |
 | ``MultiTaskRegressor`` | Ma et al. 2018 (MMoE, OMoE, shared-bottom) | ``multitask`` |
 | ``BackpropNet``, ``SingleNet`` | Jacobs et al. 1991; Bishop, PRML (the plain baselines) | ``baselines`` |
 | ``MLPPolicy``, ``FusionPolicy``, ``FrozenExpertFusion``, ``GatedFeatureFusion`` | situational fusion of visual representations (navigation) | ``navigation`` |
@@ -23,9 +24,10 @@ from .multitask import MultiTaskRegressor
 from .navigation import FrozenExpertFusion, FusionPolicy, GatedFeatureFusion, MLPPolicy
 from .patch_moe import PatchMoE, PatchRouter, SmallCNN, patch_sum
 from .shazeer import ShazeerMoEClassifier
+from .speaker_gated import SplitInputMixture
 from .shazeer_lm import ShazeerLM
 from .vit import ViT
 
 __all__ = ["BackpropNet", "ChenMoE", "ChenSingle", "CondConvNet", "DeepMoEResNet", "FrozenExpertFusion", "FusionPolicy", "GatedFeatureFusion", "MLPMixer",
-           "MLPPolicy", "MultiTaskRegressor", "SingleNet", "MixerBlock", "PatchMoE", "PatchRouter", "ShazeerLM", "ShazeerMoEClassifier", "SmallCNN",
+           "MLPPolicy", "MultiTaskRegressor", "SingleNet", "SplitInputMixture", "MixerBlock", "PatchMoE", "PatchRouter", "ShazeerLM", "ShazeerMoEClassifier", "SmallCNN",
            "SparseMixerBlock", "ViT", "count_parameters", "deepmoe_resnet", "patch_sum"]

@@ -1,0 +1,45 @@
+"""The speaker-gated vowel mixture of Nowlan & Hinton (NIPS 1990, *Evaluation of Adaptive Mixtures of
+Competing Experts*): linear experts that read the formants, and a softmax gate that also reads who speaks
+(the speaker group), trained on the Gaussian-mixture error ``−log Σ_i p_i exp(−½‖d − o_i‖²)``.
+
+Legend: N examples, D inputs (formants then speaker one-hot), F formant features, C classes, E experts.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class SplitInputMixture(nn.Module):
+    """``o_i = W_i x[:, :F] + b_i`` (the experts see the formants), ``p = softmax(V x + c)`` (the gate sees
+    everything: formants and speaker group). ``forward(x_ND) -> (blend_NC = Σ p_i o_i, gates_NE, outputs_NEC)``."""
+
+    def __init__(self, in_dim: int, expert_dim: int, out_dim: int, num_experts: int):
+        super().__init__()
+        if not 1 <= expert_dim <= in_dim:
+            raise ValueError(f"expert_dim: must be in [1, in_dim={in_dim}], got {expert_dim}")
+        self.expert_dim, self.out_dim, self.num_experts = expert_dim, out_dim, num_experts
+        self.experts = nn.Linear(expert_dim, out_dim * num_experts)
+        self.gate = nn.Linear(in_dim, num_experts)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        for lin in (self.experts, self.gate):      # nn.Linear's default bounds, drawn from ``generator``
+            bound = 1.0 / math.sqrt(lin.in_features)
+            nn.init.uniform_(lin.weight, -bound, bound, generator=generator)
+            nn.init.uniform_(lin.bias, -bound, bound, generator=generator)
+
+    def forward(self, x_ND: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out_NEC = self.experts(x_ND[:, :self.expert_dim]).reshape(-1, self.num_experts, self.out_dim)
+        gates_NE = torch.softmax(self.gate(x_ND), -1)
+        return torch.einsum("ne,nec->nc", gates_NE, out_NEC), gates_NE, out_NEC
+
+
+def mixture_nll(gates_NE: Tensor, outputs_NEC: Tensor, targets_NC: Tensor) -> Tensor:
+    """``mean_n −log Σ_i p_i exp(−½‖d − o_i‖²)`` (Jacobs et al. 1991's error function)."""
+    sq_NE = (targets_NC[:, None, :] - outputs_NEC).pow(2).sum(-1)
+    return -torch.logsumexp(gates_NE.clamp_min(1e-30).log() - 0.5 * sq_NE, dim=-1).mean()
+
+
+__all__ = ["SplitInputMixture", "mixture_nll"]
