@@ -11,6 +11,8 @@ uses these letters with these meanings and adds none of its own):
   Q experts per group · W processes (ranks) · B batch · L sequence length · V vocabulary ·
   Y classes (labels) · O output features or output channels · I input channels · U image height ·
   X image width · F tasks · J recorded steps.
+Formulas quoted from papers keep their own symbols (Shazeer's H(x) and Load(X), Switch's f_i P_i, a
+weight matrix W): they name functions and matrices, not dimensions.
 """
 from . import checkpoint, config, dispatch, experts, losses, routing, stats
 from .config import MoEConfig

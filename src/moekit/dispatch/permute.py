@@ -1,7 +1,7 @@
 """Row permutations with gather-only backward passes: the atomics-free pieces of token dispatch.
 
 Legend: T tokens, D model dim, K experts per token, A = K·T assignments (slot-major: ``a = k·T + t``),
-R rows (the A assignments reordered by expert).
+R rows handed to the experts (the A assignments grouped by expert).
 
 Grouping assignments by expert is a permutation ``order_R`` of the A assignment rows. Its inverse
 ``inverse_A`` (row of each assignment) turns every backward pass into a gather:

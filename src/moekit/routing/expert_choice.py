@@ -16,9 +16,9 @@ from .plans import ExpertChoicePlan
 
 
 class ExpertChoiceRouter(Router):
-    """``S = softmax(x W)`` over experts; expert e takes the C tokens with the highest ``S[:, e]``,
+    """``s = softmax(x W)`` over experts; expert e takes the C tokens with the highest ``s[:, e]``,
     ``C = ceil(T · c / E)`` (capacity factor c, default 2, capped at T). Balanced by construction,
-    so no load loss; a token may get 0, 1 or several experts. Combine weight: ``S[token, e]``.
+    so no load loss; a token may get 0, 1 or several experts. Combine weight: ``s[token, e]``.
 
     The plan carries the A = E·C assignments.
     """

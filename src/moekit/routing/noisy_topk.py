@@ -14,7 +14,7 @@ from .plans import TokenChoicePlan
 
 
 class NoisyTopKRouter(Router):
-    """``H(x)_i = (x W_g)_i + ε_i · (softplus((x W_noise)_i) + 1e-2)``, ε ~ N(0, 1) in training only;
+    """``H(x)_i = (x W_g)_i + ε_i · (softplus((x W_noise)_i) + 1e-2)``, ε ~ Normal(0, 1) in training only;
     ``G(x) = softmax(KeepTopK(H(x), k))`` — a softmax over the k survivors, all others exactly 0.
 
     ``W_g`` and ``W_noise`` are zero-initialised (as in the paper's code). Losses:

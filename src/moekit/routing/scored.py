@@ -41,7 +41,7 @@ class ScoredTopKRouter(Router):
     """Top-k over softmax or sigmoid scores with router bias, selection bias, group-limited selection,
     p-norm renormalisation and a scale (see the module docstring for the order of the steps).
 
-    Losses (uniform keywords): ``w_switch`` · E Σ f_i P_i (P from the router's distribution: the
+    Losses (uniform keywords): ``w_switch`` · E Σ f_i P_i (P_i from the router's distribution: the
     softmax, or the sigmoid scores normalised to sum 1), ``w_z`` · z-loss, ``w_importance``. The
     default is no loss (the families that use this router balance with a loss of their own choice).
     """

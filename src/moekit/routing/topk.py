@@ -21,7 +21,7 @@ class TopKRouter(Router):
         (V-MoE, Switch).
       * ``noise_std`` — std of Gaussian noise added to the logits in training (V-MoE uses 1/E;
         ``"1/E"`` is accepted). Enables the V-MoE load loss (``w_load``).
-      * ``jitter`` — multiplicative input jitter ``x · U(1−jitter, 1+jitter)`` in training (Switch).
+      * ``jitter`` — multiplicative input jitter ``x · Uniform(1−jitter, 1+jitter)`` in training (Switch).
     Losses (uniform keywords): ``w_switch`` (default 1e-2) · E Σ f_i P_i, ``w_z`` · z-loss,
     ``w_importance`` · CV(Σ_x softmax(clean logits))², ``w_load`` · V-MoE load loss.
     """
@@ -70,7 +70,7 @@ class TopKRouter(Router):
 
 class VMoERouter(TopKRouter):
     """V-MoE routing (Riquelme et al. 2021): ``softmax(x W + ε)`` over all E experts with
-    ``ε ~ N(0, (1/E)²)`` in training, top-k gates *not* renormalised, and the V-MoE balancing losses
+    ``ε ~ Normal(0, (1/E)²)`` in training, top-k gates *not* renormalised, and the V-MoE balancing losses
     ``0.005 · CV(importance)² + 0.005 · load loss`` (no Switch loss)."""
 
     default_weights = {"w_importance": 0.005, "w_load": 0.005, "w_switch": 0.0, "w_z": 0.0}
