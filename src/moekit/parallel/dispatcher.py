@@ -1,9 +1,9 @@
 """All-to-all token dispatcher for expert parallelism on torch.distributed.
 
-Legend: T tokens (this rank), D model dim, E experts (global), P expert-parallel ranks,
-El = E/P experts per rank, R rows this rank sends, Q rows this rank receives.
+Legend (the package's): T tokens (this rank), D model dim, E experts (global), W expert-parallel
+ranks (each holding E/W local experts), A assignments, R rows this rank sends, M rows it receives.
 
-Rank p owns experts ``[p·El, (p+1)·El)``. ``dispatch``: sort this rank's assignments by global expert
+Rank p owns experts ``[p·E/W, (p+1)·E/W)``. ``dispatch``: sort this rank's assignments by global expert
 (dropped ones — id E — go last and are not sent), exchange the per-expert counts (one small
 all-to-all; the split sizes are then read on the host, as every variable-size all-to-all must), send
 the rows to their owners with a differentiable all-to-all, and regroup the received rows by local
@@ -31,10 +31,10 @@ class AllToAllState:
     order_A: Tensor          # (A,) assignments sorted by global expert (not executed ones last)
     inverse_A: Tensor        # (A,) the sorted position of each assignment
     token_R: Tensor | None   # (R,) the token of each sent row (assignments that are not a grid)
-    weight_R: Tensor         # (Q,) the combine weight of each received row, grouped by local expert
+    weight_R: Tensor         # (M,) the combine weight of each received row, grouped by local expert
     valid_R: None            # every received row is executed
-    perm_Q: Tensor           # (Q,) received rows (source-major) -> rows grouped by local expert
-    inv_Q: Tensor            # (Q,) its inverse
+    perm_M: Tensor           # (M,) received rows (source-major) -> rows grouped by local expert
+    inv_M: Tensor            # (M,) its inverse
     send_splits: list[int]   # rows sent to each rank
     recv_splits: list[int]   # rows received from each rank
     num_tokens: int
@@ -47,7 +47,7 @@ def _wait(t: Tensor) -> Tensor:
 
 
 class AllToAllDispatcher(TokenDispatcher):
-    """Dispatcher for a layer whose E experts are spread over the ranks of ``group`` (E/P each)."""
+    """Dispatcher for a layer whose E experts are spread over the ranks of ``group`` (E/W each)."""
 
     def __init__(self, group, num_experts: int):
         self.group = group
@@ -59,19 +59,19 @@ class AllToAllDispatcher(TokenDispatcher):
         self.num_experts = num_experts
         self.num_local = num_experts // self.size
 
-    def _exchange(self, v_RX: Tensor, recv: list[int], send: list[int]) -> Tensor:
-        return _wait(all_to_all_single_autograd(v_RX.contiguous(), recv, send, self.group))
+    def _exchange(self, v_R: Tensor, recv: list[int], send: list[int]) -> Tensor:
+        return _wait(all_to_all_single_autograd(v_R.contiguous(), recv, send, self.group))
 
     def dispatch(self, x_TD: Tensor, a: Assignments):
-        P, El = self.size, self.num_local
+        W, num_local = self.size, self.num_local
         order_A = torch.argsort(a.expert_A, stable=True)               # by global expert; dropped last
         inverse_A = invert_permutation(order_A)
-        counts_PE = counts_from_sorted(a.expert_A.index_select(0, order_A), a.num_experts).view(P, El)
-        recv_PE = torch.empty_like(counts_PE)
-        dist.all_to_all_single(recv_PE.view(-1), counts_PE.reshape(-1).contiguous(), group=self.group)
-        send_splits = counts_PE.sum(1).tolist()                         # host read: all-to-all split sizes
-        recv_splits = recv_PE.sum(1).tolist()
-        R, Q = sum(send_splits), sum(recv_splits)
+        counts_WE = counts_from_sorted(a.expert_A.index_select(0, order_A), a.num_experts).view(W, num_local)
+        recv_WE = torch.empty_like(counts_WE)
+        dist.all_to_all_single(recv_WE.view(-1), counts_WE.reshape(-1).contiguous(), group=self.group)
+        send_splits = counts_WE.sum(1).tolist()                         # host read: all-to-all split sizes
+        recv_splits = recv_WE.sum(1).tolist()
+        R, M = sum(send_splits), sum(recv_splits)
         token_R = None
         if a.top_k is not None:                                         # a grid: gather-only backward
             rows_RD = gather_tokens(x_TD, order_A, inverse_A, a.top_k)[:R]
@@ -79,20 +79,20 @@ class AllToAllDispatcher(TokenDispatcher):
             token_R = a.token_A.index_select(0, order_A[:R])
             rows_RD = x_TD.index_select(0, token_R)
         weight_R = permute_rows(a.weight_A, order_A, inverse_A)[:R]
-        recv_QD = self._exchange(rows_RD, recv_splits, send_splits)
-        recv_Q = self._exchange(weight_R[:, None], recv_splits, send_splits)[:, 0]   # weights travel with rows
+        recv_MD = self._exchange(rows_RD, recv_splits, send_splits)
+        recv_M = self._exchange(weight_R[:, None], recv_splits, send_splits)[:, 0]   # weights travel with rows
         # received rows are source-major, each source's block sorted by local expert: regroup by expert
-        local_Q = torch.repeat_interleave(torch.arange(El, device=x_TD.device).repeat(P), recv_PE.reshape(-1),
-                                          output_size=Q)
-        perm_Q = torch.argsort(local_Q, stable=True)
-        inv_Q = invert_permutation(perm_Q)
-        state = AllToAllState(order_A, inverse_A, token_R, permute_rows(recv_Q, perm_Q, inv_Q), None, perm_Q, inv_Q,
+        local_M = torch.repeat_interleave(torch.arange(num_local, device=x_TD.device).repeat(W), recv_WE.reshape(-1),
+                                          output_size=M)
+        perm_M = torch.argsort(local_M, stable=True)
+        inv_M = invert_permutation(perm_M)
+        state = AllToAllState(order_A, inverse_A, token_R, permute_rows(recv_M, perm_M, inv_M), None, perm_M, inv_M,
                               send_splits, recv_splits, a.num_tokens, a.top_k)
-        return permute_rows(recv_QD, perm_Q, inv_Q), recv_PE.sum(0), state
+        return permute_rows(recv_MD, perm_M, inv_M), recv_WE.sum(0), state
 
-    def combine(self, out_QD: Tensor, state: AllToAllState) -> Tensor:
-        back_QD = permute_rows(out_QD, state.inv_Q, state.perm_Q)           # undo the regrouping
-        out_RD = self._exchange(back_QD, state.send_splits, state.recv_splits)   # weighted rows, back home
+    def combine(self, out_MD: Tensor, state: AllToAllState) -> Tensor:
+        back_MD = permute_rows(out_MD, state.inv_M, state.perm_M)           # undo the regrouping
+        out_RD = self._exchange(back_MD, state.send_splits, state.recv_splits)   # weighted rows, back home
         if state.top_k is not None:                  # rows not sent (not executed) contribute zeros
             A = state.order_A.shape[0]
             out_AD = torch.cat([out_RD, out_RD.new_zeros(A - out_RD.shape[0], out_RD.shape[-1])])
