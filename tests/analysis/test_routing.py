@@ -33,10 +33,10 @@ def test_load_stats():
 
 
 @pytest.mark.parametrize("ids, labels, msg", [
-    (torch.tensor([0.0]), torch.tensor([0]), "expert_ids_N"),
-    (torch.tensor([0, 5]), torch.tensor([0, 0]), "expert_ids_N"),
+    (torch.tensor([0.0]), torch.tensor([0]), "expert_ids_T"),
+    (torch.tensor([0, 5]), torch.tensor([0, 0]), "expert_ids_T"),
     (torch.tensor([0, 1]), torch.tensor([0]), "sizes differ"),
-    (torch.tensor([0]), torch.tensor([7]), "labels_N"),
+    (torch.tensor([0]), torch.tensor([7]), "labels_T"),
 ])
 def test_bad_input(ids, labels, msg):
     with pytest.raises((ValueError, TypeError), match=msg):

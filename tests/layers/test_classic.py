@@ -20,18 +20,18 @@ from moekit.layers.classic import (
 
 def _toy():
     # 2 experts, 1 example, O = 2: d = (1, 0), o_1 = (1, 0) (exact), o_2 = (0, 0) (||d − o_2||² = 1), p = (½, ½)
-    gates_NE = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    gates_TE = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
     outputs_NEO = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]], dtype=torch.float64)
-    target_NO = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
-    return gates_NE, outputs_NEO, target_NO
+    target_TO = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    return gates_TE, outputs_NEO, target_TO
 
 
 def _random(N=6, E=3, O=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     logits_NE = torch.randn(N, E, generator=g, dtype=torch.float64)
     outputs_NEO = torch.randn(N, E, O, generator=g, dtype=torch.float64)
-    target_NO = torch.randn(N, O, generator=g, dtype=torch.float64)
-    return logits_NE, outputs_NEO, target_NO
+    target_TO = torch.randn(N, O, generator=g, dtype=torch.float64)
+    return logits_NE, outputs_NEO, target_TO
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -373,11 +373,11 @@ def test_bad_types_and_shapes():
     with pytest.raises(TypeError, match="out"):
         m.loss(torch.zeros(4, 2), torch.zeros(4, 2))
     out = m(torch.zeros(4, 2))
-    with pytest.raises(ValueError, match="target_NO"):
+    with pytest.raises(ValueError, match="target_TO"):
         m.loss(out, torch.zeros(4, 3))
     with pytest.raises(ValueError, match="reduction"):
         m.loss(out, torch.zeros(4, 2), reduction="avg")
-    with pytest.raises(ValueError, match="gates_NE"):
+    with pytest.raises(ValueError, match="gates_TE"):
         gmm_nll(torch.ones(4, 2), torch.zeros(4, 3, 2), torch.zeros(4, 2))
     with pytest.raises(ValueError, match="log_var"):
         gmm_nll(torch.ones(4, 3) / 3, torch.zeros(4, 3, 2), torch.zeros(4, 2), torch.zeros(5, 2))

@@ -1,8 +1,7 @@
 """Routing diagnostics: who went where, how specialised, how balanced.
 
 Legend (the package's, ``moekit/__init__.py``): T examples/tokens, E experts, Y labels (clusters, classes,
-vowels, ...). The arguments ``expert_ids_N`` and ``labels_N`` keep the names callers pass them by (and
-errors report), from before the package legend: their N is T.
+vowels, ...).
 """
 from __future__ import annotations
 
@@ -17,36 +16,36 @@ def _as_long(name: str, v: Tensor | object) -> Tensor:
     return t.reshape(-1).long()
 
 
-def routing_table(expert_ids_N: Tensor, labels_N: Tensor, num_experts: int, num_labels: int) -> Tensor:
+def routing_table(expert_ids_T: Tensor, labels_T: Tensor, num_experts: int, num_labels: int) -> Tensor:
     """Counts ``table_EY[e, y]`` = number of examples with label ``y`` routed to expert ``e``: (E, Y).
 
-    ``expert_ids_N`` (T,) may also be ``(T, k)`` (top-k): every slot counts once; ``labels_N`` (T,).
+    ``expert_ids_T`` (T,) may also be ``(T, k)`` (top-k): every slot counts once; ``labels_T`` (T,).
     """
-    ids = torch.as_tensor(expert_ids_N)
-    labels = _as_long("labels_N", labels_N)
+    ids = torch.as_tensor(expert_ids_T)
+    labels = _as_long("labels_T", labels_T)
     if ids.dim() == 2:  # (T, k): repeat each label k times
         labels = labels[:, None].expand(-1, ids.shape[1]).reshape(-1)
-    ids = _as_long("expert_ids_N", ids)
+    ids = _as_long("expert_ids_T", ids)
     if ids.numel() != labels.numel():
-        raise ValueError(f"expert_ids_N and labels_N: sizes differ ({ids.numel()} vs {labels.numel()})")
+        raise ValueError(f"expert_ids_T and labels_T: sizes differ ({ids.numel()} vs {labels.numel()})")
     if num_experts < 1 or num_labels < 1:
         raise ValueError(f"num_experts and num_labels: must be >= 1, got {num_experts}, {num_labels}")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
-        raise ValueError(f"expert_ids_N: values must lie in [0, num_experts={num_experts})")
+        raise ValueError(f"expert_ids_T: values must lie in [0, num_experts={num_experts})")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
-        raise ValueError(f"labels_N: values must lie in [0, num_labels={num_labels})")
+        raise ValueError(f"labels_T: values must lie in [0, num_labels={num_labels})")
     flat = ids.cpu() * num_labels + labels.cpu()
     return torch.bincount(flat, minlength=num_experts * num_labels).reshape(num_experts, num_labels)
 
 
-def dispatch_entropy(expert_ids_N: Tensor, labels_N: Tensor, num_experts: int, num_labels: int) -> float:
+def dispatch_entropy(expert_ids_T: Tensor, labels_T: Tensor, num_experts: int, num_labels: int) -> float:
     """Chen et al. 2022's dispatch entropy, in nats.
 
     ``entropy = Σ_e (n_e / n) · (−Σ_y p_{e,y} ln p_{e,y})`` with ``p_{e,y}`` the share of label ``y``
     among the ``n_e`` examples routed to expert ``e``. 0 means every expert sees a single label; ``ln Y``
     (Y labels) means every expert sees a uniform mix. Experts that receive nothing contribute 0.
     """
-    table = routing_table(expert_ids_N, labels_N, num_experts, num_labels).double()
+    table = routing_table(expert_ids_T, labels_T, num_experts, num_labels).double()
     n = table.sum()
     if n == 0:
         return 0.0

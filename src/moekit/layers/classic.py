@@ -2,8 +2,7 @@
 
 Legend (the package's, ``moekit/__init__.py``): T examples (any leading dims), D input features,
 O output (target) features, E experts, P expert groups (top level of a hierarchy), Q experts per group
-(E = P·Q), H hidden units. The loss functions' arguments ``gates_NE``, ``outputs_NEO`` and ``target_NO``
-keep the names callers pass them by (and errors report), from before the package legend: their N is T.
+(E = P·Q), H hidden units.
 
 Jacobs, Jordan, Nowlan & Hinton (1991), "Adaptive mixtures of local experts": a gating network
 produces ``p = softmax(s(x))`` over E experts with outputs ``o_i(x)``. Three error functions:
@@ -70,16 +69,16 @@ _LOG_2PI = math.log(2.0 * math.pi)
 # Loss functions (pure; any leading dims, written for the (T, E, O) case)
 # --------------------------------------------------------------------------------------------------
 
-def _check_shapes(gates_NE: Tensor, outputs_NEO: Tensor, target_NO: Tensor) -> None:
-    if outputs_NEO.dim() < 2:
-        raise ValueError(f"outputs_NEO: expected shape (..., E, O), got {tuple(outputs_NEO.shape)}")
-    if gates_NE.shape != outputs_NEO.shape[:-1]:
-        raise ValueError(f"gates_NE: expected shape {tuple(outputs_NEO.shape[:-1])} (outputs_NEO without its "
-                         f"last dim), got {tuple(gates_NE.shape)}")
-    want = outputs_NEO.shape[:-2] + outputs_NEO.shape[-1:]
-    if target_NO.shape != want:
-        raise ValueError(f"target_NO: expected shape {tuple(want)} (outputs_NEO without its expert dim), "
-                         f"got {tuple(target_NO.shape)}")
+def _check_shapes(gates_TE: Tensor, outputs_TEO: Tensor, target_TO: Tensor) -> None:
+    if outputs_TEO.dim() < 2:
+        raise ValueError(f"outputs_TEO: expected shape (..., E, O), got {tuple(outputs_TEO.shape)}")
+    if gates_TE.shape != outputs_TEO.shape[:-1]:
+        raise ValueError(f"gates_TE: expected shape {tuple(outputs_TEO.shape[:-1])} (outputs_TEO without its "
+                         f"last dim), got {tuple(gates_TE.shape)}")
+    want = outputs_TEO.shape[:-2] + outputs_TEO.shape[-1:]
+    if target_TO.shape != want:
+        raise ValueError(f"target_TO: expected shape {tuple(want)} (outputs_TEO without its expert dim), "
+                         f"got {tuple(target_TO.shape)}")
 
 
 def _reduce(loss_T: Tensor, reduction: str) -> Tensor:
@@ -98,15 +97,15 @@ def _as_log_gates(gates_TE: Tensor, gates_are_log: bool) -> Tensor:
     return gates_TE if gates_are_log else torch.log(gates_TE)
 
 
-def expert_log_likelihood(outputs_NEO: Tensor, target_NO: Tensor, log_var: Tensor | None = None) -> Tensor:
+def expert_log_likelihood(outputs_TEO: Tensor, target_TO: Tensor, log_var: Tensor | None = None) -> Tensor:
     """Per-expert log-density of the target, ``(T, E)``.
 
     Without ``log_var`` (the 1991 paper): ``−½ ||d − o_i||²`` (unit variance, constant dropped).
-    With ``log_var`` (log σ², broadcastable to ``outputs_NEO``: ``(E, 1)``/``(..., E, 1)`` isotropic or
+    With ``log_var`` (log σ², broadcastable to ``outputs_TEO``: ``(E, 1)``/``(..., E, 1)`` isotropic or
     ``(E, O)``/``(..., E, O)`` diagonal): the full Gaussian
     ``log Normal(d | o_i, σ_i²) = −½ Σ_o [(d_o − o_io)² / σ_io² + log σ_io² + log 2π]``.
     """
-    diff_TEO = target_NO.unsqueeze(-2) - outputs_NEO  # d − o_i for every expert
+    diff_TEO = target_TO.unsqueeze(-2) - outputs_TEO  # d − o_i for every expert
     if log_var is None:
         return -0.5 * diff_TEO.pow(2).sum(-1)
     try:
@@ -119,60 +118,60 @@ def expert_log_likelihood(outputs_NEO: Tensor, target_NO: Tensor, log_var: Tenso
     return -0.5 * (diff_TEO.pow(2) * torch.exp(-log_var) + log_var + _LOG_2PI).sum(-1)
 
 
-def gmm_nll(gates_NE: Tensor, outputs_NEO: Tensor, target_NO: Tensor, log_var: Tensor | None = None, *,
+def gmm_nll(gates_TE: Tensor, outputs_TEO: Tensor, target_TO: Tensor, log_var: Tensor | None = None, *,
             gates_are_log: bool = False, reduction: str = "mean") -> Tensor:
     """Gaussian-mixture negative log-likelihood ``err = −log Σ_i p_i exp(log Normal_i(d))`` (Jacobs et al. eq. 1.3).
 
     Computed as ``−logsumexp_i(log p_i + log N_i)``, which is stable for far-off targets and sharp gates.
     ``log N_i`` is :func:`expert_log_likelihood`: ``−½||d − o_i||²`` without ``log_var``, the normalised
-    Gaussian with it. ``gates_are_log=True`` means ``gates_NE`` already holds ``log p`` (preferred).
+    Gaussian with it. ``gates_are_log=True`` means ``gates_TE`` already holds ``log p`` (preferred).
     """
-    _check_shapes(gates_NE, outputs_NEO, target_NO)
-    log_joint_TE = _as_log_gates(gates_NE, gates_are_log) + expert_log_likelihood(outputs_NEO, target_NO, log_var)
+    _check_shapes(gates_TE, outputs_TEO, target_TO)
+    log_joint_TE = _as_log_gates(gates_TE, gates_are_log) + expert_log_likelihood(outputs_TEO, target_TO, log_var)
     return _reduce(-torch.logsumexp(log_joint_TE, dim=-1), reduction)
 
 
-def posterior_responsibilities(gates_NE: Tensor, outputs_NEO: Tensor, target_NO: Tensor,
+def posterior_responsibilities(gates_TE: Tensor, outputs_TEO: Tensor, target_TO: Tensor,
                                log_var: Tensor | None = None, *, gates_are_log: bool = False) -> Tensor:
     """``h_i = p_i Normal_i(d) / Σ_j p_j Normal_j(d)``, shape ``(T, E)``: the posterior probability that
     expert i generated the target. For :func:`gmm_nll`, ``∂err/∂s_i = p_i − h_i`` and
     ``∂err/∂o_i = −h_i (d − o_i)/σ_i²``."""
-    _check_shapes(gates_NE, outputs_NEO, target_NO)
-    log_joint_TE = _as_log_gates(gates_NE, gates_are_log) + expert_log_likelihood(outputs_NEO, target_NO, log_var)
+    _check_shapes(gates_TE, outputs_TEO, target_TO)
+    log_joint_TE = _as_log_gates(gates_TE, gates_are_log) + expert_log_likelihood(outputs_TEO, target_TO, log_var)
     return torch.softmax(log_joint_TE, dim=-1)
 
 
-def competitive_loss(gates_NE: Tensor, outputs_NEO: Tensor, target_NO: Tensor, *, gates_are_log: bool = False,
+def competitive_loss(gates_TE: Tensor, outputs_TEO: Tensor, target_TO: Tensor, *, gates_are_log: bool = False,
                      reduction: str = "mean") -> Tensor:
     """``err = Σ_i p_i ||d − o_i||²`` (Jacobs et al. eq. 1.2): every expert chases the whole target,
     weighted by its gate, so the experts compete instead of cancelling each other's residuals."""
-    _check_shapes(gates_NE, outputs_NEO, target_NO)
-    p_TE = gates_NE.exp() if gates_are_log else gates_NE
-    sq_TE = (target_NO.unsqueeze(-2) - outputs_NEO).pow(2).sum(-1)
+    _check_shapes(gates_TE, outputs_TEO, target_TO)
+    p_TE = gates_TE.exp() if gates_are_log else gates_TE
+    sq_TE = (target_TO.unsqueeze(-2) - outputs_TEO).pow(2).sum(-1)
     return _reduce((p_TE * sq_TE).sum(-1), reduction)
 
 
-def cooperative_loss(gates_NE: Tensor, outputs_NEO: Tensor, target_NO: Tensor, *, gates_are_log: bool = False,
+def cooperative_loss(gates_TE: Tensor, outputs_TEO: Tensor, target_TO: Tensor, *, gates_are_log: bool = False,
                      reduction: str = "mean") -> Tensor:
     """``err = ||d − Σ_i p_i o_i||²`` (Jacobs et al. eq. 1.1): the blend is fitted, experts cooperate
     (each one's error signal depends on the others' outputs, so they do not localise)."""
-    _check_shapes(gates_NE, outputs_NEO, target_NO)
-    p_TE = gates_NE.exp() if gates_are_log else gates_NE
-    blend_TO = (p_TE.unsqueeze(-1) * outputs_NEO).sum(-2)
-    return _reduce((target_NO - blend_TO).pow(2).sum(-1), reduction)
+    _check_shapes(gates_TE, outputs_TEO, target_TO)
+    p_TE = gates_TE.exp() if gates_are_log else gates_TE
+    blend_TO = (p_TE.unsqueeze(-1) * outputs_TEO).sum(-2)
+    return _reduce((target_TO - blend_TO).pow(2).sum(-1), reduction)
 
 
-def mixture_loss(kind: str, gates_NE: Tensor, outputs_NEO: Tensor, target_NO: Tensor,
+def mixture_loss(kind: str, gates_TE: Tensor, outputs_TEO: Tensor, target_TO: Tensor,
                  log_var: Tensor | None = None, *, gates_are_log: bool = False, reduction: str = "mean") -> Tensor:
     """Dispatch to :func:`gmm_nll`, :func:`competitive_loss` or :func:`cooperative_loss` by name."""
     if kind == "gmm":
-        return gmm_nll(gates_NE, outputs_NEO, target_NO, log_var, gates_are_log=gates_are_log, reduction=reduction)
+        return gmm_nll(gates_TE, outputs_TEO, target_TO, log_var, gates_are_log=gates_are_log, reduction=reduction)
     if log_var is not None:
         raise ValueError(f"log_var: only the 'gmm' loss uses variances, got loss={kind!r}")
     if kind == "competitive":
-        return competitive_loss(gates_NE, outputs_NEO, target_NO, gates_are_log=gates_are_log, reduction=reduction)
+        return competitive_loss(gates_TE, outputs_TEO, target_TO, gates_are_log=gates_are_log, reduction=reduction)
     if kind == "cooperative":
-        return cooperative_loss(gates_NE, outputs_NEO, target_NO, gates_are_log=gates_are_log, reduction=reduction)
+        return cooperative_loss(gates_TE, outputs_TEO, target_TO, gates_are_log=gates_are_log, reduction=reduction)
     raise ValueError(f"loss: expected one of {LOSSES}, got {kind!r}")
 
 
@@ -202,16 +201,16 @@ class ClassicMoEOutput:
         """(T, O) ``Σ_i p_i o_i`` — the mixture mean, whatever ``y`` holds."""
         return (self.gates.unsqueeze(-1) * self.expert_outputs).sum(-2)
 
-    def responsibilities(self, target_NO: Tensor) -> Tensor:
+    def responsibilities(self, target_TO: Tensor) -> Tensor:
         """(T, E) posterior responsibilities ``h_i`` of the Gaussian-mixture model for these targets."""
-        return posterior_responsibilities(self.log_gates, self.expert_outputs, target_NO, self.log_var,
+        return posterior_responsibilities(self.log_gates, self.expert_outputs, target_TO, self.log_var,
                                           gates_are_log=True)
 
-    def group_responsibilities(self, target_NO: Tensor) -> Tensor:
+    def group_responsibilities(self, target_TO: Tensor) -> Tensor:
         """(T, P) posterior of the top-level branches, ``h_i = Σ_j h_ij`` (hierarchy only)."""
         if self.group_gates is None:
             raise ValueError("group_responsibilities: this output has no group structure (flat mixture)")
-        h_TE = self.responsibilities(target_NO)
+        h_TE = self.responsibilities(target_TO)
         return h_TE.reshape(*h_TE.shape[:-1], self.group_gates.shape[-1], -1).sum(-1)
 
 
@@ -354,11 +353,11 @@ class _ClassicMixture(nn.Module):
         return ClassicMoEOutput(y=y_TO, gates=gates_TE, log_gates=log_gates_TE, expert_outputs=outputs_TEO,
                                 log_var=self.log_var_EO, **extra)
 
-    def loss(self, out: ClassicMoEOutput, target_NO: Tensor, reduction: str = "mean") -> Tensor:
-        """The configured error function (``loss=`` at construction) of ``out`` against ``target_NO``."""
+    def loss(self, out: ClassicMoEOutput, target_TO: Tensor, reduction: str = "mean") -> Tensor:
+        """The configured error function (``loss=`` at construction) of ``out`` against ``target_TO``."""
         if not isinstance(out, ClassicMoEOutput):
             raise TypeError(f"out: expected the ClassicMoEOutput returned by forward, got {type(out).__name__}")
-        return mixture_loss(self.loss_kind, out.log_gates, out.expert_outputs, target_NO, out.log_var,
+        return mixture_loss(self.loss_kind, out.log_gates, out.expert_outputs, target_TO, out.log_var,
                             gates_are_log=True, reduction=reduction)
 
     def extra_repr(self) -> str:
