@@ -487,9 +487,10 @@ def _mean_std(values, digits: int = 3) -> str:
 EXPERIMENT = Experiment(
     name="vowels",
     paper="Jacobs, Jordan, Nowlan & Hinton 1991, Adaptive mixtures of local experts (Neural Computation 3)",
-    summary="4/8-expert adaptive mixtures vs 6/12-hidden backprop nets on Peterson & Barney F1/F2 vowels",
-    est_time="~1 min",
-    quick_time="<20 s",
+    summary="4/8-expert adaptive mixtures vs 6/12-hidden backprop nets on Peterson & Barney F1/F2 vowels; "
+            "the speaker-gated 10-vowel variant",
+    est_time="~2 min",
+    quick_time="<30 s",
     run=_run,
     config=Config,
     default_seeds=10,
