@@ -58,8 +58,9 @@ def _plain_layer(layer, family_block_config: dict | None = None):
                 opts[k] = want[k]
     plain = MoE.from_config(MoEConfig.from_dict(cfg))
     state = {k: _full(v.detach()) for k, v in layer.state_dict().items()}
+    plain.to(next(layer.experts.parameters()).dtype)             # the layer's compute dtype (bf16, …)
     plain.load_state_dict(state, strict=True)
-    return plain.to(next(iter(state.values())).dtype) if state else plain
+    return plain
 
 
 def _fresh_model(model: nn.Module) -> nn.Module:
@@ -68,11 +69,10 @@ def _fresh_model(model: nn.Module) -> nn.Module:
         return type(model)(model.config)
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, max_shard_bytes: int | None = None) -> Path:
+def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write ``model`` (a transformers model patched with :func:`moekit.hf.patch`, trained or not) to
     ``directory`` in its family's transformers layout; returns the directory. Collective under
-    torch.distributed (see the module docstring). ``max_shard_bytes`` is accepted for symmetry with
-    transformers but each rank writes one file."""
+    torch.distributed (see the module docstring): one safetensors file per rank."""
     from safetensors.torch import save_file
     if not hasattr(model, "config") or not hasattr(model.config, "save_pretrained"):
         raise TypeError(f"model: expected a transformers model (with .config), got {type(model).__name__}")
