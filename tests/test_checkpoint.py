@@ -54,6 +54,8 @@ MISMATCHES = [
     (dict(router="scored", num_experts=8, router_options={"n_group": 4, "topk_group": 2}),
      dict(router="scored", num_experts=8, router_options={"n_group": 4, "topk_group": 3})),
     (dict(router="scored", router_options={"selection_bias": True}), dict(router="scored")),
+    (dict(router="scored", router_options={"renormalize": 2.0}), dict(router="scored", router_options={"renormalize": True})),
+    (dict(router="scored", router_options={"bias": True}), dict(router="scored")),
     (dict(gate_input=True), dict()),
     (dict(num_shared_experts=1, shared_gate=True), dict(num_shared_experts=1)),
     (dict(expert_options={"limit": 7.0}), dict()),
