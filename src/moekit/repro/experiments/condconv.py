@@ -382,7 +382,7 @@ EXPERIMENT = Experiment(
           "Inference (+ Chen et al. 2020, Dynamic Convolution)",
     summary="Digits CNN with 1/2/4/8 experts per CondConv layer: accuracy vs MADDs, class-specific routing "
             "in late layers",
-    est_time="~5 min",
+    est_time="~7 min",
     run=run,
     config=Config,
     quick_time="<30 s",

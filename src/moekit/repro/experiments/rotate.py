@@ -387,7 +387,7 @@ EXPERIMENT = Experiment(
     paper="Chen, Deng, Wu, Gu & Li 2022, Towards Understanding Mixture of Experts in Deep Learning",
     summary="Rotate task (original vs rotated 30°, blur in training) on 5,000 MNIST digits: single CNN vs a "
             "top-1 MoE of 4 CNNs routed on the sum of patches; accuracy and dispatch entropy",
-    est_time="~5 min",
+    est_time="~3 min",
     run=run,
     config=Config,
     quick_time="<40 s",
