@@ -232,8 +232,11 @@ def invariance(out_dir, spec_json):
     ref.moe.router.update_bias(tpe_r) if hasattr(ref.moe.router, "bias_group") else None
 
     model = make_model(spec)
-    names = ("dp", "ep") if dp > 1 else ("ep",)
-    mesh = init_device_mesh("cpu", (dp, ep_size) if dp > 1 else (ep_size,), mesh_dim_names=names)
+    if spec.get("dp2d"):                          # two data-parallel dimensions (the second of size 1)
+        mesh = init_device_mesh("cpu", (dp, 1, ep_size), mesh_dim_names=("dp", "dp_shard", "ep"))
+    else:
+        names = ("dp", "ep") if dp > 1 else ("ep",)
+        mesh = init_device_mesh("cpu", (dp, ep_size) if dp > 1 else (ep_size,), mesh_dim_names=names)
     expert_parallel(model, mesh, global_balance=not capacity)
     inner = model
     if fsdp:

@@ -51,6 +51,7 @@ MATRIX = [  # (world, spec)
     (4, dict(ep=2, router="capacity", micro=2, checkpointing=True)),
     (4, dict(ep=2, router="sigmoid", ddp=True, micro=2, empty=True)),
     (4, dict(ep=4, router="sigmoid", ddp=True)),
+    (4, dict(ep=2, router="sigmoid", fsdp=True, dp2d=True)),
 ]
 
 

@@ -40,11 +40,12 @@ def _resolve_mesh(module: nn.Module, mesh, ep_dim: str):
 
 
 def _dp_mesh(mesh, ep_dim: str):
-    """The mesh's data-parallel dimensions as one mesh (None when there are none)."""
+    """The mesh's data-parallel dimensions as one 1-D mesh (None when there are none): the experts are
+    fully sharded over all their data-parallel replicas."""
     names = tuple(n for n in mesh.mesh_dim_names if n != ep_dim)
     if not names:
         return None
-    return mesh[names[0]] if len(names) == 1 else mesh[names]
+    return mesh[names[0]] if len(names) == 1 else mesh[names]._flatten()
 
 
 def _whole_mesh(mesh):
