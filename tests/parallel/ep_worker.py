@@ -185,7 +185,7 @@ class Block(nn.Module):
 
 
 def make_model(spec):
-    moe_kw = {"sigmoid": dict(router="sigmoid", top_k=2, num_shared_experts=1,
+    moe_kw = {"sigmoid": dict(router="sigmoid", top_k=2, num_shared_experts=1, bias=True,    # expert biases too
                               router_options={"bias_update_rate": 0.05}),
               "capacity": dict(router="topk", top_k=2, capacity_factor=0.75, w_switch=1e-2),
               }[spec["router"]]
@@ -193,6 +193,9 @@ def make_model(spec):
     m = Block(moe_kw, spec.get("checkpointing", False)).double()
     with torch.no_grad():
         m.moe.router.gate.weight.normal_()
+        for name, p in m.moe.named_parameters():
+            if name.split(".")[-1].startswith("b_"):             # non-zero expert biases
+                p.normal_(std=0.1)
         if spec.get("empty") and spec["router"] == "sigmoid":        # experts 0 and E-1 are never chosen
             m.moe.router.expert_bias[0] = -1e3
             m.moe.router.expert_bias[E - 1] = -1e3

@@ -68,3 +68,4 @@ def test_parallel_configuration_invariance(tmp_path, world, spec):
         assert any(k.startswith("param moe.router.") for k in res)
         if spec["router"] == "sigmoid":
             assert "bias" in res and any(k.startswith("grad moe.shared.") for k in res)
+            assert "grad moe.experts.b_in" in res and "grad moe.experts.b_out" in res
