@@ -153,7 +153,7 @@ def errors(out_dir):
         try:
             wrap()
             res[key] = "no error"
-        except RuntimeError as e:
+        except RuntimeError:
             res[key] = "RuntimeError"
     res["shard_kept"] = torch.equal(shard, ep_model[1].experts.w_in.to_local())
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
