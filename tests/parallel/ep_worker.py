@@ -147,9 +147,9 @@ def errors(out_dir):
     torch.manual_seed(0)
     ep_model = expert_parallel(nn.Sequential(nn.Linear(D, D), MoE(D, H, E)), mesh)
     shard = ep_model[1].experts.w_in.to_local().clone()
+    from torch.distributed.fsdp import fully_shard
     for key, wrap in (("plain_ddp", lambda: nn.parallel.DistributedDataParallel(ep_model)),
-                      ("plain_fsdp", lambda: __import__("torch.distributed.fsdp", fromlist=["fully_shard"])
-                       .fully_shard(ep_model, mesh=mesh))):
+                      ("plain_fsdp", lambda: fully_shard(ep_model, mesh=mesh))):
         try:
             wrap()
             res[key] = "no error"
