@@ -80,6 +80,9 @@ def test_a_measured_prerequisite():
     assert helps.holds is True and grade("c", t, [helps]).verdict == "reproduced"
     assert saturated.holds is False and grade("c", t, [saturated]).verdict == "not testable"
     assert one_seed.holds is None and grade("c", t, [one_seed]).verdict == "inconclusive"
+    unchecked = Prerequisite("widening helps", None, "no wider model was trained")
+    v = grade("c", t, [unchecked])
+    assert v.verdict == "inconclusive" and v.reason.startswith("a prerequisite could not be checked")
 
 
 def test_paired_slope_and_claims():

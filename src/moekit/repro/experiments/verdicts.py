@@ -143,13 +143,13 @@ class Check:
                 f"{self.outcome()})")
 
 
-def grade(claim: str, tests: Check | Sequence[Check], prerequisites: Sequence[Prerequisite] = (),
+def grade(claim: str, checks: Check | Sequence[Check], prerequisites: Sequence[Prerequisite] = (),
           note: str = "") -> Verdict:
     """The verdict on ``claim`` from its ``checks`` and ``prerequisites`` (see the module docstring);
     ``note`` is appended to the reason."""
-    tests = [tests] if isinstance(tests, Check) else list(tests)
+    tests = [checks] if isinstance(checks, Check) else list(checks)
     if not tests:
-        raise ValueError(f"claim {claim!r}: no test")
+        raise ValueError(f"claim {claim!r}: no check")
     tail = f"; {note}" if note else ""
     failed = [p for p in prerequisites if p.holds is False]
     if failed:
@@ -161,8 +161,9 @@ def grade(claim: str, tests: Check | Sequence[Check], prerequisites: Sequence[Pr
     if unknown:
         body = "; ".join(f"prerequisite {p.what} unknown: {p.measured}" for p in unknown) + "; " + body
     if "unknown" in outcomes or unknown:
-        return Verdict(claim, "inconclusive", _one_line(f"fewer than {MIN_SEEDS} seeds, no standard error: "
-                                                        f"{body}{tail}"))
+        why = (f"fewer than {MIN_SEEDS} seeds, no standard error: " if "unknown" in outcomes
+               else "a prerequisite could not be checked: ")
+        return Verdict(claim, "inconclusive", _one_line(f"{why}{body}{tail}"))
     if all(o == "holds" for o in outcomes):
         verdict = "reproduced"
     elif all(o == "fails" for o in outcomes):
@@ -207,9 +208,9 @@ class Claims:
     """Collects the verdicts of one run in order (``claims.grade(...)`` = :func:`grade` plus append)."""
     verdicts: list[Verdict] = field(default_factory=list)
 
-    def grade(self, claim: str, tests: Check | Sequence[Check], prerequisites: Sequence[Prerequisite] = (),
+    def grade(self, claim: str, checks: Check | Sequence[Check], prerequisites: Sequence[Prerequisite] = (),
               note: str = "") -> Verdict:
-        v = grade(claim, tests, prerequisites, note)
+        v = grade(claim, checks, prerequisites, note)
         self.verdicts.append(v)
         return v
 
