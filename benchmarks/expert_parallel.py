@@ -103,8 +103,8 @@ def worker(args) -> None:
     if rank == 0:
         print(json.dumps({"step_s": statistics.median(times), "comm_share": comm, "held_mib": held / 2**20,
                           "peak_rss_mib": peak_rss}))
-    dist.barrier()
-    dist.destroy_process_group()
+    from moekit.parallel import end_process
+    end_process(0)                 # barrier, destroy the process groups, flush, exit (moekit.parallel.teardown)
 
 
 def launch(nproc: int, argv: list[str]) -> dict:

@@ -78,56 +78,63 @@ def main(argv=None) -> int:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29517"),
                           RANK="0", WORLD_SIZE="1")
     dist.init_process_group("gloo")
-    try:
-        W, rank = dist.get_world_size(), dist.get_rank()
-        if args.batch % W or args.experts % W:
-            parser.error(f"--batch ({args.batch}) and --experts ({args.experts}) must be divisible by the "
-                         f"number of processes ({W})")
-        torch.set_num_threads(1)
-        log = args.log or args.ckpt.with_name(args.ckpt.name + ".losses.jsonl")
-        X, Y = load_digits()
-        torch.manual_seed(args.seed)
-        model = DigitsMoE(experts=args.experts)
-        expert_parallel(model, init_device_mesh("cpu", (W,), mesh_dim_names=("ep",)))
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-        start, losses = 0, []
-        if args.ckpt.exists():
-            extra = checkpoint.load(model, args.ckpt, optimizer=opt)
-            if extra.get("world") != W:
-                print(f"resuming a run saved with {extra.get('world')} processes on {W}", file=sys.stderr)
-            start, losses = extra["step"], extra["losses"]
-            if rank == 0:
-                print(f"resumed from {args.ckpt} at step {start}", file=sys.stderr)
-        if rank == 0:                                  # the log holds exactly the checkpointed steps
-            log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(losses)))
-        b = args.batch // W
-        for step in range(start, args.steps):
-            g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-            idx_B = torch.randint(0, X.shape[0], (args.batch,), generator=g)
-            idx_b = idx_B[rank * b:(rank + 1) * b]                       # this rank's slice
-            logits, aux = model(X[idx_b])
-            task = F.cross_entropy(logits, Y[idx_b])
-            (task + aux).backward()
-            sync_gradients(model)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            mean = task.detach().clone()
-            dist.all_reduce(mean)
-            losses.append(mean.item() / W)                               # global-batch mean loss
-            if rank == 0:
-                with log.open("a") as f:
-                    f.write(json.dumps({"step": step + 1, "loss": losses[-1]}) + "\n")
-            if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
-                checkpoint.save(model, args.ckpt, optimizer=opt,
-                                extra={"step": step + 1, "losses": losses, "world": W})
-        if rank == 0 and losses:
-            print(f"step {args.steps}: loss {losses[-1]:.4f} ({W} processes, {args.experts // W} experts each)")
-        dist.barrier()              # no rank tears the group down while another still uses it
-    finally:
-        dist.destroy_process_group()
+    W, rank = dist.get_world_size(), dist.get_rank()
+    if args.batch % W or args.experts % W:
+        parser.error(f"--batch ({args.batch}) and --experts ({args.experts}) must be divisible by the "
+                     f"number of processes ({W})")
+    torch.set_num_threads(1)
+    log = args.log or args.ckpt.with_name(args.ckpt.name + ".losses.jsonl")
+    X, Y = load_digits()
+    torch.manual_seed(args.seed)
+    model = DigitsMoE(experts=args.experts)
+    expert_parallel(model, init_device_mesh("cpu", (W,), mesh_dim_names=("ep",)))
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    start, losses = 0, []
+    if args.ckpt.exists():
+        extra = checkpoint.load(model, args.ckpt, optimizer=opt)
+        if extra.get("world") != W:
+            print(f"resuming a run saved with {extra.get('world')} processes on {W}", file=sys.stderr)
+        start, losses = extra["step"], extra["losses"]
+        if rank == 0:
+            print(f"resumed from {args.ckpt} at step {start}", file=sys.stderr)
+    if rank == 0:                                  # the log holds exactly the checkpointed steps
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(losses)))
+    b = args.batch // W
+    for step in range(start, args.steps):
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        idx_B = torch.randint(0, X.shape[0], (args.batch,), generator=g)
+        idx_b = idx_B[rank * b:(rank + 1) * b]                       # this rank's slice
+        logits, aux = model(X[idx_b])
+        task = F.cross_entropy(logits, Y[idx_b])
+        (task + aux).backward()
+        sync_gradients(model)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mean = task.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(mean.item() / W)                               # global-batch mean loss
+        if rank == 0:
+            with log.open("a") as f:
+                f.write(json.dumps({"step": step + 1, "loss": losses[-1]}) + "\n")
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+            checkpoint.save(model, args.ckpt, optimizer=opt,
+                            extra={"step": step + 1, "losses": losses, "world": W})
+    if rank == 0 and losses:
+        print(f"step {args.steps}: loss {losses[-1]:.4f} ({W} processes, {args.experts // W} experts each)")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from moekit.parallel import end_process
+    status = 1
+    try:
+        status = main()
+    except SystemExit as e:                 # argparse usage errors keep their status and message
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    end_process(status)     # barrier, destroy the process groups, flush, exit (moekit.parallel.teardown)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -87,71 +88,78 @@ def main(argv=None) -> int:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29518"),
                           RANK="0", WORLD_SIZE="1")
     dist.init_process_group("gloo")
-    try:
-        W, rank = dist.get_world_size(), dist.get_rank()
-        ep = args.ep or W
-        if W % ep or args.batch % W or args.experts % ep:
-            parser.error(f"--ep ({ep}) must divide the number of processes ({W}) and --experts ({args.experts}); "
-                         f"--batch ({args.batch}) must be divisible by {W}")
-        torch.set_num_threads(1)
-        dp = W // ep
-        mesh = init_device_mesh("cpu", (dp, ep), mesh_dim_names=("dp", "ep"))
-        model = build_model(args)
-        expert_parallel(model, mesh)
-        if not args.no_fsdp:
-            fully_shard_moe(model, mesh)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-        corpus = load_corpus()
-        ckpt, log = args.out / "ckpt", args.out / "losses.jsonl"
-        start, losses = 0, []
-        if ckpt.exists():
-            extra = checkpoint.load(model, ckpt, optimizer=opt)
-            start, losses = extra["step"], extra["losses"]
-            if rank == 0:
-                print(f"resumed from {ckpt} at step {start}", flush=True)
-        if rank == 0:                                  # the log holds exactly the checkpointed steps
-            args.out.mkdir(parents=True, exist_ok=True)
-            log.write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(losses)))
-        monitor = RoutingMonitor(model)
-        b = args.batch // W
-        for step in range(start, args.steps):
-            g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-            x_BL, y_BL = corpus.batch("train", args.batch, args.seq, g)
-            x_bL, y_bL = x_BL[rank * b:(rank + 1) * b], y_BL[rank * b:(rank + 1) * b]
-            out = model(input_ids=x_bL)
-            lm = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), y_bL.flatten())
-            (lm + mh.aux_loss(model)).backward()
-            if args.no_fsdp:
-                sync_gradients(model)
-            clip_grad_norm_(model, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            mean = lm.detach().clone()
-            dist.all_reduce(mean)
-            losses.append(mean.item() / W)              # global-batch mean language-model loss
-            if rank == 0:
-                with log.open("a") as f:
-                    f.write(json.dumps({"step": step + 1, "loss": losses[-1]}) + "\n")
-            if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
-                checkpoint.save(model, ckpt, optimizer=opt, extra={"step": step + 1, "losses": losses})
-        monitor.remove()
-        mh.save_pretrained(model, args.out / "hf")
-        g = torch.Generator().manual_seed(12345)
-        probe_BL, _ = corpus.batch("valid", 2, args.seq, g)
-        with torch.no_grad():
-            logits = model(input_ids=probe_BL).logits
+    W, rank = dist.get_world_size(), dist.get_rank()
+    ep = args.ep or W
+    if W % ep or args.batch % W or args.experts % ep:
+        parser.error(f"--ep ({ep}) must divide the number of processes ({W}) and --experts ({args.experts}); "
+                     f"--batch ({args.batch}) must be divisible by {W}")
+    torch.set_num_threads(1)
+    dp = W // ep
+    mesh = init_device_mesh("cpu", (dp, ep), mesh_dim_names=("dp", "ep"))
+    model = build_model(args)
+    expert_parallel(model, mesh)
+    if not args.no_fsdp:
+        fully_shard_moe(model, mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    corpus = load_corpus()
+    ckpt, log = args.out / "ckpt", args.out / "losses.jsonl"
+    start, losses = 0, []
+    if ckpt.exists():
+        extra = checkpoint.load(model, ckpt, optimizer=opt)
+        start, losses = extra["step"], extra["losses"]
         if rank == 0:
-            (args.out / "probe.json").write_text(json.dumps({"input_ids": probe_BL.tolist(),
-                                                             "logits": logits.tolist()}))
-            if any(monitor.records.values()):
-                monitor.report(args.out / "routing", title=f"Routing of rank 0 ({W} processes, ep {ep})")
-            if losses:
-                print(f"step {args.steps}: loss {losses[-1]:.4f} ({W} processes: dp {dp} × ep {ep})", flush=True)
-        dist.barrier()              # no rank tears the group down while another still uses it
-    finally:
-        dist.destroy_process_group()
+            print(f"resumed from {ckpt} at step {start}", flush=True)
+    if rank == 0:                                  # the log holds exactly the checkpointed steps
+        args.out.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(losses)))
+    monitor = RoutingMonitor(model)
+    b = args.batch // W
+    for step in range(start, args.steps):
+        g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        x_BL, y_BL = corpus.batch("train", args.batch, args.seq, g)
+        x_bL, y_bL = x_BL[rank * b:(rank + 1) * b], y_BL[rank * b:(rank + 1) * b]
+        out = model(input_ids=x_bL)
+        lm = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), y_bL.flatten())
+        (lm + mh.aux_loss(model)).backward()
+        if args.no_fsdp:
+            sync_gradients(model)
+        clip_grad_norm_(model, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mean = lm.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(mean.item() / W)              # global-batch mean language-model loss
+        if rank == 0:
+            with log.open("a") as f:
+                f.write(json.dumps({"step": step + 1, "loss": losses[-1]}) + "\n")
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+            checkpoint.save(model, ckpt, optimizer=opt, extra={"step": step + 1, "losses": losses})
+    monitor.remove()
+    mh.save_pretrained(model, args.out / "hf")
+    g = torch.Generator().manual_seed(12345)
+    probe_BL, _ = corpus.batch("valid", 2, args.seq, g)
+    with torch.no_grad():
+        logits = model(input_ids=probe_BL).logits
+    if rank == 0:
+        (args.out / "probe.json").write_text(json.dumps({"input_ids": probe_BL.tolist(),
+                                                         "logits": logits.tolist()}))
+        if any(monitor.records.values()):
+            monitor.report(args.out / "routing", title=f"Routing of rank 0 ({W} processes, ep {ep})")
+        if losses:
+            print(f"step {args.steps}: loss {losses[-1]:.4f} ({W} processes: dp {dp} × ep {ep})", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from moekit.parallel import end_process
+    status = 1
+    try:
+        status = main()
+    except SystemExit as e:                 # argparse usage errors keep their status and message
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    end_process(status)     # barrier, destroy the process groups, flush, exit (moekit.parallel.teardown)

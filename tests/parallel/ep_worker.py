@@ -354,16 +354,24 @@ def ck_async(ckpt):
         assert torch.equal(v.to_local() if hasattr(v, "to_local") else v, saved[k]), k
 
 
-def main(argv):
+def main(argv) -> int:
     dist.init_process_group("gloo")
-    try:
-        cmd, *args = argv
-        {"equivalence": equivalence, "errors": errors, "invariance": invariance, "save": ck_save,
-         "reload": ck_reload, "async": ck_async}[cmd](*args)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    cmd, *args = argv
+    {"equivalence": equivalence, "errors": errors, "invariance": invariance, "save": ck_save,
+     "reload": ck_reload, "async": ck_async}[cmd](*args)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from moekit.parallel import end_process
+    code = 1
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as e:                 # argparse usage errors keep their status and message
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    end_process(code)                # see moekit.parallel.teardown for why a finished worker ends so
