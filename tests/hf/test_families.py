@@ -225,3 +225,13 @@ def test_inspect_hf_model_example_runs(tmp_path, monkeypatch, capsys):
     assert diff <= 1e-5
     assert out.count("| model.layers.") == 4 and "dead experts" in out
     assert (tmp_path / "report" / "report.md").exists() and (tmp_path / "report" / "load_03.png").exists()
+
+
+def test_to_hf_accepts_other_balancing_loss_coefficients():
+    block = _blocks(tiny_model("mixtral"))[0][1]
+    layer = mh.from_hf(block)
+    trained = MoE.from_config(layer.config.__class__.from_dict(
+        {**layer.config.to_dict(), "router": {**layer.config.to_dict()["router"],
+                                              "options": {**layer.config.router.options, "w_switch": 0.05}}}))
+    trained.load_state_dict(layer.state_dict())
+    mh.to_hf(trained.to(next(block.parameters()).dtype), block)     # loss weights shape training only

@@ -37,18 +37,27 @@ def from_hf(block: nn.Module) -> MoE:
     return layer.train(block.training)
 
 
+def _computed(config: dict) -> dict:
+    """A layer configuration without the balancing-loss coefficients (``router.options.w_*``): they
+    shape training, not what a block computes."""
+    router = dict(config["router"], options={k: v for k, v in config["router"]["options"].items()
+                                             if not k.startswith("w_")})
+    return dict(config, router=router)
+
+
 def to_hf(layer: MoE, block: nn.Module) -> nn.Module:
     """Write ``layer``'s weights into the transformers MoE ``block`` (same family and shapes, e.g. the
     block ``layer`` came from or a freshly built one). Returns ``block``.
 
     The layer must route as the block does: its configuration is compared, as a whole, with the
-    configuration of the layer :func:`from_hf` builds for ``block``, and a mismatch (e.g. a top-1
-    ``switch`` layer into a top-2 renormalised Mixtral block) raises a ``ValueError`` naming the first
-    field that differs — weights that fit are not enough."""
+    configuration of the layer :func:`from_hf` builds for ``block`` (all but the balancing-loss
+    coefficients, which only shape training), and a mismatch (e.g. a top-1 ``switch`` layer into a
+    top-2 renormalised Mixtral block) raises a ``ValueError`` naming the first field that differs —
+    weights that fit are not enough."""
     fam = _family(block)
     if not isinstance(layer, MoE):
         raise TypeError(f"layer: expected a moekit.MoE, got {type(layer).__name__}")
-    want, have = fam.build(block).config.to_dict(), layer.config.to_dict()
+    want, have = _computed(fam.build(block).config.to_dict()), _computed(layer.config.to_dict())
     field = first_difference(want, have)
     if field is not None:
         def at(d):

@@ -44,19 +44,10 @@ def _fsdp_reshard(model: nn.Module) -> None:
             m.reshard()
 
 
-def _plain_layer(layer, family_block_config: dict | None = None):
-    """A non-distributed copy of a moekit layer with its whole tensors (collective for DTensors). The
-    balancing-loss coefficients (``router.options.w_*``: training only, no part of a transformers block)
-    are taken from ``family_block_config``, the configuration of the family's block."""
-    from ..config import MoEConfig
+def _plain_layer(layer):
+    """A non-distributed copy of a moekit layer with its whole tensors (collective for DTensors)."""
     from ..layers.moe import MoE
-    cfg = layer.config.to_dict()
-    if family_block_config is not None:
-        opts, want = cfg["router"]["options"], family_block_config["router"]["options"]
-        for k in [k for k in opts if k.startswith("w_")]:
-            if k in want:
-                opts[k] = want[k]
-    plain = MoE.from_config(MoEConfig.from_dict(cfg))
+    plain = MoE.from_config(layer.config)
     state = {k: _full(v.detach()) for k, v in layer.state_dict().items()}
     plain.to(next(layer.experts.parameters()).dtype)             # the layer's compute dtype (bf16, …)
     plain.load_state_dict(state, strict=True)
@@ -91,12 +82,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
     owner_of: dict[str, int] = {}
     turn = 0
     # the MoE blocks, one at a time: whole layer -> a block of the family -> its tensors
-    from .families import family_of
     for name, patched in blocks.items():
-        meta_block = fresh.get_submodule(name)
-        fam = family_of(meta_block)
-        block_cfg = fam.build(meta_block).config.to_dict()        # (its weights stay on the meta device)
-        layer = _plain_layer(patched.moe, block_cfg)                    # collective for DTensors
+        layer = _plain_layer(patched.moe)                               # collective for DTensors
         owner = turn % world
         turn += 1
         if rank == owner:
