@@ -38,6 +38,7 @@ def test_expert_flops_count_the_dense_limit(bench):
     assert counter.get_total_flops() == bench.expert_flops(T, K, D, H)
 
 
+@pytest.mark.slow             # compiles the layer (aot_eager) for each toy configuration
 def test_gpu_suite_table_at_toy_sizes_on_cpu(bench, capsys):
     bench.main(["--gpu-suite", "--device", "cpu", "--tiny", "--repeats", "1", "--compile-backend", "aot_eager"])
     out = capsys.readouterr().out

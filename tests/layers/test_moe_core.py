@@ -115,6 +115,7 @@ def test_a_user_dispatcher_plugs_in_without_changing_the_layer():
         MoE(8, 16, 4, dispatch=object())
 
 
+@pytest.mark.slow             # torch.compile of forward and backward: 5-8 s per router on 2 cores
 @pytest.mark.parametrize("router,kw", [("topk", {}), ("switch", {}), ("noisy_topk", {}),
                                        ("sigmoid", {"num_shared_experts": 1})])
 def test_dropless_paths_compile_to_one_graph(router, kw, same_forward_backward):
