@@ -47,10 +47,13 @@ def _wait(t: Tensor) -> Tensor:
 
 
 class AllToAllDispatcher(TokenDispatcher):
-    """Dispatcher for a layer whose E experts are spread over the ranks of ``group`` (E/W each)."""
+    """Dispatcher for a layer whose E experts are spread over the ranks of ``group`` (E/W each).
+    ``mesh``: the device mesh the layer was placed on (:func:`~moekit.parallel.expert_parallel` sets
+    it; :func:`~moekit.parallel.parallel_mesh` reads it)."""
 
-    def __init__(self, group, num_experts: int):
+    def __init__(self, group, num_experts: int, mesh=None):
         self.group = group
+        self.mesh = mesh
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         if num_experts % self.size:

@@ -25,7 +25,6 @@ replicas, everything divided by W).
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.distributed as dist
@@ -35,9 +34,6 @@ from ..experts import ModuleExperts
 from ..layers.moe import MoE
 from .dispatcher import AllToAllDispatcher
 
-# The mesh each converted layer was placed on (for clip_grad_norm_ and the checkpoint helpers). Kept
-# beside the layers, not on them: the placement itself lives in the expert parameters' DTensor specs.
-_MESHES: "weakref.WeakKeyDictionary[MoE, object]" = weakref.WeakKeyDictionary()
 
 
 def _dtensor_api():
@@ -175,17 +171,17 @@ def expert_parallel(module: nn.Module, mesh, ep_dim: str = "ep", *, global_balan
             local = p.detach()[ep_rank * n:(ep_rank + 1) * n].clone()
             shard = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
             setattr(bank, pname, nn.Parameter(shard, requires_grad=p.requires_grad))
-        layer.dispatcher = AllToAllDispatcher(ep_group, E)
+        layer.dispatcher = AllToAllDispatcher(ep_group, E, mesh=mesh)
         layer.balance_group = world_group if global_balance else None
         if hasattr(layer.router, "bias_group"):
             layer.router.bias_group = world_group
-        _MESHES[layer] = mesh
     return module
 
 
 def parallel_mesh(module: nn.Module):
     """The mesh :func:`expert_parallel` placed ``module``'s MoE layers on (None when it was not called)."""
-    meshes = {id(_MESHES[m]): _MESHES[m] for m in moe_layers(module).values() if m in _MESHES}
+    meshes = {id(m.dispatcher.mesh): m.dispatcher.mesh for m in moe_layers(module).values()
+              if isinstance(m.dispatcher, AllToAllDispatcher) and m.dispatcher.mesh is not None}
     if len(meshes) > 1:
         raise ValueError("module: its MoE layers were placed on different meshes")
     return next(iter(meshes.values()), None)
