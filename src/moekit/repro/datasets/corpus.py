@@ -1,6 +1,6 @@
 """A frozen English text corpus for byte-level language modelling, with a fixed train/valid/test split.
 
-Legend: N bytes, B sequences, L time steps (window length).
+Legend: T bytes (tokens), B sequences, L sequence length (window length).
 
 ``python_docs`` is 1,234,080 bytes (1,232,898 characters, UTF-8) of the Python 3.11.7 documentation: the
 79 pydoc help topics (the language reference chapters shipped with CPython as ``pydoc_data.topics``)
@@ -74,10 +74,10 @@ class Corpus:
 
     def num_starts(self, split: str, length: int) -> int:
         """How many windows of ``length`` bytes (plus the one target byte after them) fit in the split."""
-        data_N = self.split(split)
-        if not isinstance(length, int) or length < 1 or length + 1 > data_N.numel():
-            raise ValueError(f"length: must be an int in [1, {data_N.numel() - 1}], got {length!r}")
-        return data_N.numel() - length
+        data_T = self.split(split)
+        if not isinstance(length, int) or length < 1 or length + 1 > data_T.numel():
+            raise ValueError(f"length: must be an int in [1, {data_T.numel() - 1}], got {length!r}")
+        return data_T.numel() - length
 
     def windows_at(self, split: str, start_B: Tensor, length: int) -> tuple[Tensor, Tensor]:
         """``(x_BL, y_BL)`` int64: the windows starting at ``start_B``, ``y`` = ``x`` shifted by one byte."""
@@ -94,16 +94,16 @@ class Corpus:
         Every byte after the first is predicted exactly once, from the preceding bytes of its window;
         ``max_windows`` keeps only the first windows (a shorter evaluation).
         """
-        data_N = self.split(split)
-        if not isinstance(length, int) or length < 1 or length + 1 > data_N.numel():
-            raise ValueError(f"length: must be an int in [1, {data_N.numel() - 1}], got {length!r}")
-        n = (data_N.numel() - 1) // length
+        data_T = self.split(split)
+        if not isinstance(length, int) or length < 1 or length + 1 > data_T.numel():
+            raise ValueError(f"length: must be an int in [1, {data_T.numel() - 1}], got {length!r}")
+        n = (data_T.numel() - 1) // length
         if max_windows is not None:
             if not isinstance(max_windows, int) or max_windows < 1:
                 raise ValueError(f"max_windows: must be a positive int or None, got {max_windows!r}")
             n = min(n, max_windows)
-        x_BL = data_N[: n * length].long().view(n, length)
-        y_BL = data_N[1: n * length + 1].long().view(n, length)
+        x_BL = data_T[: n * length].long().view(n, length)
+        y_BL = data_T[1: n * length + 1].long().view(n, length)
         return x_BL, y_BL
 
 
@@ -112,9 +112,9 @@ def load_corpus(name: str = "python_docs", valid_fraction: float = 0.05, test_fr
     for arg, v in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
         if not isinstance(v, (int, float)) or not 0.0 < v < 0.5:
             raise ValueError(f"{arg}: must be a number in (0, 0.5), got {v!r}")
-    data_N = torch.frombuffer(bytearray(corpus_bytes(name)), dtype=torch.uint8)
-    N = data_N.numel()
-    n_test, n_valid = int(N * test_fraction), int(N * valid_fraction)
-    n_train = N - n_valid - n_test
-    return Corpus(name, data_N[:n_train].clone(), data_N[n_train:n_train + n_valid].clone(),
-                  data_N[n_train + n_valid:].clone())
+    data_T = torch.frombuffer(bytearray(corpus_bytes(name)), dtype=torch.uint8)
+    T = data_T.numel()
+    n_test, n_valid = int(T * test_fraction), int(T * valid_fraction)
+    n_train = T - n_valid - n_test
+    return Corpus(name, data_T[:n_train].clone(), data_T[n_train:n_train + n_valid].clone(),
+                  data_T[n_train + n_valid:].clone())

@@ -3,6 +3,8 @@
 The data ship with scikit-learn (``sklearn.datasets.load_digits``, the UCI "Optical Recognition of
 Handwritten Digits" test set, 16 grey levels), so nothing is downloaded. scikit-learn is part of the
 ``experiments`` extra.
+
+Legend: T examples, D input features (64 pixels); see the package legend.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ IMAGE_SIZE = 8
 
 @dataclass
 class DigitsSplit:
-    """A stratified train/test split. ``x_*`` is ``(N, 64)`` features or ``(N, 1, 8, 8)`` images."""
+    """A stratified train/test split. ``x_*`` is ``(T, 64)`` features or ``(T, 1, 8, 8)`` images."""
     x_train: Tensor
     y_train: Tensor
     x_test: Tensor
@@ -41,16 +43,16 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.25, images: bool =
 
     Pixels are scaled to [0, 1] (÷16); with ``standardize`` they are then shifted/scaled by the
     training set's mean and std (one scalar each, so images keep their spatial structure).
-    ``images=True`` returns ``(N, 1, 8, 8)`` tensors for conv nets, otherwise ``(N, 64)``.
+    ``images=True`` returns ``(T, 1, 8, 8)`` tensors for conv nets, otherwise ``(T, 64)``.
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction: expected a value in (0, 1), got {test_fraction}")
-    x_NF, y_N = _load_raw()
-    x_NF = x_NF / 16.0
+    x_TD, y_T = _load_raw()
+    x_TD = x_TD / 16.0
     g = torch.Generator().manual_seed(int(seed))
     train_idx, test_idx = [], []
     for c in range(NUM_CLASSES):  # stratified: the same test share of every class
-        idx = torch.nonzero(y_N == c).squeeze(1)
+        idx = torch.nonzero(y_T == c).squeeze(1)
         idx = idx[torch.randperm(idx.numel(), generator=g)]
         n_test = int(round(test_fraction * idx.numel()))
         test_idx.append(idx[:n_test])
@@ -59,7 +61,7 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.25, images: bool =
     te = torch.cat(test_idx)
     tr = tr[torch.randperm(tr.numel(), generator=g)]
     te = te[torch.randperm(te.numel(), generator=g)]
-    x_tr, x_te = x_NF[tr], x_NF[te]
+    x_tr, x_te = x_TD[tr], x_TD[te]
     mean, std = 0.0, 1.0
     if standardize:
         mean, std = float(x_tr.mean()), float(x_tr.std())
@@ -67,4 +69,4 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.25, images: bool =
     if images:
         x_tr = x_tr.reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
         x_te = x_te.reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
-    return DigitsSplit(x_tr.contiguous(), y_N[tr], x_te.contiguous(), y_N[te], mean, std)
+    return DigitsSplit(x_tr.contiguous(), y_T[tr], x_te.contiguous(), y_T[te], mean, std)

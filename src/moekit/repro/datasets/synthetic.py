@@ -1,6 +1,8 @@
 """Generated data sets: multi-task regressions of controlled relatedness and PRML's inverse sinusoid.
 
-Legend: N examples, D input dim, M tasks (2), S sine terms, G grid points.
+Legend: T examples, D input dim, F tasks (2) (see the package legend). The public names keep their
+historical suffixes: the fields ``w_MD`` (F, D), ``alpha_S`` and ``beta_S`` (one value per sine term) and the
+arguments ``x_ND`` (T, D), ``x_N`` and ``t_N`` (T,).
 
 **Tasks of controlled relatedness** (Ma et al., KDD 2018, section "Synthetic Data Generation"): two
 orthonormal vectors ``u1 ⟂ u2`` in R^D, a scale ``c`` and a correlation score ``p ∈ [−1, 1]`` give the
@@ -12,7 +14,7 @@ task weights ``w1 = c·u1`` and ``w2 = c·(p·u1 + √(1−p²)·u2)``, so ``cos
 with the same ``α_i, β_i`` for both tasks, so the tasks differ only through their weight vectors::
 
     tasks = RelatedTasks.make(dim=100, correlation=0.5, generator=g)   # u1, u2, α, β drawn from g
-    x_ND, y_NM = tasks.sample(10_000, generator=g)
+    x_TD, y_TF = tasks.sample(10_000, generator=g)
 
 **Inverse sinusoid** (Bishop, PRML §5.6, Figs. 5.19–5.21): the forward problem draws ``u ~ U(0, 1)`` and
 ``v = u + 0.3 sin(2πu) + e`` with ``e ~ U(−0.1, 0.1)``; the inverse problem exchanges the roles — input
@@ -48,9 +50,9 @@ def orthonormal_pair(dim: int, generator: torch.Generator | None = None) -> tupl
 class RelatedTasks:
     """Two regression tasks whose weight vectors have cosine ``correlation`` (Ma et al. 2018)."""
 
-    w_MD: Tensor        # (2, D) task weight vectors, |w_m| = scale
-    alpha_S: Tensor     # (S,) sine frequencies, shared by the tasks
-    beta_S: Tensor      # (S,) sine phases, shared by the tasks
+    w_MD: Tensor        # (F, D) = (2, D) task weight vectors, |w_m| = scale
+    alpha_S: Tensor     # (num_sines,) sine frequencies, shared by the tasks
+    beta_S: Tensor      # (num_sines,) sine phases, shared by the tasks
     noise_std: float    # σ of the label noise ε_m
     correlation: float  # p = cos(w1, w2)
 
@@ -81,18 +83,18 @@ class RelatedTasks:
         return self.w_MD.shape[1]
 
     def clean_labels(self, x_ND: Tensor) -> Tensor:
-        """(N, 2) noise-free labels ``w_mᵀx + Σ_i sin(α_i w_mᵀx + β_i)``."""
-        z_NM = x_ND.to(torch.float64) @ self.w_MD.T
-        return z_NM + torch.sin(z_NM[..., None] * self.alpha_S + self.beta_S).sum(-1)
+        """(T, F) = (T, 2) noise-free labels ``w_mᵀx + Σ_i sin(α_i w_mᵀx + β_i)``."""
+        z_TF = x_ND.to(torch.float64) @ self.w_MD.T
+        return z_TF + torch.sin(z_TF[..., None] * self.alpha_S + self.beta_S).sum(-1)
 
     def sample(self, n: int, generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-        """``n`` examples: inputs ``x_ND ~ N(0, I)`` and noisy labels ``y_NM``, both of ``dtype``."""
+        """``n`` examples: inputs ``x_TD ~ N(0, I)`` and noisy labels ``y_TF``, both of ``dtype``."""
         positive_int("n", n)
-        x_ND = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-        y_NM = self.clean_labels(x_ND)
-        y_NM = y_NM + self.noise_std * torch.randn(y_NM.shape, generator=generator, dtype=torch.float64)
-        return x_ND.to(dtype), y_NM.to(dtype)
+        x_TD = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        y_TF = self.clean_labels(x_TD)
+        y_TF = y_TF + self.noise_std * torch.randn(y_TF.shape, generator=generator, dtype=torch.float64)
+        return x_TD.to(dtype), y_TF.to(dtype)
 
 
 def _forward_curve(u: Tensor, amplitude: float) -> Tensor:
@@ -101,19 +103,19 @@ def _forward_curve(u: Tensor, amplitude: float) -> Tensor:
 
 def inverse_sinusoid(n: int, generator: torch.Generator | None = None, *, amplitude: float = 0.3,
                      noise: float = 0.1, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """PRML §5.6's inverse problem: ``(x_N, t_N)`` with ``x = t + amplitude·sin(2πt) + U(−noise, noise)``,
+    """PRML §5.6's inverse problem: ``(x_T, t_T)`` with ``x = t + amplitude·sin(2πt) + U(−noise, noise)``,
     ``t ~ U(0, 1)``; the model must map x to the (multi-valued) t."""
     positive_int("n", n)
     if not noise > 0:
         raise ValueError(f"noise: the half-width of the uniform noise must be > 0, got {noise!r}")
-    t_N = torch.rand(n, generator=generator, dtype=torch.float64)
-    e_N = (2 * torch.rand(n, generator=generator, dtype=torch.float64) - 1) * noise
-    return (_forward_curve(t_N, amplitude) + e_N).to(dtype), t_N.to(dtype)
+    t_T = torch.rand(n, generator=generator, dtype=torch.float64)
+    e_T = (2 * torch.rand(n, generator=generator, dtype=torch.float64) - 1) * noise
+    return (_forward_curve(t_T, amplitude) + e_T).to(dtype), t_T.to(dtype)
 
 
 def inverse_sinusoid_log_density(x_N: Tensor, t_N: Tensor, *, amplitude: float = 0.3, noise: float = 0.1,
                                  grid: int = 1_000_001) -> Tensor:
-    """Exact ``log p(t | x)`` of :func:`inverse_sinusoid` (−inf outside the support), float64, shape (N,).
+    """Exact ``log p(t | x)`` of :func:`inverse_sinusoid` (−inf outside the support), float64, shape (T,).
 
     ``p(t | x) = p(x | t) p(t) / p(x)`` with ``p(t) = 1`` on [0, 1] and ``p(x | t) = 1/(2·noise)`` when
     ``|x − f(t)| ≤ noise``, so ``p(x) = (F(x + noise) − F(x − noise)) / (2·noise)`` where F is the distribution
@@ -125,10 +127,10 @@ def inverse_sinusoid_log_density(x_N: Tensor, t_N: Tensor, *, amplitude: float =
     t = t_N.to(torch.float64).reshape(-1)
     if x.shape != t.shape:
         raise ValueError(f"t_N: expected the shape of x_N {tuple(x_N.shape)}, got {tuple(t_N.shape)}")
-    f_sorted_G = _forward_curve(torch.linspace(0.0, 1.0, grid, dtype=torch.float64), amplitude).sort().values
+    f_sorted = _forward_curve(torch.linspace(0.0, 1.0, grid, dtype=torch.float64), amplitude).sort().values
 
     def cdf(y: Tensor) -> Tensor:
-        return torch.searchsorted(f_sorted_G, y, right=True).to(torch.float64) / grid
+        return torch.searchsorted(f_sorted, y, right=True).to(torch.float64) / grid
 
     mass = cdf(x + noise) - cdf(x - noise)           # P(|x − f(U)| ≤ noise) = 2·noise·p(x)
     in_support = ((x - _forward_curve(t, amplitude)).abs() <= noise) & (t >= 0) & (t <= 1) & (mass > 0)

@@ -1,6 +1,8 @@
 """Vowel formant tables (Peterson & Barney 1952; Hillenbrand et al. 1995) and speaker-disjoint splits.
 
-Legend: N examples (utterances), F features (formants, Hz), S speakers.
+Legend: T examples (utterances), D input features (formants, Hz); see the package legend. The public
+fields keep their historical suffixes: ``features_NF`` is (T, D), ``vowel_N``, ``speaker_N`` and
+``speaker_type_N`` are (T,), ``mean_F`` and ``std_F`` are (D,).
 
 The files ship as package data (``moekit/repro/datasets/files``, provenance in ``PROVENANCE.md`` there).
 Jacobs, Jordan, Nowlan & Hinton (1991) classify F1/F2 of the vowels [i] [ɪ] [a] [ʌ] (codes
@@ -35,10 +37,10 @@ SPEAKER_TYPES = ("m", "w", "c")  # men, women, children
 class VowelTable:
     """Rows of a formant table. Label tensors index into the name tuples (``vowels``, ``speaker_types``)."""
 
-    features_NF: Tensor       # float32 (N, F), Hz (or seconds for Hillenbrand's "dur")
-    vowel_N: Tensor           # int64 (N,), index into ``vowels``
-    speaker_N: Tensor         # int64 (N,), speaker id (unique across speaker types)
-    speaker_type_N: Tensor    # int64 (N,), index into ``speaker_types``
+    features_NF: Tensor       # float32 (T, D), Hz (or seconds for Hillenbrand's "dur")
+    vowel_N: Tensor           # int64 (T,), index into ``vowels``
+    speaker_N: Tensor         # int64 (T,), speaker id (unique across speaker types)
+    speaker_type_N: Tensor    # int64 (T,), index into ``speaker_types``
     vowels: tuple[str, ...]
     feature_names: tuple[str, ...]
     speaker_types: tuple[str, ...] = SPEAKER_TYPES
@@ -63,18 +65,18 @@ class VowelTable:
         for name, v in (("seed", seed), ("n_train", n_train), ("n_test", n_test)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
-        speakers_S = self.speakers
-        if n_train < 1 or n_test < 1 or n_train + n_test > len(speakers_S):
+        speaker_ids = self.speakers
+        if n_train < 1 or n_test < 1 or n_train + n_test > len(speaker_ids):
             raise ValueError(f"n_train, n_test: expected n_train >= 1, n_test >= 1 and n_train + n_test <= "
-                             f"{len(speakers_S)} speakers, got n_train={n_train}, n_test={n_test}")
+                             f"{len(speaker_ids)} speakers, got n_train={n_train}, n_test={n_test}")
         gen = torch.Generator().manual_seed(seed)
-        perm_S = speakers_S[torch.randperm(len(speakers_S), generator=gen)]
-        train_ids, test_ids = perm_S[:n_train], perm_S[n_train:n_train + n_test]
+        shuffled_ids = speaker_ids[torch.randperm(len(speaker_ids), generator=gen)]
+        train_ids, test_ids = shuffled_ids[:n_train], shuffled_ids[n_train:n_train + n_test]
         train = self.subset(torch.isin(self.speaker_N, train_ids))
         test = self.subset(torch.isin(self.speaker_N, test_ids))
         mean_F = train.features_NF.mean(0)
         std_F = train.features_NF.std(0)  # unbiased; train split only, so nothing leaks from the test speakers
-        left_out = tuple(int(s) for s in perm_S[n_train + n_test:])
+        left_out = tuple(int(s) for s in shuffled_ids[n_train + n_test:])
         return VowelSplit(train=train, test=test, mean_F=mean_F, std_F=std_F, left_out=left_out)
 
 
@@ -84,8 +86,8 @@ class VowelSplit:
 
     train: VowelTable
     test: VowelTable
-    mean_F: Tensor          # (F,) train-split mean
-    std_F: Tensor           # (F,) train-split std
+    mean_F: Tensor          # (D,) train-split mean
+    std_F: Tensor           # (D,) train-split std
     left_out: tuple[int, ...]  # speakers in neither split
 
     def standardize(self, features_NF: Tensor) -> Tensor:
