@@ -126,15 +126,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from moekit.parallel import end_process
-    status = 1
-    try:
-        status = main()
-    except SystemExit as e:                 # argparse usage errors keep their status and message
-        if e.code is not None and not isinstance(e.code, int):
-            print(e.code, file=sys.stderr)
-        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-    end_process(status)     # barrier, destroy the process groups, flush, exit (moekit.parallel.teardown)
+    from moekit.parallel import run_then_end
+    run_then_end(main)     # barrier, destroy the process groups, flush, exit (moekit.parallel.teardown)

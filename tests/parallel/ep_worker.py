@@ -363,15 +363,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    from moekit.parallel import end_process
-    code = 1
-    try:
-        code = main(sys.argv[1:])
-    except SystemExit as e:                 # argparse usage errors keep their status and message
-        if e.code is not None and not isinstance(e.code, int):
-            print(e.code, file=sys.stderr)
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-    end_process(code)                # see moekit.parallel.teardown for why a finished worker ends so
+    from moekit.parallel import run_then_end
+    run_then_end(lambda: main(sys.argv[1:]))     # barrier, destroy the process groups, flush, exit (moekit.parallel.teardown)

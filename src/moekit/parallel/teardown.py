@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from typing import Callable, NoReturn
 
 
 def end_process(code: int = 0) -> None:
@@ -39,3 +40,20 @@ def end_process(code: int = 0) -> None:
             except (OSError, ValueError):
                 pass
         os._exit(code)
+
+
+def run_then_end(main: Callable[[], int | None]) -> NoReturn:
+    """Run a multi-process script's ``main()`` and end the process with its status through
+    :func:`end_process`: ``None`` counts as 0, an exception prints its traceback and gives 1, and a
+    ``SystemExit`` (argparse's usage errors) keeps its status and message."""
+    status = 1
+    try:
+        status = main() or 0
+    except SystemExit as e:
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    end_process(status)
