@@ -4,7 +4,8 @@
 * :class:`SingleNet` — Bishop, PRML §5.6 / §14.5: a least-squares network for a 1-D regression, which
   predicts the conditional mean.
 
-Legend: N examples, D input dim.
+Legend: T examples, D input dim (see the package legend). The ``forward`` arguments keep their historical
+names: ``x_ND`` is (T, D), ``x_N1`` is (T, 1).
 """
 from __future__ import annotations
 

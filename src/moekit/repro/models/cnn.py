@@ -1,10 +1,10 @@
 """A small CondConv CNN for 8×8 digits (the ``condconv`` experiment's model).
 
-    stem   conv3×3 C_in→W                               (plain conv, as EfficientNet's stem)
-    block1 CondConv3×3 W→W                              routing α¹ = r¹(block input)
-    block2 CondConv3×3 W→2W,  CondConv3×3 2W→2W         one router per block, α² shared by both layers
-    block3 CondConv3×3 2W→4W, CondConv3×3 4W→4W         α³ shared by both layers
-    global average pool → linear 4W→L
+    stem   conv3×3 I→w                                  (plain conv, as EfficientNet's stem)
+    block1 CondConv3×3 w→w                              routing α¹ = r¹(block input)
+    block2 CondConv3×3 w→2w,  CondConv3×3 2w→2w         one router per block, α² shared by both layers
+    block3 CondConv3×3 2w→4w, CondConv3×3 4w→4w         α³ shared by both layers
+    global average pool → linear 4w→Y
 
 Every conv is followed by batch-norm and ReLU and keeps the 8×8 resolution (padding 1, stride 1): on
 images this small every pixel matters, and the kernel-mixing overhead of CondConv per layer is E/(P·Q)
@@ -14,7 +14,9 @@ Routing is computed once per block from the block input and shared by the block'
 (EfficientNet-CondConv's scheme, per its official code). ``routing="softmax"`` with a temperature gives the
 Dynamic Convolution variant (Chen et al. 2020; anneal τ with :meth:`CondConvNet.set_temperature`).
 
-Legend: B batch, C channels, S image side, E experts, L classes, W width.
+Legend: B batch, I input channels, O output channels, U × X image height × width, E experts, Y classes;
+w is the ``width`` argument (see the package legend). The public methods' argument keeps its historical
+name ``x_BCSS``: a (B, I, U, X) batch.
 """
 from __future__ import annotations
 
@@ -46,9 +48,9 @@ class _Block(nn.Module):
             c = out_channels
         self.convs, self.norms = nn.ModuleList(convs), nn.ModuleList(norms)
 
-    def forward(self, x_BCSS: Tensor) -> tuple[Tensor, Tensor | None]:
-        alpha_BE = None if self.router is None else self.router(x_BCSS)
-        h = x_BCSS
+    def forward(self, x_BIUX: Tensor) -> tuple[Tensor, Tensor | None]:
+        alpha_BE = None if self.router is None else self.router(x_BIUX)
+        h = x_BIUX
         for conv, norm in zip(self.convs, self.norms):
             h = conv(h) if alpha_BE is None else conv(h, routing_weights=alpha_BE)
             h = F.relu(norm(h))
@@ -67,7 +69,7 @@ class _Block(nn.Module):
 class CondConvNet(nn.Module):
     """The digits CNN above with ``num_experts`` experts per CondConv layer (1 = plain convs).
 
-    ``forward(x (B, C_in, S, S)) -> logits (B, L)``; :meth:`forward_with_routing` also returns the
+    ``forward(x (B, I, U, X)) -> logits (B, Y)``; :meth:`forward_with_routing` also returns the
     routing weights of each block (list of (B, E), empty for E = 1); :meth:`madds` counts per-example
     multiply-adds (routers, kernel mixing, convs, classifier).
     """
@@ -109,7 +111,7 @@ class CondConvNet(nn.Module):
         return x
 
     def forward_with_routing(self, x_BCSS: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Logits (B, L) and the routing weights of each block, early to late (list of (B, E))."""
+        """Logits (B, Y) and the routing weights of each block, early to late (list of (B, E))."""
         self._check(x_BCSS)
         h = F.relu(self.stem_norm(self.stem(x_BCSS)))
         alphas: list[Tensor] = []
@@ -117,8 +119,8 @@ class CondConvNet(nn.Module):
             h, alpha_BE = block(h)
             if alpha_BE is not None:
                 alphas.append(alpha_BE)
-        h_BC = self.dropout(h.mean(dim=(2, 3)))
-        return self.head(h_BC), alphas
+        h_BO = self.dropout(h.mean(dim=(2, 3)))
+        return self.head(h_BO), alphas
 
     def forward(self, x_BCSS: Tensor) -> Tensor:
         return self.forward_with_routing(x_BCSS)[0]
@@ -140,7 +142,7 @@ class CondConvNet(nn.Module):
         """
         if mode not in ("mix_kernels", "mix_outputs"):
             raise ValueError(f"mode: expected 'mix_kernels' or 'mix_outputs', got {mode!r}")
-        S = self.image_size
-        total = self.width * self.in_channels * 9 * S * S
-        total += sum(block.madds(S, mode) for block in self.blocks)
+        side = self.image_size
+        total = self.width * self.in_channels * 9 * side * side
+        total += sum(block.madds(side, mode) for block in self.blocks)
         return total + self.head.in_features * self.head.out_features

@@ -1,6 +1,7 @@
 """Multi-task models of Ma et al. 2018 (MMoE), built on :class:`moekit.layers.multitask.MultiGateMoE`.
 
-Legend: N examples, D input dim, G gates.
+Legend: T examples, D input dim, F tasks (one gate per task with ``gates=2``); see the package legend.
+``forward``'s argument keeps its historical name ``x_ND``: a (T, D) batch.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ class MultiTaskRegressor(nn.Module):
     """A multi-task bottom (:class:`MultiGateMoE`) and one ``D → tower_hidden ReLU → 1`` tower per task.
 
     ``gates=2``: MMoE; ``gates=1``: OMoE (both towers read the one mixture); ``experts=1, gates=1``:
-    shared-bottom. ``forward(x (N, D)) -> (N, 2)``, one prediction per task."""
+    shared-bottom. ``forward(x (T, D)) -> (T, 2)``, one prediction per task."""
 
     def __init__(self, dim: int, hidden: int, experts: int, gates: int, tower_hidden: int, tasks: int = 2):
         super().__init__()
@@ -23,9 +24,9 @@ class MultiTaskRegressor(nn.Module):
                                                   nn.Linear(tower_hidden, 1)) for _ in range(tasks))
 
     def forward(self, x_ND: Tensor) -> Tensor:
-        y_GND = self.bottom(x_ND).y                       # aux_loss is zero: MMoE has no balancing loss
-        G = y_GND.shape[0]
-        return torch.cat([tower(y_GND[min(m, G - 1)]) for m, tower in enumerate(self.towers)], -1)
+        y_FTD = self.bottom(x_ND).y                       # aux_loss is zero: MMoE has no balancing loss
+        num_gates = y_FTD.shape[0]
+        return torch.cat([tower(y_FTD[min(m, num_gates - 1)]) for m, tower in enumerate(self.towers)], -1)
 
 
 __all__ = ["MultiTaskRegressor"]

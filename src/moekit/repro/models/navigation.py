@@ -4,11 +4,12 @@ probabilities): a plain MLP over some views, :class:`moekit.layers.fusion.Situat
 :class:`FrozenExpertFusion` (independently trained single-view policies, frozen, mixed by a gate that reads a
 separate gate input) with :class:`GatedFeatureFusion`, its feature-level counterpart with the same gate.
 
-Every policy returns ``(probs (B, A), aux_loss, fusion weights (B, V) or None)``. The two gated models take
+Every policy returns ``(probs (B, Y), aux_loss, fusion weights (B, views) or None)``. The two gated models take
 ``gate_views``: the observation the gate reads (default: the views themselves). The paper computes the
 mixing weights from the RGB image, which a failing representation does not change; the experiment passes the
 intact views there while the experts read the changed ones.
-Legend: B batch, A actions, V views, F/H feature/hidden widths.
+Legend: B batch, Y actions (the 9 action classes), D a view's input features, H hidden units; the number of
+views is written out (see the package legend).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _with_goal(views: list[Tensor], goal_B: Tensor) -> list[Tensor]:
 
 
 class MLPPolicy(nn.Module):
-    """One policy over the views ``use`` (concatenated) and the target: ``F → H → A`` (ReLU), softmax."""
+    """One policy over the views ``use`` (concatenated) and the target: ``D → H → Y`` (ReLU), softmax."""
 
     def __init__(self, view_dims: list[int], use: list[int], hidden: int):
         super().__init__()
@@ -56,7 +57,7 @@ class FusionPolicy(nn.Module):
 
 
 class _Gate(nn.Module):
-    """Softmax weights over ``n`` experts from the gate views and the goal: ``ΣF → H → n`` (ReLU)."""
+    """Softmax weights over ``n`` experts from the gate views and the goal: ``ΣD → H → n`` (ReLU)."""
 
     def __init__(self, view_dims: list[int], n: int, hidden: int):
         super().__init__()
@@ -79,10 +80,10 @@ class FrozenExpertFusion(nn.Module):
 
     def forward(self, views: list[Tensor], goal_B: Tensor, gate_views: list[Tensor] | None = None
                 ) -> tuple[Tensor, Tensor, Tensor]:
-        w_BN = self.gate(views if gate_views is None else gate_views, goal_B)
+        w_view = self.gate(views if gate_views is None else gate_views, goal_B)
         with torch.no_grad():
-            probs_BNA = torch.stack([e(views, goal_B)[0] for e in self.experts], dim=1)
-        return torch.einsum("bn,bna->ba", w_BN, probs_BNA), torch.zeros(()), w_BN
+            probs_view = torch.stack([e(views, goal_B)[0] for e in self.experts], dim=1)
+        return torch.einsum("bv,bvy->by", w_view, probs_view), torch.zeros(()), w_view
 
 
 class GatedFeatureFusion(nn.Module):
@@ -97,9 +98,9 @@ class GatedFeatureFusion(nn.Module):
 
     def forward(self, views: list[Tensor], goal_B: Tensor, gate_views: list[Tensor] | None = None
                 ) -> tuple[Tensor, Tensor, Tensor]:
-        w_BN = self.gate(views if gate_views is None else gate_views, goal_B)
-        z_BNH = torch.stack([torch.relu(p(f)) for p, f in zip(self.projections, _with_goal(views, goal_B))], dim=1)
-        return torch.softmax(self.head(torch.einsum("bn,bnh->bh", w_BN, z_BNH)), -1), torch.zeros(()), w_BN
+        w_view = self.gate(views if gate_views is None else gate_views, goal_B)
+        z_view = torch.stack([torch.relu(p(f)) for p, f in zip(self.projections, _with_goal(views, goal_B))], dim=1)
+        return torch.softmax(self.head(torch.einsum("bv,bvh->bh", w_view, z_view)), -1), torch.zeros(()), w_view
 
 
 __all__ = ["FrozenExpertFusion", "FusionPolicy", "GOAL_DIM", "GatedFeatureFusion", "MLPPolicy"]

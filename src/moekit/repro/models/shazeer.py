@@ -1,7 +1,8 @@
 """A small classifier with one sparsely-gated MoE layer (Shazeer et al. 2017), for the load-balancing ablation.
 
-Legend: N examples (one token each), F input features, D model dim, H expert hidden dim, E experts,
-K experts per example, C classes.
+Legend: T examples (one token each), D model dim, H expert hidden dim, E experts, K experts per token,
+Y classes (see the package legend). ``forward``'s argument keeps its historical name ``x_NF``: a
+(T, in_features) batch.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class ShazeerMoEClassifier(nn.Module):
     The layer's ``aux_loss`` is ``w_importance·CV(Importance(X))² + w_load·CV(Load(X))²`` (eqs. 6–7, 10–11)
     over the batch ``X`` given to :meth:`forward`.
 
-    ``forward(x_NF) -> MoEOutput(logits_NC, aux_loss, metrics)`` where ``metrics`` are the MoE layer's
+    ``forward(x_NF) -> MoEOutput(logits_TY, aux_loss, metrics)`` where ``metrics`` are the MoE layer's
     (tokens_per_expert, cv_importance, cv_load, max_over_mean_load, experts_used, importance_loss, ...).
     """
 
@@ -50,8 +51,8 @@ class ShazeerMoEClassifier(nn.Module):
         if not isinstance(x_NF, Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x_NF).__name__}")
         if x_NF.dim() != 2 or x_NF.shape[-1] != self.in_features:
-            raise ValueError(f"x: expected shape (N, in_features={self.in_features}), got {tuple(x_NF.shape)}")
-        h_ND = F.relu(self.embed(x_NF))      # ReLU embedding: the router sees non-negative features
-        out = self.moe(h_ND)
-        h_ND = h_ND + out.y                  # residual: a token whose experts are bad still reaches the head
-        return MoEOutput(self.head(h_ND), out.aux_loss, out.metrics)
+            raise ValueError(f"x: expected shape (T, in_features={self.in_features}), got {tuple(x_NF.shape)}")
+        h_TD = F.relu(self.embed(x_NF))      # ReLU embedding: the router sees non-negative features
+        out = self.moe(h_TD)
+        h_TD = h_TD + out.y                  # residual: a token whose experts are bad still reaches the head
+        return MoEOutput(self.head(h_TD), out.aux_loss, out.metrics)

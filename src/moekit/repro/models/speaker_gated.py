@@ -2,7 +2,9 @@
 Competing Experts*): linear experts that read the formants, and a softmax gate that also reads who speaks
 (the speaker group), trained on the Gaussian-mixture error ``−log Σ_i p_i exp(−½‖d − o_i‖²)``.
 
-Legend: N examples, D inputs (formants then speaker one-hot), F formant features, C classes, E experts.
+Legend: T examples, D inputs (the ``expert_dim`` formants, then the speaker one-hot), Y classes, E experts
+(see the package legend). The public arguments keep their historical suffixes: ``x_ND`` is (T, D),
+``gates_NE`` (T, E), ``outputs_NEC`` (T, E, Y), ``targets_NC`` (T, Y).
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from torch import Tensor, nn
 
 
 class SplitInputMixture(nn.Module):
-    """``o_i = W_i x[:, :F] + b_i`` (the experts see the formants), ``p = softmax(V x + c)`` (the gate sees
-    everything: formants and speaker group). ``forward(x_ND) -> (blend_NC = Σ p_i o_i, gates_NE, outputs_NEC)``."""
+    """``o_i = W_i x[:, :expert_dim] + b_i`` (the experts see the formants), ``p = softmax(V x + c)`` (the gate sees
+    everything: formants and speaker group). ``forward(x_ND) -> (blend_TY = Σ p_i o_i, gates_TE, outputs_TEY)``."""
 
     def __init__(self, in_dim: int, expert_dim: int, out_dim: int, num_experts: int):
         super().__init__()
@@ -31,15 +33,15 @@ class SplitInputMixture(nn.Module):
             nn.init.uniform_(lin.bias, -bound, bound, generator=generator)
 
     def forward(self, x_ND: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        out_NEC = self.experts(x_ND[:, :self.expert_dim]).reshape(-1, self.num_experts, self.out_dim)
-        gates_NE = torch.softmax(self.gate(x_ND), -1)
-        return torch.einsum("ne,nec->nc", gates_NE, out_NEC), gates_NE, out_NEC
+        out_TEY = self.experts(x_ND[:, :self.expert_dim]).reshape(-1, self.num_experts, self.out_dim)
+        gates_TE = torch.softmax(self.gate(x_ND), -1)
+        return torch.einsum("te,tey->ty", gates_TE, out_TEY), gates_TE, out_TEY
 
 
 def mixture_nll(gates_NE: Tensor, outputs_NEC: Tensor, targets_NC: Tensor) -> Tensor:
     """``mean_n −log Σ_i p_i exp(−½‖d − o_i‖²)`` (Jacobs et al. 1991's error function)."""
-    sq_NE = (targets_NC[:, None, :] - outputs_NEC).pow(2).sum(-1)
-    return -torch.logsumexp(gates_NE.clamp_min(1e-30).log() - 0.5 * sq_NE, dim=-1).mean()
+    sq_TE = (targets_NC[:, None, :] - outputs_NEC).pow(2).sum(-1)
+    return -torch.logsumexp(gates_NE.clamp_min(1e-30).log() - 0.5 * sq_TE, dim=-1).mean()
 
 
 __all__ = ["SplitInputMixture", "mixture_nll"]
