@@ -4,8 +4,9 @@ The MoE layer is applied at every time step (to every position of every sequence
 tokens) between the two LSTM layers. Compute-matched baselines replace the MoE by more LSTM layers
 (``4xLSTM``) or use one wide LSTM with an output projection (``LSTM-2048-512`` in the paper).
 
-Legend: B sequences, L time steps, T = B·L tokens, V vocabulary, D model dim (embedding / LSTM output),
-H expert hidden dim, E experts, K experts per token, P primary groups, G experts per group.
+Legend: B sequences, L sequence length (time steps), T = B·L tokens, V vocabulary, D model dim (embedding /
+LSTM output), H expert hidden dim, E experts, K experts per token, P expert groups (the primary gate's
+choices), Q experts per group (see the package legend).
 """
 from __future__ import annotations
 

@@ -17,8 +17,10 @@ V-MoE (Riquelme et al. 2021) is a ViT in which the MLP of some encoder blocks is
 The model reads top to bottom: patch embedding → [CLS] + position embedding → ``depth`` pre-norm blocks
 ``x = x + Attn(LN(x)); x = x + MLP_or_MoE(LN(x))`` → LN → head on the [CLS] token (or the mean token).
 
-Legend: B batch (images), C channels, H/W image height/width, P patch side, N tokens per image (patches,
-plus one [CLS] token), D model dim, h heads, d head dim, L classes (labels), E experts, T tokens in a group.
+Legend: B batch (images), I input channels, U × X image height × width, L tokens per image (patches, plus one
+[CLS] token), D model dim, Y classes (labels), E experts, T tokens in a routing group, C capacity; p is the
+patch side (see the package legend). The public ``forward`` arguments keep their historical names:
+``x_BCHW`` is a (B, I, U, X) batch, ``x_BND`` a (B, L, D) token table.
 """
 from __future__ import annotations
 
@@ -70,7 +72,7 @@ def resolve_moe_layers(moe_layers: str | Sequence[int], depth: int, last_n: int 
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping P×P patches, each linearly embedded: (B, C, H, W) -> (B, (H/P)·(W/P), D)."""
+    """Non-overlapping p×p patches, each linearly embedded: (B, I, U, X) -> (B, (U/p)·(X/p), D)."""
 
     def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int):
         super().__init__()
@@ -78,11 +80,11 @@ class PatchEmbed(nn.Module):
         self.num_patches = (image_size // patch_size) ** 2
 
     def forward(self, x_BCHW: Tensor) -> Tensor:
-        return self.proj(x_BCHW).flatten(2).transpose(1, 2)       # (B, D, H/P, W/P) -> (B, N, D)
+        return self.proj(x_BCHW).flatten(2).transpose(1, 2)       # (B, D, U/p, X/p) -> (B, L, D)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention ``softmax(Q Kᵀ / √d) V`` over the N tokens of each image."""
+    """Multi-head self-attention ``softmax(Q Kᵀ / √d) V`` over the L tokens of each image."""
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0):
         super().__init__()
@@ -92,12 +94,12 @@ class Attention(nn.Module):
         self.dropout = dropout
 
     def forward(self, x_BND: Tensor) -> Tensor:
-        B, N, D = x_BND.shape
-        qkv = self.qkv(x_BND).view(B, N, 3, self.heads, D // self.heads)
-        q_BhNd, k_BhNd, v_BhNd = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        y_BhNd = F.scaled_dot_product_attention(q_BhNd, k_BhNd, v_BhNd,
+        B, L, D = x_BND.shape
+        qkv = self.qkv(x_BND).view(B, L, 3, self.heads, D // self.heads)
+        q_heads, k_heads, v_heads = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        y_heads = F.scaled_dot_product_attention(q_heads, k_heads, v_heads,
                                                 dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y_BhNd.transpose(1, 2).reshape(B, N, D))
+        return self.proj(y_heads.transpose(1, 2).reshape(B, L, D))
 
 
 class MLP(nn.Module):
@@ -145,7 +147,7 @@ class ViT(nn.Module):
     ``ViT(image_size, patch_size, in_channels, num_classes, dim, depth, heads, mlp_dim,
     moe_layers="every_other", num_experts=8, top_k=2, capacity_factor=None, batch_priority=False)``.
 
-    ``forward(x_BCHW) -> MoEOutput(logits_BL, aux_loss, metrics)``: ``aux_loss`` is the sum over the MoE
+    ``forward(x_BCHW) -> MoEOutput(logits_BY, aux_loss, metrics)``: ``aux_loss`` is the sum over the MoE
     blocks of ``w_importance·L_imp + w_load·L_load`` (a zero scalar for a dense ViT); ``metrics`` holds each
     MoE block's metrics under ``moe{i}/...`` (i-th MoE block, in depth order; its block index is
     ``self.moe_layers[i]``) plus ``dropped_fraction`` (dropped / routed assignments over all MoE blocks).
@@ -268,13 +270,13 @@ class ViT(nn.Module):
 
         x_BND = self.ln_f(x_BND)
         feat_BD = x_BND[:, 0] if self.pool == "cls" else x_BND.mean(dim=1)
-        logits_BL = self.head(feat_BD)
+        logits_BY = self.head(feat_BD)
 
         if not outputs:                                    # dense ViT
-            return MoEOutput(logits_BL, zero_loss(logits_BL), {})
+            return MoEOutput(logits_BY, zero_loss(logits_BY), {})
         aux, metrics = merge_outputs(outputs, prefix="moe")
         routed = x_BND.shape[0] * x_BND.shape[1] * self.top_k * len(outputs)    # T·k per MoE block
         dropped = sum(o.metrics["dropped_assignments"] for o in outputs)
         metrics["dropped_fraction"] = (dropped / routed).detach()
-        return MoEOutput(logits_BL, aux, metrics)
+        return MoEOutput(logits_BY, aux, metrics)
 
