@@ -1,23 +1,26 @@
 """MLP-Mixer (Tolstikhin et al. 2021) and Sparse-MLP (Lou et al. 2021, "Cross-token Modeling with
 Conditional Computation", arXiv 2109.02008).
 
-MLP-Mixer block on a token table ``X`` (S tokens × C channels):
-    ``U = X + (W2 σ(W1 LN(X)ᵀ))ᵀ``      token mixing: one MLP over the S tokens, applied per channel
-    ``Y = U + W4 σ(W3 LN(U))``          channel mixing: one MLP over the C channels, applied per token
+MLP-Mixer block on a token table ``X`` (L tokens × D channels):
+    ``U = X + (W2 σ(W1 LN(X)ᵀ))ᵀ``      token mixing: one MLP over the L tokens, applied per channel
+    ``Y = U + W4 σ(W3 LN(U))``          channel mixing: one MLP over the D channels, applied per token
 
 Sparse-MLP block: both MLPs become top-1 MoE layers (:class:`moekit.MoE`),
-    ``U = X + R_out(MoE_S(R_in(LN(X))))``  MoE_S routes each of the C1 *channel vectors* (length S1) of
+    ``U = X + R_out(MoE_S(R_in(LN(X))))``  MoE_S routes each of the D1 *channel vectors* (length L1) of
                                             every image to one token-mixing expert;
-    ``Y = U + MoE_C(LN(U))``                MoE_C routes each of the S token vectors (length C) to one
+    ``Y = U + MoE_C(LN(U))``                MoE_C routes each of the L token vectors (length D) to one
                                             channel-mixing expert.
-``R_in`` are the re-represent layers: a linear map along the token axis S → S1 = 2S and one along the
-channel axis C → C1 = C/2; ``R_out`` the inverse-shaped maps S1 → S and C1 → C (recalled from the paper, not checked; docs/papers.md).
+``R_in`` are the re-represent layers: a linear map along the token axis L → L1 = 2L and one along the
+channel axis D → D1 = D/2; ``R_out`` the inverse-shaped maps L1 → L and D1 → D (recalled from the paper, not checked; docs/papers.md).
 Routing is V-MoE's: ``gates = softmax(x W + ε)``, ε ~ N(0, (1/E)²) in training, top-1 **not**
 renormalised (so the chosen expert's output is scaled by its softmax probability), aux loss
 ``w_importance·CV(importance)² + w_load·CV(load)²`` (0.005 each).
 
-Legend: B batch, I image channels, H/W image height/width, S tokens (patches), C channels (model dim),
-S1 re-represented tokens, C1 re-represented channels, L classes, E experts.
+Legend: B batch, I image channels, U × X image height × width, L tokens (patches) per image, D channels
+(model dim), L1 re-represented tokens, D1 re-represented channels, Y classes, E experts (see the package
+legend; X, U, Y, Z, W and R in the block formulas are the papers' matrices). The public arguments keep
+their historical names: ``x_BSC`` and ``h_BSC`` are (B, L, D) token tables, ``z_BC1S1`` is (B, D1, L1),
+``x_BIHW`` a (B, I, U, X) batch.
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ class _MLP(nn.Module):
 class MixerBlock(nn.Module):
     """Dense MLP-Mixer block: ``U = X + (W2 σ(W1 LN(X)ᵀ))ᵀ``, ``Y = U + W4 σ(W3 LN(U))``.
 
-    ``forward(x_BSC) -> MoEOutput(y_BSC, zero aux loss, {})`` — the same interface as
+    ``forward(x_BSC) -> MoEOutput(y_BLD, zero aux loss, {})`` — the same interface as
     :class:`SparseMixerBlock`, so a Mixer can hold either kind.
     """
 
@@ -67,15 +70,15 @@ class MixerBlock(nn.Module):
         _check_activation(activation)
         self.num_tokens, self.dim = num_tokens, dim
         self.norm1 = nn.LayerNorm(dim)
-        self.token_mlp = _MLP(num_tokens, token_hidden, activation)      # mixes along S, per channel
+        self.token_mlp = _MLP(num_tokens, token_hidden, activation)      # mixes along L, per channel
         self.norm2 = nn.LayerNorm(dim)
-        self.channel_mlp = _MLP(dim, channel_hidden, activation)         # mixes along C, per token
+        self.channel_mlp = _MLP(dim, channel_hidden, activation)         # mixes along D, per token
 
     def forward(self, x_BSC: Tensor) -> MoEOutput:
         _check_tokens(x_BSC, self.num_tokens, self.dim)
-        u_BSC = x_BSC + self.token_mlp(self.norm1(x_BSC).transpose(1, 2)).transpose(1, 2)
-        y_BSC = u_BSC + self.channel_mlp(self.norm2(u_BSC))
-        return MoEOutput(y_BSC, zero_loss(y_BSC), {})
+        u_BLD = x_BSC + self.token_mlp(self.norm1(x_BSC).transpose(1, 2)).transpose(1, 2)
+        y_BLD = u_BLD + self.channel_mlp(self.norm2(u_BLD))
+        return MoEOutput(y_BLD, zero_loss(y_BLD), {})
 
 
 def _check_tokens(x: object, num_tokens: int, dim: int) -> None:
@@ -100,15 +103,15 @@ def _sparse_mlp_moe(dim: int, hidden: int, num_experts: int, top_k: int, *, capa
 class SparseMixerBlock(nn.Module):
     """Sparse-MLP block (Lou et al. 2021): token-mixing MoE_S with re-represent layers, channel-mixing MoE_C.
 
-        ``Z = R_in(LN(X))``      (B, S, C) → (B, C1, S1): ``Z = W_s (LN(X) W_c + b_c)ᵀ + b_s`` — channels
-                                 C → C1 = C / channel_reduction, then tokens S → S1 = S · token_expansion
-        ``U = X + R_out(MoE_S(Z))``  MoE_S sees B·C1 tokens of length S1 (one per channel of each image);
-                                 ``R_out`` maps tokens S1 → S, then channels C1 → C
-        ``Y = U + MoE_C(LN(U))``  MoE_C sees B·S tokens of length C (one per patch of each image)
+        ``Z = R_in(LN(X))``      (B, L, D) → (B, D1, L1): ``Z = W_s (LN(X) W_c + b_c)ᵀ + b_s`` — channels
+                                 D → D1 = D / channel_reduction, then tokens L → L1 = L · token_expansion
+        ``U = X + R_out(MoE_S(Z))``  MoE_S sees B·D1 tokens of length L1 (one per channel of each image);
+                                 ``R_out`` maps tokens L1 → L, then channels D1 → D
+        ``Y = U + MoE_C(LN(U))``  MoE_C sees B·L tokens of length D (one per patch of each image)
 
     Each MoE is ``Σ_{i ∈ top-k} p_i(z) E_i(z)``, ``p = softmax(z W)`` (noise ε ~ N(0, (1/E)²) added in
     training), ``E_i(z) = W2_i σ(W1_i z + b1_i) + b2_i``. With ``rerepresent=False`` MoE_S works on the
-    original (B, C, S) layout. The aux loss is the sum of both layers' weighted losses; metrics are
+    original (B, D, L) layout. The aux loss is the sum of both layers' weighted losses; metrics are
     namespaced ``moe_s/...`` and ``moe_c/...``.
     """
 
@@ -130,17 +133,17 @@ class SparseMixerBlock(nn.Module):
             raise ValueError(f"channel_reduction: must divide dim={dim}, got {channel_reduction}")
         _check_activation(activation)
         self.num_tokens, self.dim, self.rerepresent = num_tokens, dim, rerepresent
-        self.moe_tokens = num_tokens * token_expansion if rerepresent else num_tokens     # S1
-        self.moe_channels = dim // channel_reduction if rerepresent else dim             # C1
+        self.moe_tokens = num_tokens * token_expansion if rerepresent else num_tokens     # L1
+        self.moe_channels = dim // channel_reduction if rerepresent else dim             # D1
         moe_kw = dict(capacity_factor=capacity_factor, batch_priority=batch_priority, activation=activation,
                       w_importance=w_importance, w_load=w_load, router_options=router_options, dispatch=dispatch)
 
         self.norm1 = nn.LayerNorm(dim)
         if rerepresent:
-            self.channel_in = nn.Linear(dim, self.moe_channels)              # C  → C1
-            self.token_in = nn.Linear(num_tokens, self.moe_tokens)           # S  → S1
-            self.token_out = nn.Linear(self.moe_tokens, num_tokens)          # S1 → S
-            self.channel_out = nn.Linear(self.moe_channels, dim)             # C1 → C
+            self.channel_in = nn.Linear(dim, self.moe_channels)              # D  → D1
+            self.token_in = nn.Linear(num_tokens, self.moe_tokens)           # L  → L1
+            self.token_out = nn.Linear(self.moe_tokens, num_tokens)          # L1 → L
+            self.channel_out = nn.Linear(self.moe_channels, dim)             # D1 → D
         self.moe_s = _sparse_mlp_moe(self.moe_tokens, token_hidden, num_experts, top_k, **moe_kw)
         self.norm2 = nn.LayerNorm(dim)
         self.moe_c = _sparse_mlp_moe(dim, channel_hidden, num_experts, top_k, **moe_kw)
@@ -150,29 +153,29 @@ class SparseMixerBlock(nn.Module):
                 f"moe_s: {self.moe_channels} channel vectors of length {self.moe_tokens} per image")
 
     def represent(self, h_BSC: Tensor) -> Tensor:
-        """``R_in``: the (already normalised) token table (B, S, C) → MoE_S's input (B, C1, S1)."""
+        """``R_in``: the (already normalised) token table (B, L, D) → MoE_S's input (B, D1, L1)."""
         if not self.rerepresent:
             return h_BSC.transpose(1, 2)
-        h_BSC1 = self.channel_in(h_BSC)                         # (B, S, C1)
-        return self.token_in(h_BSC1.transpose(1, 2))            # (B, C1, S1)
+        h_BLD1 = self.channel_in(h_BSC)                         # (B, L, D1)
+        return self.token_in(h_BLD1.transpose(1, 2))            # (B, D1, L1)
 
     def unrepresent(self, z_BC1S1: Tensor) -> Tensor:
-        """``R_out``: MoE_S's output (B, C1, S1) → the residual branch (B, S, C)."""
+        """``R_out``: MoE_S's output (B, D1, L1) → the residual branch (B, L, D)."""
         if not self.rerepresent:
             return z_BC1S1.transpose(1, 2)
-        z_BC1S = self.token_out(z_BC1S1)                        # (B, C1, S)
-        return self.channel_out(z_BC1S.transpose(1, 2))         # (B, S, C)
+        z_BD1L = self.token_out(z_BC1S1)                        # (B, D1, L)
+        return self.channel_out(z_BD1L.transpose(1, 2))         # (B, L, D)
 
     def forward(self, x_BSC: Tensor) -> MoEOutput:
         _check_tokens(x_BSC, self.num_tokens, self.dim)
-        z_BC1S1 = self.represent(self.norm1(x_BSC))
-        out_s = self.moe_s(z_BC1S1)                  # MoE tokens = channel vectors: (B·C1, S1)
-        u_BSC = x_BSC + self.unrepresent(out_s.y)
-        out_c = self.moe_c(self.norm2(u_BSC))        # MoE tokens = patches: (B·S, C)
-        y_BSC = u_BSC + out_c.y
+        z_BD1L1 = self.represent(self.norm1(x_BSC))
+        out_s = self.moe_s(z_BD1L1)                  # MoE tokens = channel vectors: (B·D1, L1)
+        u_BLD = x_BSC + self.unrepresent(out_s.y)
+        out_c = self.moe_c(self.norm2(u_BLD))        # MoE tokens = patches: (B·L, D)
+        y_BLD = u_BLD + out_c.y
         metrics = {f"moe_s/{k}": v for k, v in out_s.metrics.items()}
         metrics.update({f"moe_c/{k}": v for k, v in out_c.metrics.items()})
-        return MoEOutput(y_BSC, out_s.aux_loss + out_c.aux_loss, metrics)
+        return MoEOutput(y_BLD, out_s.aux_loss + out_c.aux_loss, metrics)
 
 
 def sparse_block_indices(sparse_blocks: int | str | Iterable[int], depth: int) -> tuple[int, ...]:
@@ -204,10 +207,10 @@ def sparse_block_indices(sparse_blocks: int | str | Iterable[int], depth: int) -
 class MLPMixer(nn.Module):
     """MLP-Mixer image classifier; the blocks listed in ``sparse_blocks`` are Sparse-MLP blocks.
 
-    ``x (B, I, H, W) → per-patch linear embedding (B, S, C), S = (H/p)·(W/p) → depth × block →
-    LayerNorm → mean over tokens → Linear → logits (B, L)``.
+    ``x (B, I, U, X) → per-patch linear embedding (B, L, D), L = (U/p)·(X/p) → depth × block →
+    LayerNorm → mean over tokens → Linear → logits (B, Y)``.
 
-    ``forward(x) -> MoEOutput(logits_BL, aux_loss, metrics)``: ``aux_loss`` is the sum of the sparse
+    ``forward(x) -> MoEOutput(logits_BY, aux_loss, metrics)``: ``aux_loss`` is the sum of the sparse
     blocks' weighted losses (zero for a dense Mixer); metrics are namespaced
     ``block{i}/moe_s/<name>`` and ``block{i}/moe_c/<name>`` (i = block index), via
     :func:`moekit.types.merge_outputs`.
@@ -235,18 +238,18 @@ class MLPMixer(nn.Module):
         self.num_tokens = (image_size // patch_size) ** 2
         self.sparse_indices = sparse_block_indices(sparse_blocks, depth)
 
-        S = self.num_tokens
+        L = self.num_tokens
         self.embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)   # per-patch linear map
         blocks: list[nn.Module] = []
         for i in range(depth):
             if i in self.sparse_indices:
                 blocks.append(SparseMixerBlock(
-                    S, dim, token_hidden, channel_hidden, num_experts, top_k, capacity_factor=capacity_factor,
+                    L, dim, token_hidden, channel_hidden, num_experts, top_k, capacity_factor=capacity_factor,
                     batch_priority=batch_priority, rerepresent=rerepresent, token_expansion=token_expansion,
                     channel_reduction=channel_reduction, activation=activation, w_importance=w_importance,
                     w_load=w_load, router_options=router_options, dispatch=dispatch))
             else:
-                blocks.append(MixerBlock(S, dim, token_hidden, channel_hidden, activation=activation))
+                blocks.append(MixerBlock(L, dim, token_hidden, channel_hidden, activation=activation))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
@@ -272,15 +275,15 @@ class MLPMixer(nn.Module):
         expected = (self.in_channels, self.image_size, self.image_size)
         if x_BIHW.dim() != 4 or tuple(x_BIHW.shape[1:]) != expected:
             raise ValueError(f"x: expected shape (B, {', '.join(map(str, expected))}), got {tuple(x_BIHW.shape)}")
-        x_BSC = self.embed(x_BIHW).flatten(2).transpose(1, 2)     # (B, C, H/p, W/p) → (B, S, C)
+        x_BLD = self.embed(x_BIHW).flatten(2).transpose(1, 2)     # (B, D, U/p, X/p) → (B, L, D)
         outputs = []
         for blk in self.blocks:
-            out = blk(x_BSC)
+            out = blk(x_BLD)
             outputs.append(out)
-            x_BSC = out.y
+            x_BLD = out.y
         aux, metrics = merge_outputs(outputs, prefix="block")      # dense blocks add 0 and no metrics
-        logits_BL = self.head(self.norm(x_BSC).mean(dim=1))
-        return MoEOutput(logits_BL, aux, metrics)
+        logits_BY = self.head(self.norm(x_BLD).mean(dim=1))
+        return MoEOutput(logits_BY, aux, metrics)
 
 
 def _expert_sizes(bank: ExpertBank) -> list[int]:
