@@ -15,7 +15,10 @@ There is no batch norm: a BN after a gated convolution normalises away a common 
 layer's gates, so the L1 penalty could shrink all gates for free until the channels die. Without BN the
 gate magnitudes carry meaning and the eval-time skip path is exactly the dense path.
 
-Legend: B batch, C channels, H/W height/width, D embedding dim, K classes, L gated layers.
+Legend: B batch, I input channels and O output channels of a convolution, U × X height × width, D embedding
+dim, Y classes; the gated layers are counted in words (see the package legend). The public arguments keep
+their historical names: ``x_BCHW`` is a (B, I, U, X) batch, ``g1_BC`` (B, I) and ``g2_BC`` (B, O) are a
+block's gates.
 """
 from __future__ import annotations
 
@@ -55,45 +58,45 @@ class GatedBasicBlock(nn.Module):
         return F.relu(o2.y + s), [o1, o2], macs
 
 
-    def _conv1_live(self, x_BCHW: Tensor, g1_BC: Tensor | None, g2_BC: Tensor) -> MoEOutput:
+    def _conv1_live(self, x_BIUX: Tensor, g1_BI: Tensor | None, g2_BO: Tensor) -> MoEOutput:
         """conv1 at eval time computing only the output channels conv2 reads: an output channel whose second
         gate is zero for every example of the batch is multiplied by 0 in conv2, so it is left at 0 and not
-        computed. With ``g1_BC`` the zero-gated input channels are skipped too (as :class:`GatedConv2d` does).
-        MAC counts: ``executed`` = live inputs × live outputs × k²·H·W of this batch; ``ideal`` = the mean over
+        computed. With ``g1_BI`` the zero-gated input channels are skipped too (as :class:`GatedConv2d` does).
+        MAC counts: ``executed`` = live inputs × live outputs × k²·U·X of this batch; ``ideal`` = the mean over
         examples of that product with the example's own nonzero gates."""
         conv = self.conv1
-        B, _, H, W = x_BCHW.shape
-        Ho, Wo = conv.output_size(H, W)
-        per_pair = conv.kernel_size * conv.kernel_size * Ho * Wo          # MACs of one (input, output) channel pair
-        out_idx = (g2_BC != 0).any(0).nonzero().squeeze(1)
-        if g1_BC is None:
-            xg, w = x_BCHW, conv.weight
+        B, _, U, X = x_BIUX.shape
+        Uo, Xo = conv.output_size(U, X)
+        per_pair = conv.kernel_size * conv.kernel_size * Uo * Xo          # MACs of one (input, output) channel pair
+        out_idx = (g2_BO != 0).any(0).nonzero().squeeze(1)
+        if g1_BI is None:
+            xg, w = x_BIUX, conv.weight
             in_B = torch.full((B,), float(conv.in_channels), dtype=torch.float64)
             n_in = conv.in_channels
         else:
-            in_idx = (g1_BC != 0).any(0).nonzero().squeeze(1)
-            xg = x_BCHW.index_select(1, in_idx) * g1_BC.index_select(1, in_idx)[:, :, None, None]
+            in_idx = (g1_BI != 0).any(0).nonzero().squeeze(1)
+            xg = x_BIUX.index_select(1, in_idx) * g1_BI.index_select(1, in_idx)[:, :, None, None]
             w = conv.weight.index_select(1, in_idx)
-            in_B = (g1_BC != 0).sum(1).double().cpu()
+            in_B = (g1_BI != 0).sum(1).double().cpu()
             n_in = int(in_idx.numel())
         bias = None if conv.bias is None else conv.bias.index_select(0, out_idx)
-        y = x_BCHW.new_zeros(B, conv.out_channels, Ho, Wo)
+        y = x_BIUX.new_zeros(B, conv.out_channels, Uo, Xo)
         if out_idx.numel() and n_in:
             y = y.index_copy(1, out_idx, F.conv2d(xg, w.index_select(0, out_idx), bias, conv.stride, conv.padding))
         elif out_idx.numel() and bias is not None:
-            y = y.index_copy(1, out_idx, bias[None, :, None, None].expand(B, -1, Ho, Wo).contiguous())
-        out_B = (g2_BC != 0).sum(1).double().cpu()
+            y = y.index_copy(1, out_idx, bias[None, :, None, None].expand(B, -1, Uo, Xo).contiguous())
+        out_B = (g2_BO != 0).sum(1).double().cpu()
         metrics = {
             "macs_executed": torch.tensor(float(n_in * int(out_idx.numel()) * per_pair), dtype=torch.float64),
             "macs_ideal": (in_B * out_B).mean() * per_pair,
             "macs_dense": torch.tensor(float(conv.in_channels * conv.out_channels * per_pair), dtype=torch.float64),
             "active_channels": torch.tensor(float(n_in)),
         }
-        if g1_BC is None:
-            return MoEOutput(y, zero_loss(x_BCHW), metrics)
-        l1 = gate_l1(g1_BC)
-        metrics |= {"gate_l1": l1.detach(), "zero_gates": (g1_BC == 0).float().mean().detach()}
-        return MoEOutput(y, conv.l1_weight * l1 if conv.l1_weight > 0 else zero_loss(x_BCHW), metrics)
+        if g1_BI is None:
+            return MoEOutput(y, zero_loss(x_BIUX), metrics)
+        l1 = gate_l1(g1_BI)
+        metrics |= {"gate_l1": l1.detach(), "zero_gates": (g1_BI == 0).float().mean().detach()}
+        return MoEOutput(y, conv.l1_weight * l1 if conv.l1_weight > 0 else zero_loss(x_BIUX), metrics)
 
 
 class DeepMoEResNet(nn.Module):
@@ -106,7 +109,7 @@ class DeepMoEResNet(nn.Module):
     ``embedding_weight``. Phase 2: :meth:`freeze_gates` freezes the embedding and gate heads and sets
     ``λ = μ = 0``; the base network is then fine-tuned.
 
-    ``forward(x_BCHW) -> DeepMoEOutput(logits_BK, aux_loss, metrics, embedding_logits_BK, gates)``.
+    ``forward(x_BCHW) -> DeepMoEOutput(logits_BY, aux_loss, metrics, embedding_logits_BY, gates)``.
     Whole-network metrics (per example): ``macs_executed`` (what this call computed, including the
     embedding network and gate heads), ``macs_ideal`` (with per-example skipping), ``macs_dense`` (this
     network with every channel computed), ``flops_ratio`` = executed / dense, ``zero_gates`` (fraction of
@@ -195,23 +198,23 @@ class DeepMoEResNet(nn.Module):
         if not isinstance(x_BCHW, Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x_BCHW).__name__}")
         if x_BCHW.dim() != 4 or x_BCHW.shape[1] != self.in_channels:
-            raise ValueError(f"x: expected shape (B, in_channels={self.in_channels}, H, W), got {tuple(x_BCHW.shape)}")
-        _, _, H, W = x_BCHW.shape
+            raise ValueError(f"x: expected shape (B, in_channels={self.in_channels}, U, X), got {tuple(x_BCHW.shape)}")
+        _, _, U, X = x_BCHW.shape
         if self.gated:
-            e_BD, emb_logits_BK = self.embedding(x_BCHW)
+            e_BD, emb_logits_BY = self.embedding(x_BCHW)
             gates = self.gate(e_BD)
         else:
-            emb_logits_BK, gates = None, []
+            emb_logits_BY, gates = None, []
         h = F.relu(self.stem(x_BCHW))
         fixed = conv_macs(self.in_channels, self.stem.out_channels, 3, h.shape[2], h.shape[3])
-        fixed += self.overhead_macs(H, W) + self.head.in_features * self.head.out_features
+        fixed += self.overhead_macs(U, X) + self.head.in_features * self.head.out_features
         conv_outs: list[MoEOutput] = []
         for i, block in enumerate(self.blocks):
             g1, g2 = (gates[2 * i], gates[2 * i + 1]) if self.gated else (None, None)
             h, outs, sc_macs = block(h, g1, g2)
             conv_outs += outs
             fixed += sc_macs
-        logits_BK = self.head(h.mean(dim=(2, 3)))
+        logits_BY = self.head(h.mean(dim=(2, 3)))
 
         aux, metrics = merge_outputs(conv_outs, prefix="conv")
         for key in ("macs_executed", "macs_ideal", "macs_dense"):
@@ -221,7 +224,7 @@ class DeepMoEResNet(nn.Module):
             n_gates = sum(g.numel() for g in gates)
             metrics["zero_gates"] = (sum(float((g == 0).sum()) for g in gates) / n_gates) * torch.ones(())
             metrics["gate_l1"] = sum(o.metrics["gate_l1"] for o in conv_outs)
-        return DeepMoEOutput(logits_BK, aux, metrics, emb_logits_BK, gates)
+        return DeepMoEOutput(logits_BY, aux, metrics, emb_logits_BY, gates)
 
 
 def deepmoe_resnet(variant: str, **kwargs) -> DeepMoEResNet:
