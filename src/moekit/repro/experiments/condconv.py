@@ -8,7 +8,10 @@ routing is in the early and the late block (CondConv's figure: early layers rout
 late layers by class). The published numbers are EfficientNet-B0 on ImageNet (the official code's
 README) — a different task and scale; compare the *trend* (accuracy up, MADDs nearly flat), not the values.
 
-Legend: B batch, N examples, E experts, K classes, S epochs.
+Legend: B batch, T examples, I input channels, U × X image height × width, E experts, Y classes, J recorded
+steps (one loss per epoch); see the package legend. The public arguments keep their historical names:
+``x_BCSS`` is a (B, I, U, X) batch, ``alpha_NE`` (T, E) routing weights, ``labels_N`` (T,) labels. The result
+key ``madds_M`` is in millions of multiply-adds, not a shape.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ class Config:
     dynamic_experts: tuple[int, ...] = option((4,), "expert counts of the DynamicConv rows (softmax routing, "
                                                     "temperature 30 -> 1); '' for none", ge=2, quick=())
     epochs: int = option(20, "training epochs", ge=1, quick=6)
-    width: int = option(4, "CNN width W (channels W, 2W, 4W; small enough that capacity limits accuracy)", ge=1)
+    width: int = option(4, "CNN width w (channels w, 2w, 4w; small enough that capacity limits accuracy)", ge=1)
     batch_size: int = option(32, "training batch size", ge=1)
     lr: float = option(3e-3, "AdamW peak learning rate, cosine decay", gt=0)
     weight_decay: float = option(1e-4, "AdamW weight decay", ge=0)
@@ -60,13 +63,13 @@ class Config:
 
 def shift_augment(x_BCSS: Tensor, generator: torch.Generator, fill: float, max_shift: int = 1) -> Tensor:
     """Random translation by up to ``max_shift`` pixels per example; uncovered pixels get ``fill`` (background)."""
-    B, C, S, _ = x_BCSS.shape
+    B, I, U, X = x_BCSS.shape
     pad = F.pad(x_BCSS, (max_shift,) * 4, value=fill)
     offs = torch.randint(0, 2 * max_shift + 1, (B, 2), generator=generator)
-    rows = offs[:, 0, None] + torch.arange(S)                      # (B, S)
-    cols = offs[:, 1, None] + torch.arange(S)
+    rows = offs[:, 0, None] + torch.arange(U)                      # (B, U)
+    cols = offs[:, 1, None] + torch.arange(X)                      # (B, X)
     idx_b = torch.arange(B)[:, None, None]
-    out = pad.permute(0, 2, 3, 1)[idx_b, rows[:, :, None], cols[:, None, :]]   # (B, S, S, C)
+    out = pad.permute(0, 2, 3, 1)[idx_b, rows[:, :, None], cols[:, None, :]]   # (B, U, X, I)
     return out.permute(0, 3, 1, 2).contiguous()
 
 
@@ -88,12 +91,12 @@ def class_variance_share(alpha_NE: Tensor, labels_N: Tensor, num_classes: int) -
 
 
 def class_mean_routing(alpha_NE: Tensor, labels_N: Tensor, num_classes: int) -> Tensor:
-    """Mean routing weight per class and expert, (K, E)."""
+    """Mean routing weight per class and expert, (Y, E)."""
     return torch.stack([alpha_NE[labels_N == k].mean(0) for k in range(num_classes)])
 
 
 def class_spread(alpha_NE: Tensor, labels_N: Tensor, num_classes: int) -> float:
-    """How much the per-class mean routing weights differ: std over classes of (K, E), mean over experts."""
+    """How much the per-class mean routing weights differ: std over classes of (Y, E), mean over experts."""
     return float(class_mean_routing(alpha_NE, labels_N, num_classes).std(0, unbiased=False).mean())
 
 
@@ -103,20 +106,20 @@ def routing_figure(tables: dict[str, Tensor], title: str):
     plt = _plt()
     n = len(tables)
     first = next(iter(tables.values()))
-    K, E = first.shape
-    fig, axes = plt.subplots(1, n, figsize=(1.2 + 0.55 * K * n, 0.9 + 0.45 * E), squeeze=False)
+    Y, E = first.shape
+    fig, axes = plt.subplots(1, n, figsize=(1.2 + 0.55 * Y * n, 0.9 + 0.45 * E), squeeze=False)
     vmin = min(float(t.min()) for t in tables.values())      # shared colour scale, stretched to the values
     vmax = max(float(t.max()) for t in tables.values())
     im = None
-    for ax, (name, t_KE) in zip(axes[0], tables.items()):
-        t = t_KE.t().numpy()
+    for ax, (name, t_YE) in zip(axes[0], tables.items()):
+        t = t_YE.t().numpy()
         im = ax.imshow(t, aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
-        ax.set_xticks(range(K), labels=[str(k) for k in range(K)])
+        ax.set_xticks(range(Y), labels=[str(k) for k in range(Y)])
         ax.set_yticks(range(E), labels=[f"expert {e}" for e in range(E)])
         ax.set_xlabel("digit class")
         ax.set_title(name, fontsize=9)
         for i in range(E):
-            for j in range(K):
+            for j in range(Y):
                 ax.text(j, i, f"{t[i, j]:.2f}", ha="center", va="center", fontsize=6,
                         color="black" if t[i, j] > vmin + 0.6 * (vmax - vmin) else "white")
     fig.colorbar(im, ax=list(axes[0]), label="mean routing weight α")
@@ -139,8 +142,8 @@ def train_one(num_experts: int, dynamic: bool, seed: int, data, cfg: Config, ctx
         model = CondConvNet(num_experts, width=cfg.width, mode=cfg.mode, routing=routing,
                             temperature=30.0 if dynamic else 1.0, router_reduction=4 if dynamic else None)
     g = seed_generator(seed, stream=1)             # batch order and augmentation shifts
-    N = data.x_train.shape[0]
-    total = cfg.epochs * math.ceil(N / cfg.batch_size)
+    T = data.x_train.shape[0]
+    total = cfg.epochs * math.ceil(T / cfg.batch_size)
     anneal_steps = int(round(cfg.anneal_fraction * total))
     step = [0]
 
@@ -154,7 +157,7 @@ def train_one(num_experts: int, dynamic: bool, seed: int, data, cfg: Config, ctx
         return F.cross_entropy(model(xb), yb)
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    log = fit(loss_fn, [opt], epochs=cfg.epochs, n=N, batch_size=cfg.batch_size, generator=g, schedule=cosine,
+    log = fit(loss_fn, [opt], epochs=cfg.epochs, n=T, batch_size=cfg.batch_size, generator=g, schedule=cosine,
               model=model, track=ctx.track, description=label)
     if dynamic:
         model.set_temperature(1.0)
@@ -167,11 +170,11 @@ def run(ctx: RunContext) -> ExperimentResult:
 
     cfg: Config = ctx.config
     experts, dynamic = list(cfg.experts), list(cfg.dynamic_experts)
-    R = ctx.seeds
-    seeds = list(range(R))
+    num_seeds = ctx.seeds
+    seeds = list(range(num_seeds))
 
     data = load_digits_split(seed=cfg.data_seed, images=True)
-    K = NUM_CLASSES
+    Y = NUM_CLASSES
     variants = [(e, False) for e in experts] + [(e, True) for e in dynamic]
 
     def row_name(e: int, dyn: bool) -> str:
@@ -193,22 +196,22 @@ def run(ctx: RunContext) -> ExperimentResult:
         if e > 1:
             metrics.update(class_var_early=[], class_var_late=[], class_spread_early=[], class_spread_late=[])
         for s in seeds:
-            model, loss_S = train_one(e, dyn, s, data, cfg, ctx, f"{name}, seed {s}")
+            model, loss_J = train_one(e, dyn, s, data, cfg, ctx, f"{name}, seed {s}")
             test_acc, alphas = _evaluate(model, data.x_test, data.y_test)
             train_acc, _ = _evaluate(model, data.x_train, data.y_train)
             metrics["test_acc"].append(test_acc)
             metrics["train_acc"].append(train_acc)
             if e > 1:
-                metrics["class_var_early"].append(class_variance_share(alphas[0], data.y_test, K))
-                metrics["class_var_late"].append(class_variance_share(alphas[-1], data.y_test, K))
-                metrics["class_spread_early"].append(class_spread(alphas[0], data.y_test, K))
-                metrics["class_spread_late"].append(class_spread(alphas[-1], data.y_test, K))
+                metrics["class_var_early"].append(class_variance_share(alphas[0], data.y_test, Y))
+                metrics["class_var_late"].append(class_variance_share(alphas[-1], data.y_test, Y))
+                metrics["class_spread_early"].append(class_spread(alphas[0], data.y_test, Y))
+                metrics["class_spread_late"].append(class_spread(alphas[-1], data.y_test, Y))
                 if s == 0:
                     routing_tables[name] = {
-                        "early: block 1 (routes conv 1)": class_mean_routing(alphas[0], data.y_test, K),
+                        "early: block 1 (routes conv 1)": class_mean_routing(alphas[0], data.y_test, Y),
                         f"late: block {len(alphas)} (routes convs {2 * len(alphas) - 2}–{2 * len(alphas) - 1})":
-                            class_mean_routing(alphas[-1], data.y_test, K)}
-            losses.setdefault(name, []).append(loss_S)
+                            class_mean_routing(alphas[-1], data.y_test, Y)}
+            losses.setdefault(name, []).append(loss_J)
         madds = model.madds()
         metrics_out: dict = dict(metrics)
         metrics_out["madds_M"] = madds / 1e6
@@ -216,16 +219,16 @@ def run(ctx: RunContext) -> ExperimentResult:
         metrics_out["params_k"] = sum(p.numel() for p in model.parameters()) / 1e3
         rows.append(Row(name, metrics_out))
         acc[name] = metrics["test_acc"]
-        notes.append(f"{name}: {time.perf_counter() - t0:.1f} s wall for {R} seed(s)")
+        notes.append(f"{name}: {time.perf_counter() - t0:.1f} s wall for {num_seeds} seed(s)")
     wide_name = f"plain conv, width {2 * cfg.width}"
     if cfg.wide_baseline and 1 in experts:          # the capacity-bound prerequisite: does widening help?
         wide_cfg = dataclasses.replace(cfg, width=2 * cfg.width)
         metrics = {"test_acc": [], "train_acc": []}
         for s in seeds:
-            model, loss_S = train_one(1, False, s, data, wide_cfg, ctx, f"{wide_name}, seed {s}")
+            model, loss_J = train_one(1, False, s, data, wide_cfg, ctx, f"{wide_name}, seed {s}")
             metrics["test_acc"].append(_evaluate(model, data.x_test, data.y_test)[0])
             metrics["train_acc"].append(_evaluate(model, data.x_train, data.y_train)[0])
-            losses.setdefault(wide_name, []).append(loss_S)
+            losses.setdefault(wide_name, []).append(loss_J)
         rows.append(Row(wide_name, dict(metrics, madds_M=model.madds() / 1e6, madds_ratio=model.madds() / base_madds,
                                         params_k=sum(p.numel() for p in model.parameters()) / 1e3)))
         acc[wide_name] = metrics["test_acc"]
@@ -255,9 +258,9 @@ def run(ctx: RunContext) -> ExperimentResult:
                                           [mean_std(r.metrics["test_acc"])[0] for r in dyn_rows])
         errors["DynamicConv (digits)"] = [mean_std(r.metrics["test_acc"])[1] for r in dyn_rows]
         labels["DynamicConv (digits)"] = [r.name.replace("DynamicConv ", "") for r in dyn_rows]
-    spread = " ± std over seeds" if R > 1 else ""
-    fig = scatter_xy(points, f"Test accuracy vs MADDs (mean{spread} of {R} seed(s))", "MADDs per example (M)",
-                     "test accuracy (%)", annotate=labels, yerr=errors if R > 1 else None)
+    spread = " ± std over seeds" if num_seeds > 1 else ""
+    fig = scatter_xy(points, f"Test accuracy vs MADDs (mean{spread} of {num_seeds} seed(s))", "MADDs per example (M)",
+                     "test accuracy (%)", annotate=labels, yerr=errors if num_seeds > 1 else None)
     ctx.savefig(fig, "accuracy_vs_madds.png")
     tables: dict[str, str] = {}
     routed = [n for n in routing_tables if n.startswith("CondConv")]
@@ -267,11 +270,11 @@ def run(ctx: RunContext) -> ExperimentResult:
         fig = routing_figure(routing_tables[name], f"{name}: mean routing weight per class (test set, seed 0)")
         ctx.savefig(fig, f"routing_{slug}.png")
         if name == show:
-            for layer, t_KE in routing_tables[name].items():
-                E = t_KE.shape[1]
-                head = "| expert | " + " | ".join(str(k) for k in range(K)) + " |"
-                sep = "|---" * (K + 1) + "|"
-                body = [f"| {i} | " + " | ".join(f"{float(t_KE[k, i]):.2f}" for k in range(K)) + " |"
+            for layer, t_YE in routing_tables[name].items():
+                E = t_YE.shape[1]
+                head = "| expert | " + " | ".join(str(k) for k in range(Y)) + " |"
+                sep = "|---" * (Y + 1) + "|"
+                body = [f"| {i} | " + " | ".join(f"{float(t_YE[k, i]):.2f}" for k in range(Y)) + " |"
                         for i in range(E)]
                 tables[f"{name}, {layer}: mean routing weight per digit class (test set, seed 0)"] = \
                     "\n".join([head, sep, *body])
