@@ -11,7 +11,8 @@ At evaluation the test images are run ``--eval-batch-size`` at a time (default 1
 whose gate is zero for the whole batch is sliced out of the activations and the kernel, so the reported
 executed FLOPs are what was actually computed (including the embedding network and gate heads).
 
-Legend: N examples, B batch, C channels, K classes, L gated layers, R seeds.
+Legend: T examples, B batch, Y classes; gated layers and seeds are counted in words (see the package legend).
+The result key ``zero_L`` (zero-gate fraction per gated layer) keeps its historical name.
 """
 from __future__ import annotations
 
@@ -70,11 +71,11 @@ def _train_phase(model: DeepMoEResNet, x: Tensor, y: Tensor, *, epochs: int, lr:
 def evaluate(model: DeepMoEResNet, x: Tensor, y: Tensor, batch_size: int) -> dict[str, Any]:
     """Accuracy, gate sparsity and MACs per image over ``x``, run ``batch_size`` images per forward (eval mode)."""
     model.eval()
-    N = len(y)
+    T = len(y)
     correct = emb_correct = 0.0
     sums = {"macs_executed": 0.0, "macs_ideal": 0.0, "macs_dense": 0.0}
-    zero_L = torch.zeros(len(model.gate_channels), dtype=torch.float64)
-    for i in range(0, N, batch_size):
+    zero_per_layer = torch.zeros(len(model.gate_channels), dtype=torch.float64)
+    for i in range(0, T, batch_size):
         xb, yb = x[i:i + batch_size], y[i:i + batch_size]
         out = model(xb)
         correct += float((out.y.argmax(-1) == yb).sum())
@@ -82,13 +83,13 @@ def evaluate(model: DeepMoEResNet, x: Tensor, y: Tensor, batch_size: int) -> dic
             sums[k] += float(out.metrics[k]) * len(yb)
         if model.gated:
             emb_correct += float((out.embedding_logits.argmax(-1) == yb).sum())
-            zero_L += torch.tensor([float((g == 0).sum()) for g in out.gates], dtype=torch.float64)
-    res: dict[str, Any] = {"acc": 100.0 * correct / N, **{k: v / N for k, v in sums.items()}}
+            zero_per_layer += torch.tensor([float((g == 0).sum()) for g in out.gates], dtype=torch.float64)
+    res: dict[str, Any] = {"acc": 100.0 * correct / T, **{k: v / T for k, v in sums.items()}}
     if model.gated:
         chans = torch.tensor(model.gate_channels, dtype=torch.float64)
-        res["zero_L"] = (zero_L / (N * chans)).tolist()
-        res["zero_gates"] = float(zero_L.sum() / (N * chans.sum()))
-        res["embedding_acc"] = 100.0 * emb_correct / N
+        res["zero_L"] = (zero_per_layer / (T * chans)).tolist()
+        res["zero_gates"] = float(zero_per_layer.sum() / (T * chans.sum()))
+        res["embedding_acc"] = 100.0 * emb_correct / T
     return res
 
 
@@ -143,14 +144,14 @@ def run(ctx: RunContext) -> ExperimentResult:
     c: Config = ctx.config
     o = config_dict(c)
     o["lambdas"], o["plain_widths"] = sorted(c.lambdas), sorted(c.plain_widths)
-    R = ctx.seeds
+    num_seeds = ctx.seeds
     jobs: list[tuple[str, str, float, float]] = [(plain_name(w), "plain", w, 0.0) for w in o["plain_widths"]]
     jobs += [(gated_name(v, lam), v, VARIANTS[v], lam) for v in VARIANTS for lam in o["lambdas"]]
     per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in jobs}
     walls: dict[str, float] = {name: 0.0 for name, *_ in jobs}
     reference_macs: list[float] = []   # dense MACs of the plain ×1 network, per seed
 
-    work = [(s, job) for s in range(R) for job in jobs]
+    work = [(s, job) for s in range(num_seeds) for job in jobs]
     for seed, (name, kind, width, lam) in ctx.track(work, total=len(work), description="deepmoe"):
         data = load_digits_split(seed, images=True)
         stream = jobs.index((name, kind, width, lam))
@@ -213,10 +214,10 @@ def run(ctx: RunContext) -> ExperimentResult:
         points[key] = ([mean(n, "kmacs") for n in names], [mean(n, "test_acc") for n in names])
         yerr[key], xerr[key] = [std(n, "test_acc") for n in names], [std(n, "kmacs") for n in names]
         labels[key] = [f"λ={lam:g}" for lam in o["lambdas"]]
-    spread = ", ± std over seeds" if R > 1 else ""
-    fig = scatter_xy(points, f"Digits: test accuracy vs executed FLOPs ({R} seed{'s' * (R > 1)}{spread})",
+    spread = ", ± std over seeds" if num_seeds > 1 else ""
+    fig = scatter_xy(points, f"Digits: test accuracy vs executed FLOPs ({num_seeds} seed{'s' * (num_seeds > 1)}{spread})",
                      "executed kMACs per image (incl. gating overhead)", "test accuracy (%)", annotate=labels,
-                     yerr=yerr if R > 1 else None, xerr=xerr if R > 1 else None)
+                     yerr=yerr if num_seeds > 1 else None, xerr=xerr if num_seeds > 1 else None)
     _log_x_axis(fig.axes[0], [x for xs_, _ in points.values() for x in xs_])
     ctx.savefig(fig, "accuracy_vs_flops.png")
 
@@ -228,8 +229,8 @@ def run(ctx: RunContext) -> ExperimentResult:
         for label, key in (("zero-gate fraction", "zero_gates"), ("executed / dense FLOPs", "flops_vs_dense")):
             series[f"{v}: {label}"] = [mean(gated_name(v, lam), key) for lam in xs]
             errs[f"{v}: {label}"] = [std(gated_name(v, lam), key) for lam in xs]
-    fig = lines(xs, series, "DeepMoE: gate sparsity and executed FLOPs vs λ" + (" (± std over seeds)" if R > 1 else ""),
-                "λ (L1 gate weight)", "fraction", logx=len(lam_pos) >= 2, yerr=errs if R > 1 else None)
+    fig = lines(xs, series, "DeepMoE: gate sparsity and executed FLOPs vs λ" + (" (± std over seeds)" if num_seeds > 1 else ""),
+                "λ (L1 gate weight)", "fraction", logx=len(lam_pos) >= 2, yerr=errs if num_seeds > 1 else None)
     ctx.savefig(fig, "sparsity_vs_lambda.png")
 
     # ---- per-layer zero-gate fractions (seed 0)
@@ -265,7 +266,7 @@ def run(ctx: RunContext) -> ExperimentResult:
     ]
     config = dict(lambdas=o["lambdas"], epochs=o["epochs"], finetune_epochs=o["finetune_epochs"], mu=o["mu"],
                   lr=o["lr"], finetune_lr=o["lr"] / 10, batch_size=o["batch_size"], base_channels=o["base_channels"],
-                  plain_widths=o["plain_widths"], eval_batch_size=o["eval_batch_size"], seeds=R,
+                  plain_widths=o["plain_widths"], eval_batch_size=o["eval_batch_size"], seeds=num_seeds,
                   variants=dict(VARIANTS), blocks_per_stage=[1, 1, 1], embed_dim=32, embed_channels=[8, 16],
                   gate_bias_init=1.0, optimizer="Adam, cosine decay per phase",
                   data="digits 8x8, split seed = run seed",
