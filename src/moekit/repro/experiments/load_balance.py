@@ -4,7 +4,9 @@ A small digits classifier with one noisy top-k MoE layer (16 ReLU-MLP experts, k
 ``W_g`` and ``W_noise``) is trained for each ``(w_importance, w_load)`` in the paper's grid; we report test
 accuracy and the balance of the trained router over the test set.
 
-Legend: N examples, F input features (64 pixels), E experts, K experts per example, S steps, R seeds.
+Legend: T examples, D input features (64 pixels), E experts, K experts per token (example), J recorded steps;
+seeds are counted in words (see the package legend). The result keys ``load_SE`` (J, E), ``cv_importance_S`` and
+``cv_load_S`` (J,) and ``test_load_E`` (E,) keep their historical names.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ class Config:
 
 
 def _digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Standardised digits split: ``(x_train_NF, y_train_N, x_test_NF, y_test_N)``."""
+    """Standardised digits split: ``(x_train_TD, y_train_T, x_test_TD, y_test_T)``."""
     from moekit.repro.datasets.digits import load_digits_split
     split = load_digits_split(seed)
     x_tr, y_tr, x_te, y_te = split.x_train, split.y_train, split.x_test, split.y_test
@@ -78,44 +80,44 @@ def train_one(data: tuple[Tensor, Tensor, Tensor, Tensor], w_importance: float, 
     """
     from moekit.repro.models.shazeer import ShazeerMoEClassifier
 
-    x_tr_NF, y_tr_N, x_te_NF, y_te_N = data
-    N = x_tr_NF.shape[0]
-    bs = opts.batch_size if 0 < opts.batch_size < N else None
-    load_SE, cv_imp_S, cv_load_S = [], [], []
+    x_tr_TD, y_tr_T, x_te_TD, y_te_T = data
+    T = x_tr_TD.shape[0]
+    bs = opts.batch_size if 0 < opts.batch_size < T else None
+    load_JE, cv_imp_J, cv_load_J = [], [], []
     with seeded_global(seed, stream=0):
-        model = ShazeerMoEClassifier(x_tr_NF.shape[1], int(y_tr_N.max()) + 1, opts.dim, opts.hidden_dim,
+        model = ShazeerMoEClassifier(x_tr_TD.shape[1], int(y_tr_T.max()) + 1, opts.dim, opts.hidden_dim,
                                      opts.num_experts, opts.top_k, w_importance=w_importance, w_load=w_load)
 
         def loss_fn(idx: Tensor | None) -> Tensor:
-            xb, yb = (x_tr_NF, y_tr_N) if idx is None else (x_tr_NF[idx], y_tr_N[idx])
+            xb, yb = (x_tr_TD, y_tr_T) if idx is None else (x_tr_TD[idx], y_tr_T[idx])
             out = model(xb)
             m = out.metrics
-            load_SE.append(m["tokens_per_expert"] / m["tokens_per_expert"].mean())   # load / mean load
-            cv_imp_S.append(m["cv_importance"])
-            cv_load_S.append(m["cv_load"])
+            load_JE.append(m["tokens_per_expert"] / m["tokens_per_expert"].mean())   # load / mean load
+            cv_imp_J.append(m["cv_importance"])
+            cv_load_J.append(m["cv_load"])
             return F.cross_entropy(out.y, yb) + out.aux_loss     # the only place task + aux loss meet
 
-        fit(loss_fn, [torch.optim.Adam(model.parameters(), lr=opts.lr)], epochs=opts.steps, n=N, batch_size=bs,
+        fit(loss_fn, [torch.optim.Adam(model.parameters(), lr=opts.lr)], epochs=opts.steps, n=T, batch_size=bs,
             sample="replacement", generator=seed_generator(seed, stream=1), model=model)
         model.eval()
         with torch.no_grad():
-            out = model(x_te_NF)                  # the whole test set as one batch X, no noise
+            out = model(x_te_TD)                  # the whole test set as one batch X, no noise
     m = out.metrics
     tail = max(1, opts.steps // 10)               # training-batch balance: mean over the last 10% of steps
-    load_SE = torch.stack(load_SE)
+    load_JE = torch.stack(load_JE)
     return {
-        "test_acc": 100.0 * (out.y.argmax(-1) == y_te_N).float().mean().item(),
+        "test_acc": 100.0 * (out.y.argmax(-1) == y_te_T).float().mean().item(),
         "cv_importance": m["cv_importance"].item(),
         "cv_load": m["cv_load"].item(),
         "max_over_mean_load": m["max_over_mean_load"].item(),
         "experts_used": m["experts_used"].item(),
         "test_load_E": m["tokens_per_expert"].clone(),
-        "train_cv_importance": torch.stack(cv_imp_S[-tail:]).mean().item(),
-        "train_cv_load": torch.stack(cv_load_S[-tail:]).mean().item(),
-        "train_max_over_mean_load": load_SE[-tail:].max(dim=1).values.mean().item(),
-        "load_SE": load_SE,
-        "cv_importance_S": torch.stack(cv_imp_S),
-        "cv_load_S": torch.stack(cv_load_S),
+        "train_cv_importance": torch.stack(cv_imp_J[-tail:]).mean().item(),
+        "train_cv_load": torch.stack(cv_load_J[-tail:]).mean().item(),
+        "train_max_over_mean_load": load_JE[-tail:].max(dim=1).values.mean().item(),
+        "load_SE": load_JE,
+        "cv_importance_S": torch.stack(cv_imp_J),
+        "cv_load_S": torch.stack(cv_load_J),
     }
 
 
@@ -133,9 +135,9 @@ def _load_heatmaps(traces: dict[str, Tensor], title: str):
                              layout="constrained")
     im = None
     for ax, name in zip(axes.flat, names):
-        load_SE = traces[name]
-        order = load_SE[-max(1, load_SE.shape[0] // 10):].mean(0).argsort(descending=True)
-        im = ax.imshow(load_SE[:, order].t().numpy(), aspect="auto", interpolation="nearest", cmap="viridis",
+        load_JE = traces[name]
+        order = load_JE[-max(1, load_JE.shape[0] // 10):].mean(0).argsort(descending=True)
+        im = ax.imshow(load_JE[:, order].t().numpy(), aspect="auto", interpolation="nearest", cmap="viridis",
                        vmin=0.0, vmax=vmax, origin="upper")
         ax.set_title(name, fontsize=10)
     for ax in axes[-1]:
