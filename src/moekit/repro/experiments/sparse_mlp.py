@@ -1,17 +1,19 @@
 """Sparse-MLP (Lou et al. 2021) vs a dense MLP-Mixer at matched active parameters, on 8×8 digits.
 
-Three models are trained per seed on scikit-learn's digits (2×2 patches → S = 16 tokens):
+Three models are trained per seed on scikit-learn's digits (2×2 patches → L = 16 tokens):
   * ``MLP-Mixer (same widths)``   — the Sparse-MLP's backbone with every block dense;
   * ``MLP-Mixer (matched active)`` — the same depth and dim, token/channel MLP widths scaled up (same
     ratio) until its parameter count is closest to the Sparse-MLP's *active* count;
   * ``Sparse-MLP``                — the last ``--sparse-blocks`` blocks replaced by Sparse-MLP blocks
-    (MoE_S with re-represent layers S→2S, C→C/2 and back, then MoE_C), top-1 V-MoE routing with
+    (MoE_S with re-represent layers L→2L, D→D/2 and back, then MoE_C), top-1 V-MoE routing with
     importance + load losses.
 We report test accuracy, active and total parameters and the expert load CV of every MoE layer on the
 test set.
 
-Legend: N examples, B batch, I image channels (1), S tokens, C channels, E experts, L classes (10),
-R seeds, P epochs.
+Legend: T examples, B batch, I image channels (1), U × X image height × width, L tokens (patches) per image,
+D channels (model dim), D1 re-represented channels, E experts, Y classes (10), J recorded steps (one accuracy
+per epoch); seeds are counted in words (see the package legend). The result key ``acc_P`` (J,) keeps its
+historical name.
 """
 from __future__ import annotations
 
@@ -40,12 +42,12 @@ class Config:
     epochs: int = option(FULL_EPOCHS, "training epochs", ge=1, quick=QUICK_EPOCHS)
     experts: int = option(4, "experts per MoE layer (MoE_S and MoE_C)", ge=1)
     top_k: int = option(1, "experts per routed token (the paper: 1)", ge=1)
-    dim: int = option(32, "Mixer channels C", ge=1)
+    dim: int = option(32, "Mixer channels D", ge=1)
     depth: int = option(4, "Mixer blocks", ge=1)
     sparse_blocks: int = option(2, "how many of the last blocks are sparse", ge=1)
     token_hidden: int = option(32, "hidden width of token-mixing MLPs/experts", ge=1)
     channel_hidden: int = option(64, "hidden width of channel-mixing MLPs/experts", ge=1)
-    patch_size: Literal[1, 2, 4, 8] = option(2, "patch side (8x8 images: 2 -> S=16 tokens)")
+    patch_size: Literal[1, 2, 4, 8] = option(2, "patch side (8x8 images: 2 -> L=16 tokens)")
     capacity_factor: float | None = option(None, "expert capacity ratio c; none = dropless", gt=0)
     batch_priority: bool = option(False, "serve tokens by descending top gate when capacity is short (the paper's "
                                          "importance-score routing; needs --capacity-factor)")
@@ -62,7 +64,7 @@ class Config:
         if self.sparse_blocks > self.depth:
             raise OptionError("--sparse-blocks", f"must be in [1, --depth={self.depth}], got {self.sparse_blocks}")
         if self.rerepresent and self.dim % 2:
-            raise OptionError("--dim", f"must be even for the re-represent layers (C → C/2), got {self.dim}")
+            raise OptionError("--dim", f"must be even for the re-represent layers (D → D/2), got {self.dim}")
         if self.batch_priority and self.capacity_factor is None:
             raise OptionError("--batch-priority", "only matters with a capacity limit; give --capacity-factor too")
 
@@ -146,7 +148,7 @@ def _digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 @torch.no_grad()
-def _evaluate(model, x_NIHW: Tensor, y_N: Tensor, capture: bool = False) -> dict[str, Any]:
+def _evaluate(model, x_TIUX: Tensor, y_T: Tensor, capture: bool = False) -> dict[str, Any]:
     """Test accuracy and routing statistics of the whole test set as one batch (eval mode: no noise).
 
     With ``capture`` also the expert each routed token chose, per MoE layer (read from the layer's router on
@@ -159,17 +161,17 @@ def _evaluate(model, x_NIHW: Tensor, y_N: Tensor, capture: bool = False) -> dict
             handles.append(moe.register_forward_pre_hook(
                 lambda mod, args, name=name: inputs.__setitem__(name, args[0].detach())))
     try:
-        out = model(x_NIHW)
+        out = model(x_TIUX)
     finally:
         for h in handles:
             h.remove()
-    res: dict[str, Any] = {"acc": 100.0 * (out.y.argmax(-1) == y_N).float().mean().item(), "metrics": out.metrics}
+    res: dict[str, Any] = {"acc": 100.0 * (out.y.argmax(-1) == y_T).float().mean().item(), "metrics": out.metrics}
     if capture:
         res["expert_ids"] = {}
         for name, moe in model.moe_layers().items():
             x = inputs[name]
             ids = moe.router(x.reshape(-1, moe.dim)).expert_ids[:, 0]
-            res["expert_ids"][name] = ids.reshape(x.shape[:-1])      # (N, C1) for MoE_S, (N, S) for MoE_C
+            res["expert_ids"][name] = ids.reshape(x.shape[:-1])      # (T, D1) for MoE_S, (T, L) for MoE_C
     model.train()
     return res
 
@@ -183,8 +185,8 @@ def train_one(kwargs: dict[str, Any], data: tuple[Tensor, Tensor, Tensor, Tensor
     from moekit.repro.models.mixer import MLPMixer, count_parameters
 
     x_tr, y_tr, x_te, y_te = data
-    N, bs = x_tr.shape[0], min(opts["batch_size"], x_tr.shape[0])
-    acc_P: list[float] = []
+    T, bs = x_tr.shape[0], min(opts["batch_size"], x_tr.shape[0])
+    acc_J: list[float] = []
     train_cv: dict[str, list[float]] = {}
     epoch = [0]
     with seeded_global(seed, stream=0):
@@ -201,17 +203,17 @@ def train_one(kwargs: dict[str, Any], data: tuple[Tensor, Tensor, Tensor, Tensor
             return F.cross_entropy(out.y, yb) + out.aux_loss   # the only place task + aux loss meet
 
         def after_epoch(e: int) -> None:
-            acc_P.append(_evaluate(model, x_te, y_te)["acc"])
+            acc_J.append(_evaluate(model, x_te, y_te)["acc"])
             epoch[0] = e + 1
 
         opt = torch.optim.AdamW(model.parameters(), lr=opts["lr"], weight_decay=opts["weight_decay"])
-        fit(loss_fn, [opt], epochs=opts["epochs"], n=N, batch_size=bs, generator=seed_generator(seed, stream=2),
+        fit(loss_fn, [opt], epochs=opts["epochs"], n=T, batch_size=bs, generator=seed_generator(seed, stream=2),
             schedule=warmup_cosine(0.05), after_epoch=after_epoch, model=model)
         final = _evaluate(model, x_te, y_te, capture=True)
     m = final["metrics"]
     layers = list(model.moe_layers())
     res: dict[str, Any] = {
-        "test_acc": final["acc"], "acc_P": torch.tensor(acc_P),
+        "test_acc": final["acc"], "acc_P": torch.tensor(acc_J),
         "active_params": float(params["active"]), "total_params": float(params["total"]),
         "layers": layers, "expert_ids": final["expert_ids"],
         "cv_load": {k: float(m[f"{k}/cv_load"]) for k in layers},
@@ -262,13 +264,13 @@ def run(ctx: RunContext) -> ExperimentResult:
              "(test, sorted) | dispatch entropy over digit classes (nats; ln 10 = 2.30) |",
              "|---|---|---|---|---|---|---|"]
     for k in sp["layers"]:
-        ids_NT = sp["expert_ids"][k]
-        labels = y_te[:, None].expand_as(ids_NT).reshape(-1)
+        ids_per_image = sp["expert_ids"][k]
+        labels = y_te[:, None].expand_as(ids_per_image).reshape(-1)
         load = sorted((int(v) for v in sp["load"][k].tolist()), reverse=True)
         what = "channel vectors" if k.endswith("moe_s") else "patches"
-        lines.append(f"| {k} | {ids_NT.shape[1]} {what} / image | {sp['cv_load'][k]:.3f} | "
+        lines.append(f"| {k} | {ids_per_image.shape[1]} {what} / image | {sp['cv_load'][k]:.3f} | "
                      f"{sp['train_cv_load'][k]:.3f} | {sum(v > 0 for v in load)}/{E} | {' '.join(map(str, load))} | "
-                     f"{dispatch_entropy(ids_NT.reshape(-1), labels, E, 10):.3f} |")
+                     f"{dispatch_entropy(ids_per_image.reshape(-1), labels, E, 10):.3f} |")
     tables = {"Sparse-MLP routing per MoE layer (seed 0, test set, eval mode)": "\n".join(lines)}
 
     # ---- plots --------------------------------------------------------------------------------------------
@@ -278,25 +280,25 @@ def run(ctx: RunContext) -> ExperimentResult:
                 "test_accuracy.png")
     last = sp["layers"][-2:]          # MoE_S and MoE_C of the last sparse block
     for k in last:
-        ids_NT = sp["expert_ids"][k]
+        ids_per_image = sp["expert_ids"][k]
         if k.endswith("moe_s"):       # MoE_S's tokens are channel vectors: which expert does each channel use?
-            T = ids_NT.shape[1]
-            cols = torch.arange(T)[None, :].expand_as(ids_NT).reshape(-1)
-            table = routing_table(ids_NT.reshape(-1), cols, E, T)
-            col_labels, title = [str(c) for c in range(T)], f"{k}: where each channel's vectors go (seed 0)"
+            n_cols = ids_per_image.shape[1]
+            cols = torch.arange(n_cols)[None, :].expand_as(ids_per_image).reshape(-1)
+            table = routing_table(ids_per_image.reshape(-1), cols, E, n_cols)
+            col_labels, title = [str(c) for c in range(n_cols)], f"{k}: where each channel's vectors go (seed 0)"
         else:                         # MoE_C's tokens are patches: which expert do a digit's patches use?
-            labels = y_te[:, None].expand_as(ids_NT).reshape(-1)
-            table = routing_table(ids_NT.reshape(-1), labels, E, 10)
+            labels = y_te[:, None].expand_as(ids_per_image).reshape(-1)
+            table = routing_table(ids_per_image.reshape(-1), labels, E, 10)
             col_labels, title = [str(c) for c in range(10)], f"{k}: where each digit's patches go (seed 0)"
         fig = routing_heatmap(table, [f"expert {e}" for e in range(E)], col_labels, title, normalize="col")
         ctx.savefig(fig, f"routing_{k.replace('/', '_')}.png")
 
     # ---- notes --------------------------------------------------------------------------------------------
     n_test = int(y_te.numel())
-    S = (8 // opts["patch_size"]) ** 2
-    C1 = opts["dim"] if opts["no_rerepresent"] else opts["dim"] // 2
-    floor_s = math.sqrt((E - 1) / (n_test * C1 * opts["top_k"]))
-    floor_c = math.sqrt((E - 1) / (n_test * S * opts["top_k"]))
+    L = (8 // opts["patch_size"]) ** 2
+    D1 = opts["dim"] if opts["no_rerepresent"] else opts["dim"] // 2
+    floor_s = math.sqrt((E - 1) / (n_test * D1 * opts["top_k"]))
+    floor_c = math.sqrt((E - 1) / (n_test * L * opts["top_k"]))
     dm = models[DENSE_MATCHED]
     notes = [
         "Paper row: Lou et al. 2021 (arXiv 2109.02008) report that Sparse-MLP outperforms MLP-Mixer by 2.5 % "
@@ -311,8 +313,8 @@ def run(ctx: RunContext) -> ExperimentResult:
         "experts' worth per MoE layer; MoE_S's 'tokens' are channel vectors, MoE_C's are patches.",
         "cv_load_moe_s / cv_load_moe_c: std/mean (population) of the number of tokens each expert receives, the "
         f"whole test set ({n_test} images) as one batch in eval mode (no noise), averaged over the sparse "
-        f"blocks. Routing uniformly at random would give ≈ {floor_s:.3f} (MoE_S, {n_test}×{C1} channel "
-        f"vectors) and ≈ {floor_c:.3f} (MoE_C, {n_test}×{S} patches); all tokens on one expert gives "
+        f"blocks. Routing uniformly at random would give ≈ {floor_s:.3f} (MoE_S, {n_test}×{D1} channel "
+        f"vectors) and ≈ {floor_c:.3f} (MoE_C, {n_test}×{L} patches); all tokens on one expert gives "
         f"{math.sqrt(E / opts['top_k'] - 1):.2f}. train_cv_load_*: the same on the training batches of the last "
         "epoch (train mode, noisy routing: what the importance and load losses act on).",
         "Routing: top-1 of softmax(x W + ε), ε ~ N(0, (1/E)²) in training, gate not renormalised; aux loss "
@@ -333,7 +335,7 @@ def run(ctx: RunContext) -> ExperimentResult:
     ]
     config = {
         "dataset": "scikit-learn digits 8x8 via moekit.repro.datasets.digits.load_digits_split(seed, images=True) "
-                   f"(1347 train / 450 test), patches {opts['patch_size']}x{opts['patch_size']} -> S={S} tokens",
+                   f"(1347 train / 450 test), patches {opts['patch_size']}x{opts['patch_size']} -> S={L} tokens",
         "models": {name: {k: v for k, v in kw.items()} for name, kw in models.items()},
         "routing": "topk, noise_std=1/E, renormalize=False, w_switch=0 (V-MoE), expert='mlp' (GELU, bias)",
         "optimizer": f"AdamW lr={opts['lr']} (5% linear warm-up, cosine decay) weight_decay={opts['weight_decay']}",
