@@ -16,8 +16,10 @@ Every model of one seed starts from the same data order; all rows report test pe
 balancing ablation trains the ``--ablation-model`` without the importance and load losses, the shape of
 the paper's Table 6.
 
-Legend: B sequences per batch, L bytes per sequence, T = B·L tokens, V vocabulary (256 bytes), D model
-dim, E experts, S steps, R seeds, W evaluation windows.
+Legend: B sequences per batch, L bytes per sequence (sequence length), T = B·L tokens, V vocabulary (256
+bytes), D model dim, E experts, J recorded steps; seeds and evaluation windows are counted in words (see the
+package legend). The public arguments ``x_WL``/``y_WL`` of :func:`evaluate` ((windows, L) byte ids) and the
+result key ``loss_S`` (J,) keep their historical names.
 """
 from __future__ import annotations
 
@@ -131,15 +133,15 @@ def train_one(corpus, name: str, seed: int, c: Config, ctx: RunContext | None = 
     sees the same windows in the same order, and the ablation pair shares its initial weights), 2 the
     routing noise and dropout (torch's global generator, restored afterwards).
     """
-    S, B, L = c.steps, c.batch_size, c.seq_len
+    J, B, L = c.steps, c.batch_size, c.seq_len
     x_te, y_te = corpus.windows("test", L, c.eval_windows or None)
     x_va, y_va = corpus.windows("valid", L, c.eval_windows or EVAL_BATCH_WINDOWS)
-    curve_at = sorted({max(1, min(S, round(S * (i + 1) / CURVE_POINTS))) for i in range(CURVE_POINTS)})
+    curve_at = sorted({max(1, min(J, round(J * (i + 1) / CURVE_POINTS))) for i in range(CURVE_POINTS)})
     with seeded_global(seed, 0):
         model = build_model(name, c, w_importance, w_load)
     cost = model.cost()
     opt = torch.optim.Adam(model.parameters(), lr=c.lr)
-    ce_S: list[Tensor] = []
+    ce_J: list[Tensor] = []
     bal: dict[str, list[Tensor]] = {"cv_importance": [], "cv_load": [], "max_over_mean_load": []}
     valid_curve: list[float] = []
     eval_time = [0.0]
@@ -147,7 +149,7 @@ def train_one(corpus, name: str, seed: int, c: Config, ctx: RunContext | None = 
     def loss_fn(start_B: Tensor) -> Tensor:
         x_BL, y_BL = corpus.windows_at("train", start_B, L)
         ce, aux, metrics = model.loss(x_BL, y_BL)
-        ce_S.append(ce.detach())
+        ce_J.append(ce.detach())
         for key in bal:
             if key in metrics:
                 bal[key].append(metrics[key])
@@ -161,14 +163,14 @@ def train_one(corpus, name: str, seed: int, c: Config, ctx: RunContext | None = 
 
     with seeded_global(seed, 2):
         t0 = time.perf_counter()
-        fit(loss_fn, [opt], epochs=S, n=corpus.num_starts("train", L), batch_size=B, sample="replacement",
+        fit(loss_fn, [opt], epochs=J, n=corpus.num_starts("train", L), batch_size=B, sample="replacement",
             generator=seed_generator(seed, 1), schedule=warmup_cosine(0.05),
             before_update=lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0),
             after_epoch=after_step, model=model, track=None if ctx is None else ctx.track,
             description=f"{name} seed {seed}" + ("" if (w_importance, w_load) != (0, 0) else " (no balancing)"))
         train_time = time.perf_counter() - t0 - eval_time[0]
         test = evaluate(model, x_te, y_te)
-    tail = max(1, S // 10)                          # training-batch balance: mean over the last 10 % of steps
+    tail = max(1, J // 10)                          # training-batch balance: mean over the last 10 % of steps
     out: dict[str, Any] = {
         "test_ppl": math.exp(test["nats"]),
         "test_bits_per_byte": test["nats"] / math.log(2),
@@ -176,9 +178,9 @@ def train_one(corpus, name: str, seed: int, c: Config, ctx: RunContext | None = 
         "ops_per_timestep": float(cost.ops_per_timestep),
         "params_total": float(cost.params_total),
         "params_active": float(cost.params_active),
-        "token_visits_per_expert_param": cost.token_visits_per_expert_parameter(S * B * L),
+        "token_visits_per_expert_param": cost.token_visits_per_expert_parameter(J * B * L),
         "train_time_s": train_time,
-        "loss_S": torch.stack(ce_S),
+        "loss_S": torch.stack(ce_J),
         "valid_curve": torch.tensor(valid_curve),
         "curve_at": curve_at,
         "cost": cost,
@@ -303,12 +305,13 @@ def _ppl_vs_experts(results: dict[str, list[dict[str, Any]]], title: str):
     return fig
 
 
-def _smooth(loss_RS: Tensor, points: int = 100) -> tuple[Tensor, Tensor]:
-    """Means over consecutive chunks of steps: ``(step at each chunk's end, values (R, chunks))``."""
-    S = loss_RS.shape[1]
-    w = max(1, S // points)
-    n = S // w
-    return (torch.arange(1, n + 1) * w), loss_RS[:, : n * w].reshape(loss_RS.shape[0], n, w).mean(-1)
+def _smooth(seed_losses: Tensor, points: int = 100) -> tuple[Tensor, Tensor]:
+    """Means over consecutive chunks of steps of ``seed_losses`` (seeds, J): ``(step at each chunk's end,
+    values (seeds, chunks))``."""
+    J = seed_losses.shape[1]
+    w = max(1, J // points)
+    n = J // w
+    return (torch.arange(1, n + 1) * w), seed_losses[:, : n * w].reshape(seed_losses.shape[0], n, w).mean(-1)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ Capacity ratios: the default grid adds c = 0.1 to {0.25, 0.5, 0.75, 1, 1.5}. Wit
 a slot for every first choice under balanced routing, so the two routings can only differ much once first
 choices must be dropped (c < 0.5).
 
-Legend: B batch (images), N tokens per image, P patch positions (side × side), E experts, K experts per
-token, R seeds, Q capacity ratios.
+Legend: B batch (images), L tokens per image, E experts, K experts per token, T tokens routed together, C
+capacity; patch positions (side × side), seeds and capacity ratios are counted in words (see the package
+legend). The result key ``skip_N`` (L,) keeps its historical name.
 """
 from __future__ import annotations
 
@@ -122,9 +123,9 @@ def evaluate(model, x_test: Tensor, y_test: Tensor, group: int) -> dict[str, Any
 
     A token *skips* an MoE block when all k of its assignments were dropped: the block's output row is then
     exactly 0 (every kept assignment adds gate·expert(x) with gate > 0), which a forward hook detects.
-    ``skip_P`` is the skip rate per token position, averaged over MoE blocks and test images.
+    ``skip_N`` is the skip rate per token position, averaged over MoE blocks and test images.
     """
-    skipped: list[Tensor] = []                                   # per hook call: (B, N) bool
+    skipped: list[Tensor] = []                                   # per hook call: (B, L) bool
     hooks = [moe.register_forward_hook(lambda _m, _i, out: skipped.append((out.y == 0).all(dim=-1)))
              for moe in model.moe_modules()]
     try:
@@ -140,12 +141,12 @@ def evaluate(model, x_test: Tensor, y_test: Tensor, group: int) -> dict[str, Any
     finally:
         for h in hooks:
             h.remove()
-    # (B·blocks, N): every block sees all N tokens; a dense model skips nothing
-    skip_BN = torch.cat(skipped).float() if skipped else torch.zeros(1, 1)
+    # (B·blocks, L): every block sees all L tokens; a dense model skips nothing
+    skip_BL = torch.cat(skipped).float() if skipped else torch.zeros(1, 1)
     return {"accuracy": 100.0 * correct / x_test.shape[0],
             "dropped_fraction": dropped / routed if routed else 0.0,
-            "tokens_skipped": float(skip_BN.mean()),
-            "skip_N": skip_BN.mean(0)}
+            "tokens_skipped": float(skip_BL.mean()),
+            "skip_N": skip_BL.mean(0)}
 
 
 def run(ctx: RunContext) -> ExperimentResult:
@@ -232,9 +233,9 @@ def run(ctx: RunContext) -> ExperimentResult:
     c_low = min((c for c in ratios if c >= 0.25), default=ratios[0])   # at 0.1 nearly every token skips
     maps = _position_maps(res, c_low, opts, split.x_test)
     ctx.savefig(_skip_figure(maps), "skip_maps.png")
-    ink_P = maps["mean ink per patch (test set)"].flatten().double()
+    ink_per_patch = maps["mean ink per patch (test set)"].flatten().double()
     corr = {mode: float(torch.corrcoef(torch.stack([maps[f"{mode}, c={c_low:g}: skip rate"].flatten().double(),
-                                                    ink_P]))[0, 1]) for mode in ("vanilla", "BPR")}
+                                                    ink_per_patch]))[0, 1]) for mode in ("vanilla", "BPR")}
 
     # ---- notes --------------------------------------------------------------------------------------
     notes = [
@@ -276,20 +277,20 @@ def run(ctx: RunContext) -> ExperimentResult:
         "quick": ctx.quick,
     }
     return ExperimentResult(rows=rows, paper=list(PAPER_ROWS), config=config, tables=tables, notes=notes,
-                            verdicts=_verdicts(res, ratios, opts, ink_P, c_low))
+                            verdicts=_verdicts(res, ratios, opts, ink_per_patch, c_low))
 
 
-def _skip_ink_corr(res: dict[str, list[dict[str, Any]]], name: str, opts: Config, ink_P: Tensor) -> list[float]:
+def _skip_ink_corr(res: dict[str, list[dict[str, Any]]], name: str, opts: Config, ink_per_patch: Tensor) -> list[float]:
     """Per seed: correlation over patch positions between the skip rate of run ``name`` and the patch ink."""
     offset = 1 if opts.pool == "cls" else 0
     out = []
     for r in res[name]:
-        skip_P = r["skip_N"][offset:].double()
-        out.append(float(torch.corrcoef(torch.stack([skip_P, ink_P]))[0, 1]))
+        skip_per_patch = r["skip_N"][offset:].double()
+        out.append(float(torch.corrcoef(torch.stack([skip_per_patch, ink_per_patch]))[0, 1]))
     return out
 
 
-def _verdicts(res: dict[str, list[dict[str, Any]]], ratios: list[float], opts: Config, ink_P: Tensor,
+def _verdicts(res: dict[str, list[dict[str, Any]]], ratios: list[float], opts: Config, ink_per_patch: Tensor,
               c_low: float) -> list[Verdict]:
     """The paper's BPR claims, graded from per-seed paired differences."""
     def acc(name: str) -> list[float]:
@@ -313,8 +314,8 @@ def _verdicts(res: dict[str, list[dict[str, Any]]], ratios: list[float], opts: C
               reproduced=2.0, partly=0.0, unit="points"),
         [Prerequisite("capacity ratios at or below 0.75 in --capacity-ratios", bool(low), f"got {ratios}")],
         note="the dense blocks carry much of the task, see notes")
-    bpr = _skip_ink_corr(res, f"BPR c={c_low:g}", opts, ink_P)
-    van = _skip_ink_corr(res, f"vanilla c={c_low:g}", opts, ink_P)
+    bpr = _skip_ink_corr(res, f"BPR c={c_low:g}", opts, ink_per_patch)
+    van = _skip_ink_corr(res, f"vanilla c={c_low:g}", opts, ink_per_patch)
     claims.grade(
         "BPR drops the least important tokens first (in V-MoE: background patches)",
         [Check(f"corr(skip rate, patch ink) under BPR at c={c_low:g}", bpr, reproduced=-0.3, partly=0.0,
