@@ -1,7 +1,8 @@
 """`moekit run prml-me`: mixtures of experts on a multimodal regression (PRML §14.5; Jordan & Jacobs 1994).
 
-Legend: S seeds, N examples, K components / experts, G grid points over the input, T grid points over the
-target, I EM iterations.
+Legend: T examples, E components / experts (the paper's K in its formulas); seeds, EM iterations and the plot
+grids over the input and the target are counted in words (see the package legend). The public arguments of
+:func:`log_density` and :func:`conditional_mean` keep their historical names: ``x_N`` and ``t_N`` are (T,).
 
 Data (:func:`moekit.repro.datasets.synthetic.inverse_sinusoid`): PRML §5.6's inverse problem — t ~ U(0, 1),
 x = t + 0.3 sin(2πt) + U(−0.1, 0.1), and the models predict t from x. Around x ≈ 0.4–0.6 several t are valid,
@@ -87,31 +88,31 @@ def _build(name: str, c: Config) -> nn.Module:
     raise ValueError(f"model: unknown {name!r}")
 
 
-def _loss(model: nn.Module, x_N1: Tensor, t_N1: Tensor) -> Tensor:
+def _loss(model: nn.Module, x_T1: Tensor, t_T1: Tensor) -> Tensor:
     if isinstance(model, SingleNet):
-        return (model(x_N1) - t_N1).pow(2).mean()
-    return model.loss(model(x_N1), t_N1)
+        return (model(x_T1) - t_T1).pow(2).mean()
+    return model.loss(model(x_T1), t_T1)
 
 
-def _components(model, x_N: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(log mixing weights (N, K), means (N, K), variances (N, K)) of any model's p(t | x)."""
+def _components(model, x_T: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(log mixing weights (T, E), means (T, E), variances (T, E)) of any model's p(t | x)."""
     if isinstance(model, MixtureOfLinearRegressions):
-        phi = _phi(x_N)
-        N = x_N.shape[0]
-        return (model.log_mix_K.expand(N, -1), model.component_means(phi),
-                model.var_K.expand(N, -1))
-    x_N1 = x_N.float()[:, None]
+        phi = _phi(x_T)
+        T = x_T.shape[0]
+        return (model.log_mix_K.expand(T, -1), model.component_means(phi),
+                model.var_K.expand(T, -1))
+    x_T1 = x_T.float()[:, None]
     with torch.no_grad():
         if isinstance(model, SingleNet):
-            mean = model(x_N1).double()
+            mean = model(x_T1).double()
             return torch.zeros_like(mean), mean, model.log_var.double().exp().expand_as(mean)
-        out = model(x_N1)
-        var = out.log_var.double().exp()[:, 0].expand(x_N.shape[0], -1)
+        out = model(x_T1)
+        var = out.log_var.double().exp()[:, 0].expand(x_T.shape[0], -1)
         return out.log_gates.double(), out.expert_outputs[..., 0].double(), var
 
 
 def log_density(model, x_N: Tensor, t_N: Tensor) -> Tensor:
-    """(N,) log p(t_n | x_n) under the model's Gaussian mixture."""
+    """(T,) log p(t_n | x_n) under the model's Gaussian mixture."""
     log_w, mean, var = _components(model, x_N)
     log_n = -0.5 * ((t_N.double()[:, None] - mean).pow(2) / var + var.log() + math.log(2 * math.pi))
     return torch.logsumexp(log_w + log_n, -1)
@@ -122,17 +123,17 @@ def conditional_mean(model, x_N: Tensor) -> Tensor:
     return (log_w.exp() * mean).sum(-1)
 
 
-def _phi(x_N: Tensor) -> Tensor:
-    x = x_N.double()
+def _phi(x_T: Tensor) -> Tensor:
+    x = x_T.double()
     return torch.stack([torch.ones_like(x), x], -1)
 
 
-def _modes(density_GT: Tensor, t_T: Tensor, floor: float = 0.1) -> list[tuple[int, float]]:
+def _modes(density: Tensor, t_grid: Tensor, floor: float = 0.1) -> list[tuple[int, float]]:
     """(grid index, t) of the local maxima of each row of a density grid above ``floor``·row max."""
-    d = density_GT
+    d = density
     peak = (d[:, 1:-1] > d[:, :-2]) & (d[:, 1:-1] >= d[:, 2:]) & (d[:, 1:-1] > floor * d.max(1, keepdim=True).values)
     gi, ti = peak.nonzero(as_tuple=True)
-    return [(int(g), float(t_T[int(j) + 1])) for g, j in zip(gi, ti)]
+    return [(int(g), float(t_grid[int(j) + 1])) for g, j in zip(gi, ti)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,25 +266,25 @@ def _plots(ctx: RunContext, c: Config, models: dict, data: tuple[Tensor, Tensor]
     from moekit.analysis.plots import _plt
     plt = _plt()
     x_tr, t_tr = data
-    x_G = torch.linspace(float(x_tr.min()) - 0.05, float(x_tr.max()) + 0.05, 120, dtype=torch.float64)
-    t_T = torch.linspace(-0.15, 1.15, 196, dtype=torch.float64)
+    x_grid = torch.linspace(float(x_tr.min()) - 0.05, float(x_tr.max()) + 0.05, 120, dtype=torch.float64)
+    t_grid = torch.linspace(-0.15, 1.15, 196, dtype=torch.float64)
     panels: list[tuple[str, Callable[[Tensor, Tensor], Tensor], object]] = [
         (ORACLE, lambda x, t: inverse_sinusoid_log_density(x, t, amplitude=c.amplitude, noise=c.noise), None)]
     panels += [(m, lambda x, t, mm=models[m]: log_density(mm, x, t), models[m]) for m in MODELS]
     fig, axes = plt.subplots(2, 3, figsize=(12, 7), sharex=True, sharey=True)
-    xg, tg = torch.meshgrid(x_G, t_T, indexing="ij")
+    xg, tg = torch.meshgrid(x_grid, t_grid, indexing="ij")
     for ax, (name, logp, model) in zip(axes.flat, panels):
-        dens_GT = logp(xg.reshape(-1), tg.reshape(-1)).exp().reshape(len(x_G), len(t_T))
-        ax.imshow(dens_GT.T.clamp_max(float(dens_GT.quantile(0.99))).numpy(), origin="lower", aspect="auto",
-                  extent=(float(x_G[0]), float(x_G[-1]), float(t_T[0]), float(t_T[-1])), cmap="Blues")
+        density = logp(xg.reshape(-1), tg.reshape(-1)).exp().reshape(len(x_grid), len(t_grid))
+        ax.imshow(density.T.clamp_max(float(density.quantile(0.99))).numpy(), origin="lower", aspect="auto",
+                  extent=(float(x_grid[0]), float(x_grid[-1]), float(t_grid[0]), float(t_grid[-1])), cmap="Blues")
         ax.scatter(x_tr.numpy(), t_tr.numpy(), s=2, c="grey", alpha=0.4)
-        modes = _modes(dens_GT, t_T) if model is not None else []   # the true density is flat: no modes
+        modes = _modes(density, t_grid) if model is not None else []   # the true density is flat: no modes
         if modes:
-            ax.scatter([float(x_G[g]) for g, _ in modes], [t for _, t in modes], s=3, c="red", label="modes")
+            ax.scatter([float(x_grid[g]) for g, _ in modes], [t for _, t in modes], s=3, c="red", label="modes")
         if model is not None:
-            ax.plot(x_G.numpy(), conditional_mean(model, x_G).numpy(), c="black", lw=1.5, label="mean")
-        ax.set_xlim(float(x_G[0]), float(x_G[-1]))
-        ax.set_ylim(float(t_T[0]), float(t_T[-1]))
+            ax.plot(x_grid.numpy(), conditional_mean(model, x_grid).numpy(), c="black", lw=1.5, label="mean")
+        ax.set_xlim(float(x_grid[0]), float(x_grid[-1]))
+        ax.set_ylim(float(t_grid[0]), float(t_grid[-1]))
         ax.set_title(name, fontsize=10)
         if model is not None:
             ax.legend(fontsize=7, loc="upper left")
@@ -307,14 +308,14 @@ def _plots(ctx: RunContext, c: Config, models: dict, data: tuple[Tensor, Tensor]
                 ax.axhline(float(model.log_mix_K[k].exp()), ls="--", c=f"C{k}", lw=1)
             ax.set_title(f"{name}\n(π_k constant: dashed; dots: posterior)", fontsize=9)
         else:
-            w = _components(model, x_G)[0].exp()
+            w = _components(model, x_grid)[0].exp()
             for k in range(w.shape[1]):
-                ax.plot(x_G.numpy(), w[:, k].numpy(), c=f"C{k}", label=f"expert {k}")
+                ax.plot(x_grid.numpy(), w[:, k].numpy(), c=f"C{k}", label=f"expert {k}")
             if name == "HME":
                 with torch.no_grad():
-                    top = model(x_G.float()[:, None]).group_gates
+                    top = model(x_grid.float()[:, None]).group_gates
                 for gi in range(top.shape[1]):
-                    ax.plot(x_G.numpy(), top[:, gi].numpy(), ls=":", c="black", lw=1,
+                    ax.plot(x_grid.numpy(), top[:, gi].numpy(), ls=":", c="black", lw=1,
                             label="top gate g_i" if gi == 0 else None)
             ax.set_title(f"{name}: gate π_k(x)", fontsize=9)
         ax.set_xlabel("input x")
