@@ -1,7 +1,9 @@
 """Situational fusion of representation experts for navigation (Shen et al., ICCV 2019), on procedural maps.
 
-Legend: B states / episodes in a batch, N views (representation experts), F_i a view's feature size,
-A = 9 actions, C target categories, S seeds.
+Legend: B states / episodes in a batch, Y = 9 actions (the action classes); views (representation experts),
+target categories and seeds are counted in words (see the package legend). The public arguments of
+:func:`imitation_loss` keep their historical names (``probs_BA`` and ``optimal_BA`` are (B, Y)), and so do
+the :class:`~moekit.repro.envs.gridnav.NavWorld` attributes read here (see that module).
 
 Gibson is replaced by :mod:`moekit.repro.envs.gridnav`: indoor maps on an 8-neighbour grid (rooms joined by
 one-cell corridors, furniture of 4 categories); an episode is a random start 6–32 steps from the target
@@ -142,7 +144,7 @@ def _affinity(models: list[nn.Module], world: NavWorld, states: tuple[Tensor, Te
     m, c, p = (s[idx] for s in states)
     views, goal = _inputs(world, m, c, p, gen)
     with torch.no_grad():
-        probs = torch.stack([mod(views, goal)[0] for mod in models])  # (N, B, A)
+        probs = torch.stack([mod(views, goal)[0] for mod in models])  # (views, B, Y)
     return torch.minimum(probs[:, None], probs[None, :]).sum(-1).mean(-1)
 
 
@@ -155,7 +157,7 @@ SITUATIONS = ("corridor", "room", "clearance 1", "clearance 2", "clearance ≥3"
 
 
 def _weights_by_situation(model: FusionPolicy, world: NavWorld, seed: int) -> dict[str, Tensor]:
-    """Mean fusion weights (N,) over the test states of each situation."""
+    """Mean fusion weights (views,) over the test states of each situation."""
     m, c, p = world.states(max_dist=32)
     gen = seed_generator(seed, stream=6)
     with torch.no_grad():
@@ -169,8 +171,8 @@ def _weights_by_situation(model: FusionPolicy, world: NavWorld, seed: int) -> di
     return {k: (w[v].mean(0) if v.any() else torch.full((len(VIEWS),), math.nan)) for k, v in masks.items()}
 
 
-def _family(w_N: Tensor) -> dict[str, float]:
-    return {f: float(sum(w_N[i] for i, v in enumerate(VIEWS) if VIEW_FAMILY[v] == f)) for f in FAMILIES}
+def _family(w_view: Tensor) -> dict[str, float]:
+    return {f: float(sum(w_view[i] for i, v in enumerate(VIEWS) if VIEW_FAMILY[v] == f)) for f in FAMILIES}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,7 +368,7 @@ def _above(name: str, diffs: list[float], unit: str = "points") -> Check:
 
 
 def _verdicts(per_seed: list[dict]) -> list[Verdict]:
-    S = len(per_seed)
+    num_seeds = len(per_seed)
     succ = lambda n: [r["success"][n] for r in per_seed]  # noqa: E731
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     claims = Claims()
@@ -426,7 +428,7 @@ def _verdicts(per_seed: list[dict]) -> list[Verdict]:
     worst = [min(r["success"][n] for n in r["success"] if n not in ("random walk", "in-sight oracle")) for r in per_seed]
     claims.grade("every learned policy beats a random walk",
                  _above("worst learned policy − random walk success (paired)", paired(worst, rw)),
-                 note=f"over {S} seeds")
+                 note=f"over {num_seeds} seeds")
     return claims.verdicts
 
 
