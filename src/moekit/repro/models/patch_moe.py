@@ -5,7 +5,7 @@ Learning", CIFAR-10-Rotate experiment; official code ``cifar10-rotate/moe.py``),
 scaled down to small grey images:
 
   * router  ``h(x) = Σ_p W x^(p) + P·b`` (B, E): a linear map of the **sum of the P non-overlapping
-    s×s patches** x^(p) (= ``Conv2d(C, E, s, stride=s)`` summed over its P output positions, with a
+    s×s patches** x^(p) (= ``Conv2d(I, E, s, stride=s)`` summed over its P output positions, with a
     bias, as in the official code), zero-initialised;
   * ``π(x) = softmax(h(x) + r)``, ``r ~ U[0,1)^E`` drawn fresh at every *training* forward (the official
     rotate router adds the noise only ``if self.training``; ``noise_in_eval=True`` keeps it at test
@@ -19,8 +19,10 @@ scaled down to small grey images:
 Experts are trained with the official "normalised GD" (:func:`normalize_expert_gradients_`, then a
 plain momentum-SGD step); the router with SGD.
 
-Legend: B batch (images), C channels, S image side, s patch side, P patches (= (S/s)²), Q = C·s·s
-(one flat patch), E experts, L classes (labels), W CNN width, U hidden units.
+Legend: B batch (images), I input channels, U × X image height × width (square), D = I·s·s (one flat patch,
+the router's input features), E experts, Y classes (labels), H hidden units; s is the patch side, w the CNN
+width, and P (= (U/s)² patches) and f_m P_m are the paper's symbols in its formulas (see the package legend).
+The public arguments keep their historical name ``x_BCSS``: a (B, I, U, X) batch.
 """
 from __future__ import annotations
 
@@ -67,8 +69,8 @@ def default_init_(module: nn.Module, generator: torch.Generator | None = None) -
 class SmallCNN(nn.Module):
     """The expert and the single-model baseline: a two-conv CNN for small images.
 
-    ``x → ReLU(conv3×3(C→W)) → ReLU(conv3×3(W→2W)) → maxpool 2 → flatten → ReLU(linear(2W·(S/2)²→U))
-    → linear(U→L)``. Returns class logits (B, L). No batch norm, so an image's logits do not depend
+    ``x → ReLU(conv3×3(I→w)) → ReLU(conv3×3(w→2w)) → maxpool 2 → flatten → ReLU(linear(2w·(U/2)²→H))
+    → linear(H→Y)``. Returns class logits (B, Y). No batch norm, so an image's logits do not depend
     on which other images share its batch (an MoE expert sees only the images routed to it).
     ``generator`` draws the default init (:func:`default_init_`) reproducibly.
     """
@@ -91,32 +93,32 @@ class SmallCNN(nn.Module):
 
     def forward(self, x_BCSS: Tensor) -> Tensor:
         _check_images(x_BCSS, self.in_channels, self.image_size)
-        h = F.relu(self.conv1(x_BCSS))                 # (B, W, S, S)
-        h = F.max_pool2d(F.relu(self.conv2(h)), 2)     # (B, 2W, S/2, S/2)
-        h_BU = F.relu(self.fc1(h.flatten(1)))          # (B, U)
-        return self.fc2(h_BU)                          # (B, L) class logits
+        h = F.relu(self.conv1(x_BCSS))                 # (B, w, U, X)
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2)     # (B, 2w, U/2, X/2)
+        h_BH = F.relu(self.fc1(h.flatten(1)))          # (B, H)
+        return self.fc2(h_BH)                          # (B, Y) class logits
 
 
 def patch_sum(x_BCSS: Tensor, patch_size: int) -> Tensor:
-    """``Σ_p x^(p)`` over the (S/s)² non-overlapping s×s patches, flattened in (C, s, s) order: (B, Q)."""
+    """``Σ_p x^(p)`` over the (U/s)² non-overlapping s×s patches, flattened in (I, s, s) order: (B, D)."""
     _positive_int("patch_size", patch_size)
     if not isinstance(x_BCSS, Tensor) or x_BCSS.dim() != 4 or x_BCSS.shape[2] != x_BCSS.shape[3]:
-        raise ValueError("x_BCSS: expected a (B, C, S, S) tensor")
-    B, C, S, _ = x_BCSS.shape
-    if S % patch_size:
-        raise ValueError(f"patch_size: must divide the image side {S}, got {patch_size}")
-    n = S // patch_size
-    # (B, C, n, s, n, s): axes 2 and 4 index the patch position, 3 and 5 the pixel inside the patch
-    return x_BCSS.reshape(B, C, n, patch_size, n, patch_size).sum(dim=(2, 4)).reshape(B, -1)
+        raise ValueError("x_BCSS: expected a (B, I, U, X) tensor with U = X")
+    B, I, U, _ = x_BCSS.shape
+    if U % patch_size:
+        raise ValueError(f"patch_size: must divide the image side {U}, got {patch_size}")
+    n = U // patch_size
+    # (B, I, n, s, n, s): axes 2 and 4 index the patch position, 3 and 5 the pixel inside the patch
+    return x_BCSS.reshape(B, I, n, patch_size, n, patch_size).sum(dim=(2, 4)).reshape(B, -1)
 
 
 class PatchRouter(Router):
     """Chen et al.'s router: ``h(x) = Σ_p W x^(p) + P·b`` (B, E), plus U[0,1) noise in training.
 
     A core :class:`~moekit.routing.Router` (token-choice, top-1) whose tokens are images: it takes
-    images (B, C, S, S) or the same images flattened to rows (B, C·S·S). Equals
-    ``Conv2d(C, E, s, stride=s)(x)`` summed over its P output positions (``weight`` is that conv's
-    kernel flattened to (E, Q)). Zero-initialised, so at the start the routing is decided by the noise
+    images (B, I, U, X) or the same images flattened to rows (B, I·U·X). Equals
+    ``Conv2d(I, E, s, stride=s)(x)`` summed over its P output positions (``weight`` is that conv's
+    kernel flattened to (E, D)). Zero-initialised, so at the start the routing is decided by the noise
     alone (uniform over experts). Its decision has ``expert_ids``/``weights`` (B, 1), clean ``logits``
     (B, E), ``noisy_logits`` (B, E; None when no noise was drawn) and ``probs`` = π = softmax of the
     logits that decided the routing. The gate (``weights``) is π_{m(x)} (``gate="softmax"``) or the
@@ -125,7 +127,7 @@ class PatchRouter(Router):
     """
 
     default_weights = {"w_importance": 0.0, "w_load": 0.0, "w_switch": 0.0, "w_z": 0.0}
-    linear_gate = False                    # its own (E, Q) patch weight replaces the (E, D) gate
+    linear_gate = False                    # its own (E, D) patch weight replaces the core (E, D) gate
 
     def __init__(self, num_experts: int, *, image_size: int = 8, patch_size: int = 4, in_channels: int = 1,
                  gate: str = "softmax", noise_in_eval: bool = False, bias: bool = True, w_switch: float = 0.0):
@@ -143,7 +145,7 @@ class PatchRouter(Router):
         self.image_size, self.patch_size = image_size, patch_size
         self.in_channels, self.gate_kind, self.noise_in_eval = in_channels, gate, noise_in_eval
         self.num_patches = (image_size // patch_size) ** 2
-        self.weight = nn.Parameter(torch.zeros(num_experts, in_channels * patch_size * patch_size))  # (E, Q)
+        self.weight = nn.Parameter(torch.zeros(num_experts, in_channels * patch_size * patch_size))  # (E, D)
         self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None                          # (E,)
 
     def extra_repr(self) -> str:
@@ -156,7 +158,7 @@ class PatchRouter(Router):
         return _check_images(x, self.in_channels, self.image_size)
 
     def logits(self, x: Tensor) -> Tensor:
-        """Clean router logits ``h(x)`` (B, E) of images (B, C, S, S) or flat rows (B, C·S·S)."""
+        """Clean router logits ``h(x)`` (B, E) of images (B, I, U, X) or flat rows (B, I·U·X)."""
         h_BE = patch_sum(self._images(x), self.patch_size) @ self.weight.t()
         if self.bias is not None:
             h_BE = h_BE + self.num_patches * self.bias   # the conv bias is added at each of the P positions
@@ -185,14 +187,14 @@ class PatchRouter(Router):
 
 
 class _FlatImageExpert(nn.Module):
-    """Runs an image expert on flat rows: (N, C·S·S) -> images (N, C, S, S) -> the expert's output."""
+    """Runs an image expert on flat rows: (R, I·U·X) -> images (R, I, U, X) -> the expert's output."""
 
     def __init__(self, expert: nn.Module, in_channels: int, image_size: int):
         super().__init__()
         self.expert, self.shape = expert, (in_channels, image_size, image_size)
 
-    def forward(self, x_ND: Tensor) -> Tensor:
-        return self.expert(x_ND.reshape(-1, *self.shape))
+    def forward(self, x_RD: Tensor) -> Tensor:
+        return self.expert(x_RD.reshape(-1, *self.shape))
 
 
 class PatchMoE(nn.Module):
@@ -206,7 +208,7 @@ class PatchMoE(nn.Module):
     :meth:`forward_reference` runs every expert on every image through the dense reference dispatcher
     (the tests compare the two).
 
-    ``forward(x, generator=None) -> MoEOutput(logits_BL, aux_loss = w_balance·E·Σ_m f_m P_m, metrics)``;
+    ``forward(x, generator=None) -> MoEOutput(logits_BY, aux_loss = w_balance·E·Σ_m f_m P_m, metrics)``;
     metrics: ``balance_loss`` (unweighted), ``tokens_per_expert`` (E,), ``router_entropy`` (mean entropy
     of π), ``gate_mean``, ``expert_ids`` (B,). ``generator`` draws the routing noise.
     ``init_generator`` draws the experts' default init reproducibly.
@@ -242,21 +244,21 @@ class PatchMoE(nn.Module):
         """The expert each image is routed to (B,) long, under the current train/eval mode."""
         return self.router(x_BCSS, generator=generator).expert_ids[:, 0]
 
-    def _check_batch(self, x_BCSS: Tensor) -> None:
-        _check_images(x_BCSS, self.in_channels, self.image_size)
-        if x_BCSS.shape[0] == 0:
+    def _check_batch(self, x_BIUX: Tensor) -> None:
+        _check_images(x_BIUX, self.in_channels, self.image_size)
+        if x_BIUX.shape[0] == 0:
             raise ValueError("x: expected at least one image (the balance loss of an empty batch is undefined)")
 
-    def _run(self, x_BCSS: Tensor, generator: torch.Generator | None, dispatcher) -> MoEOutput:
-        self._check_batch(x_BCSS)
-        x_BD = x_BCSS.reshape(x_BCSS.shape[0], -1)
-        d = self.router(x_BD, generator=generator)                    # router (+ statistics, balance loss)
+    def _run(self, x_BIUX: Tensor, generator: torch.Generator | None, dispatcher) -> MoEOutput:
+        self._check_batch(x_BIUX)
+        x_flat = x_BIUX.reshape(x_BIUX.shape[0], -1)
+        d = self.router(x_flat, generator=generator)                    # router (+ statistics, balance loss)
         a = Assignments.from_grid(d.expert_ids, d.weights, self.num_experts)
-        rows, counts, state = dispatcher.dispatch(x_BD, a)             # images grouped by expert
+        rows, counts, state = dispatcher.dispatch(x_flat, a)             # images grouped by expert
         bank = ModuleExperts([_FlatImageExpert(e, self.in_channels, self.image_size) for e in self.experts],
-                             x_BD.shape[-1])                   # a view of the experts, not new parameters
+                             x_flat.shape[-1])                   # a view of the experts, not new parameters
         out = dispatcher.compute(bank, rows, counts, state)            # each expert on its block
-        y_BL = dispatcher.combine(out, state)                          # π_{m(x)} · f_{m(x)}(x)
+        y_BY = dispatcher.combine(out, state)                          # π_{m(x)} · f_{m(x)}(x)
         ids_B = d.expert_ids[:, 0]
         p_BE = d.probs
         bal = L.switch_loss_from_stats(d.stats)     # E·Σ_m f_m P_m from the router's statistics (also for E=1)
@@ -267,7 +269,7 @@ class PatchMoE(nn.Module):
             "gate_mean": d.weights.mean(),
             "expert_ids": ids_B,
         }
-        return MoEOutput(y_BL, self.w_balance * bal, detach_metrics(metrics), d.stats)
+        return MoEOutput(y_BY, self.w_balance * bal, detach_metrics(metrics), d.stats)
 
     def forward(self, x_BCSS: Tensor, generator: torch.Generator | None = None) -> MoEOutput:
         return self._run(x_BCSS, generator, LocalDispatcher())
