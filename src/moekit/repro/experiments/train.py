@@ -1,18 +1,21 @@
 """The one training loop and seeding helper every experiment uses.
 
 * :func:`seed_generator` / :func:`seeded_global` — all randomness of a run comes from ``(seed, stream)``:
-  seed = the run's seed (0..R-1), stream = which random quantity (initialisation, batch order, routing
+  seed = the run's seed (0..runs-1), stream = which random quantity (initialisation, batch order, routing
   noise, ...), mapped to the torch seed ``10_000 · stream + seed``.
 * :func:`fit` — epochs of (mini-)batches: zero grads → loss → [early stop] → backward (of the sum, when the
   loss is one value per run of a stacked model) → ``before_update`` (e.g. gradient normalisation) →
   optimiser steps → schedule. Optimisers, learning-rate schedule and early stopping are parameters.
 * Schedules: :func:`cosine`, :func:`warmup_cosine` (multipliers of the initial learning rate per step)
   and :class:`OneCycle` (torch's one-cycle policy, learning rate and momentum).
-* Per-run optimisers for models stacked over R runs (a leading run axis on every parameter), which stop
+* Per-run optimisers for models stacked over runs (a leading run axis on every parameter), which stop
   runs individually: :class:`RunSGD`, :class:`RunNormalizedGD`, :class:`RunAdam`; per-run stopping rule
   :class:`EarlyStop`.
 
-Legend: R runs (seeds trained side by side), E epochs (= steps for full-batch training), N examples.
+Legend: T examples, J recorded steps (epochs; = steps for full-batch training); runs (seeds trained side by
+side) are counted in words (see the package legend). The public names with a run axis keep their historical
+suffix R (one value per run): ``EarlyStop.best_R``/``active_R``, ``RunAdam.step_R`` and the ``loss_R`` and
+``active_R`` arguments.
 """
 from __future__ import annotations
 
@@ -90,7 +93,7 @@ class OneCycle:
 
 
 # ---------------------------------------------------------------------------------------------------
-# early stopping and per-run optimisers (models stacked over R runs)
+# early stopping and per-run optimisers (models stacked over runs)
 # ---------------------------------------------------------------------------------------------------
 
 class EarlyStop:
@@ -163,13 +166,13 @@ class RunNormalizedGD(_RunOptimizer):
             raise ValueError("params: every parameter needs a .grad before a normalised-GD step")
         gd = self.group_dims
         lead = self.params[0].shape[:gd]
-        norm_E = sum(g.reshape(*lead, -1).norm(dim=-1) for g in grads)  # Σ over tensors of ‖g‖
+        norm_group = sum(g.reshape(*lead, -1).norm(dim=-1) for g in grads)  # Σ over tensors of ‖g‖
         # a group that got no examples has g = 0 and is not moved (the official code skips the division)
-        scale_E = torch.where(norm_E > 0, 1.0 / norm_E.clamp_min(1e-30), torch.zeros_like(norm_E))
+        scale_group = torch.where(norm_group > 0, 1.0 / norm_group.clamp_min(1e-30), torch.zeros_like(norm_group))
         if active_R is not None:
-            scale_E = scale_E * active_R.to(scale_E.dtype).view(-1, *([1] * (gd - 1)))
+            scale_group = scale_group * active_R.to(scale_group.dtype).view(-1, *([1] * (gd - 1)))
         for p, g in zip(self.params, grads):
-            p.sub_(self.lr * g * scale_E.view(*lead, *([1] * (p.dim() - gd))))
+            p.sub_(self.lr * g * scale_group.view(*lead, *([1] * (p.dim() - gd))))
 
 
 class RunAdam(_RunOptimizer):
@@ -186,15 +189,15 @@ class RunAdam(_RunOptimizer):
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay: expected >= 0, got {weight_decay}")
         self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
-        R = self.params[0].shape[0]
-        self.step_R = torch.zeros(R, dtype=torch.float64)
+        num_runs = self.params[0].shape[0]
+        self.step_R = torch.zeros(num_runs, dtype=torch.float64)
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
 
     @torch.no_grad()
     def step(self, active_R: Tensor | None = None) -> None:
-        R = self.step_R.shape[0]
-        active_R = torch.ones(R, dtype=torch.bool) if active_R is None else active_R.bool()
+        num_runs = self.step_R.shape[0]
+        active_R = torch.ones(num_runs, dtype=torch.bool) if active_R is None else active_R.bool()
         self.step_R += active_R.double()
         b1, b2 = self.betas
         bc1_R = (1 - b1 ** self.step_R.clamp_min(1)).float()
@@ -220,8 +223,8 @@ class RunAdam(_RunOptimizer):
 class TrainLog:
     """What :func:`fit` recorded.
 
-    ``losses``: mean training loss of each epoch, ``(E,)`` or ``(R, E)`` for a loss per run; NaN for the
-    epochs after a run stopped early. ``steps``: optimiser steps taken, ``(R,)`` or ``(1,)``.
+    ``losses``: mean training loss of each epoch, ``(J,)`` or ``(runs, J)`` for a loss per run; NaN for the
+    epochs after a run stopped early. ``steps``: optimiser steps taken, ``(runs,)`` or ``(1,)``.
     ``stopped_at``: the epoch at which each run stopped early, -1 if it ran to the end."""
     losses: Tensor
     steps: Tensor
@@ -252,7 +255,7 @@ def fit(loss_fn: Callable[[Tensor | None], Tensor], optimizers: Sequence[Any], *
     """Train for ``epochs`` epochs and return the :class:`TrainLog`.
 
     ``loss_fn(idx)`` returns the loss of the batch ``idx`` (indices into the ``n`` training examples;
-    ``None`` = the full batch): a scalar, or one loss per run ``(R,)`` for models stacked over runs
+    ``None`` = the full batch): a scalar, or one loss per run ``(runs,)`` for models stacked over runs
     (the gradient of their sum is each run's own). It is the one place ``task_loss + aux_loss`` is
     formed. Batches: ``batch_size=None`` (or ≥ ``n``) trains full-batch, one step per epoch;
     ``sample="permutation"`` walks a fresh permutation of the ``n`` examples per epoch (drawn from
@@ -327,7 +330,7 @@ def fit(loss_fn: Callable[[Tensor | None], Tensor], optimizers: Sequence[Any], *
         losses.append(total / count)
         if after_epoch is not None:
             after_epoch(epoch)
-    stacked = torch.stack(losses, dim=-1)          # (R, E)
+    stacked = torch.stack(losses, dim=-1)          # (runs, J)
     return TrainLog(stacked if per_run else stacked[0], steps_R, stopped_R)
 
 
