@@ -1,7 +1,9 @@
 """Vowel discrimination with adaptive mixtures of local experts vs back-propagation nets.
 
-Legend: S seeds (speaker splits, trained side by side), N examples, D = 2 features (F1, F2, standardised),
-C = 4 vowel classes, E experts, H hidden units.
+Legend: T examples, D = 2 input features (F1, F2, standardised), Y = 4 vowel classes, E experts, H hidden
+units, J recorded steps (epochs); the seeds (speaker splits, trained side by side) are a leading axis named
+by the prefix ``seeds_`` (see the package legend). The dataset fields ``features_NF``, ``vowel_N`` and
+``speaker_type_N`` and the parameter name ``gate.bias_CO`` keep their historical names.
 
 Reproduces the experiment of Jacobs, Jordan, Nowlan & Hinton (1991), Table 1: F1/F2 of [i] [ɪ] [a] [ʌ]
 (``iy ih aa ah``) from the Peterson & Barney (1952) speakers, 50 train / 25 test speakers.
@@ -17,7 +19,7 @@ Reproduces the experiment of Jacobs, Jordan, Nowlan & Hinton (1991), Table 1: F1
   epoch after which training accuracy reaches ``--criterion`` (default 88 %, the paper's training level);
   NaN when the budget runs out first.
 
-The S random splits (``seed`` → speaker permutation, 75 of the 76 speakers used) are trained at once: each
+The random splits, one per seed (``seed`` → speaker permutation, 75 of the 76 speakers used) are trained at once: each
 model is stacked over seeds with :func:`torch.func.stack_module_state` and evaluated with :func:`torch.func.vmap`.
 """
 from __future__ import annotations
@@ -81,85 +83,85 @@ def _stack(models: list[nn.Module]):
 
 
 def _train(ctx: RunContext, name: str, models: list[nn.Module], loss_and_logits: Callable,
-           x_SND: Tensor, labels_SN: Tensor, epochs: int, lr: float, criterion: float,
+           seeds_x_TD: Tensor, seeds_labels_T: Tensor, epochs: int, lr: float, criterion: float,
            num_classes: int = len(VOWELS)) -> dict:
-    """Full-batch gradient descent of S independent nets at once (:func:`~moekit.repro.experiments.train.fit`,
-    plain SGD, one loss per net). Returns the curves (state after 0..epochs updates) and epochs to criterion."""
+    """Full-batch gradient descent of one independent net per seed, all at once
+    (:func:`~moekit.repro.experiments.train.fit`, plain SGD, one loss per net). Returns the curves (state after 0..epochs updates) and epochs to criterion."""
     from torch.func import vmap
 
     params, base = _stack(models)
-    targets_SNC = nn.functional.one_hot(labels_SN, num_classes).to(x_SND.dtype)
+    seeds_targets_TY = nn.functional.one_hot(seeds_labels_T, num_classes).to(seeds_x_TD.dtype)
 
-    def step_fn(p, x_ND, t_NC, y_N):
-        loss, logits_NC = loss_and_logits(base, p, x_ND, t_NC)
-        return loss, (logits_NC.argmax(-1) == y_N).float().mean()
+    def step_fn(p, x_TD, t_TY, y_T):
+        loss, logits_TY = loss_and_logits(base, p, x_TD, t_TY)
+        return loss, (logits_TY.argmax(-1) == y_T).float().mean()
 
     batched = vmap(step_fn)
     loss_curve: list[Tensor] = []
     acc_curve: list[Tensor] = []
 
     def loss_fn(idx: Tensor | None) -> Tensor:          # the state after len(loss_curve) updates
-        loss_S, acc_S = batched(params, x_SND, targets_SNC, labels_SN)
-        loss_curve.append(loss_S.detach())
-        acc_curve.append(acc_S.detach())
-        return loss_S                  # the seeds share no parameters: the sum's gradient is each seed's own
+        seeds_loss, seeds_acc = batched(params, seeds_x_TD, seeds_targets_TY, seeds_labels_T)
+        loss_curve.append(seeds_loss.detach())
+        acc_curve.append(seeds_acc.detach())
+        return seeds_loss                  # the seeds share no parameters: the sum's gradient is each seed's own
 
     fit(loss_fn, [torch.optim.SGD(list(params.values()), lr=lr)], epochs=epochs, track=ctx.track,
         description=f"vowels: {name}")
     with torch.no_grad():                              # the state after the last update
-        loss_S, acc_S = batched(params, x_SND, targets_SNC, labels_SN)
-    loss_curve_SE = torch.stack(loss_curve + [loss_S], dim=1)
-    acc_curve_SE = torch.stack(acc_curve + [acc_S], dim=1)
-    reached_SE = acc_curve_SE >= criterion
-    first_S = torch.where(reached_SE.any(1), reached_SE.float().argmax(1).float(), torch.tensor(math.nan))
-    return {"params": {k: v.detach() for k, v in params.items()}, "base": base, "loss": loss_curve_SE,
-            "acc": acc_curve_SE, "epochs_to_criterion": first_S}
+        seeds_loss, seeds_acc = batched(params, seeds_x_TD, seeds_targets_TY, seeds_labels_T)
+    seeds_loss_curve_J = torch.stack(loss_curve + [seeds_loss], dim=1)
+    seeds_acc_curve_J = torch.stack(acc_curve + [seeds_acc], dim=1)
+    seeds_reached_J = seeds_acc_curve_J >= criterion
+    seeds_first = torch.where(seeds_reached_J.any(1), seeds_reached_J.float().argmax(1).float(), torch.tensor(math.nan))
+    return {"params": {k: v.detach() for k, v in params.items()}, "base": base, "loss": seeds_loss_curve_J,
+            "acc": seeds_acc_curve_J, "epochs_to_criterion": seeds_first}
 
 
-def _me_loss(base, p, x_ND, t_NC):
+def _me_loss(base, p, x_TD, t_TY):
     from torch.func import functional_call
-    out = functional_call(base, p, (x_ND,))
-    return base.loss(out, t_NC), out.y
+    out = functional_call(base, p, (x_TD,))
+    return base.loss(out, t_TY), out.y
 
 
-def _bp_loss(base, p, x_ND, t_NC):
+def _bp_loss(base, p, x_TD, t_TY):
     from torch.func import functional_call
-    y_NC = functional_call(base, p, (x_ND,))
-    return 0.5 * (t_NC - y_NC).pow(2).sum(-1).mean(), y_NC
+    y_TY = functional_call(base, p, (x_TD,))
+    return 0.5 * (t_TY - y_TY).pow(2).sum(-1).mean(), y_TY
 
 
-def _me_predict(trained: dict, x_SND: Tensor) -> dict[str, Tensor]:
-    """Per seed: blended-output class, most-probable-expert class and the gate's chosen expert, each (S, N)."""
+def _me_predict(trained: dict, seeds_x_TD: Tensor) -> dict[str, Tensor]:
+    """Per seed: blended-output class, most-probable-expert class and the gate's chosen expert, each (seeds, T)."""
     from torch.func import functional_call, vmap
     base = trained["base"]
 
-    def f(p, x_ND):
-        out = functional_call(base, p, (x_ND,))
-        top_NC = out.expert_outputs.gather(-2, out.expert_ids[:, None, None].expand(-1, 1, out.y.shape[-1]))
-        return out.blend.argmax(-1), top_NC.squeeze(-2).argmax(-1), out.expert_ids
+    def f(p, x_TD):
+        out = functional_call(base, p, (x_TD,))
+        top_TY = out.expert_outputs.gather(-2, out.expert_ids[:, None, None].expand(-1, 1, out.y.shape[-1]))
+        return out.blend.argmax(-1), top_TY.squeeze(-2).argmax(-1), out.expert_ids
 
     with torch.no_grad():
-        blend, top, expert = vmap(f)(trained["params"], x_SND)
+        blend, top, expert = vmap(f)(trained["params"], seeds_x_TD)
     return {"blend": blend, "top_expert": top, "expert": expert}
 
 
-def _bp_predict(trained: dict, x_SND: Tensor) -> Tensor:
+def _bp_predict(trained: dict, seeds_x_TD: Tensor) -> Tensor:
     from torch.func import functional_call, vmap
     base = trained["base"]
     with torch.no_grad():
-        return vmap(lambda p, x: functional_call(base, p, (x,)).argmax(-1))(trained["params"], x_SND)
+        return vmap(lambda p, x: functional_call(base, p, (x,)).argmax(-1))(trained["params"], seeds_x_TD)
 
 
 # --------------------------------------------------------------------------------------------------
 # Reporting helpers
 # --------------------------------------------------------------------------------------------------
 
-def _counts_table(table_EK: Tensor, col_labels: tuple[str, ...]) -> str:
-    return routing_counts_markdown(table_EK.tolist(), list(col_labels), row_label="argmax-gate expert")
+def _counts_table(table_EY: Tensor, col_labels: tuple[str, ...]) -> str:
+    return routing_counts_markdown(table_EY.tolist(), list(col_labels), row_label="argmax-gate expert")
 
 
-def _pct(correct_SN: Tensor) -> list[float]:
-    return [round(100.0 * float(v), 2) for v in correct_SN.float().mean(-1)]
+def _pct(seeds_correct_T: Tensor) -> list[float]:
+    return [round(100.0 * float(v), 2) for v in seeds_correct_T.float().mean(-1)]
 
 
 def _median(values: list[float]) -> float:
@@ -188,30 +190,30 @@ def _scatter(split: VowelSplit, trained: dict, seed_index: int, title: str):
     from torch.func import functional_call
 
     base, p = trained["base"], {k: v[seed_index] for k, v in trained["params"].items()}
-    feats_NF = torch.cat([split.train.features_NF, split.test.features_NF])
-    vowel_N = torch.cat([split.train.vowel_N, split.test.vowel_N])
-    lo, hi = feats_NF.min(0).values, feats_NF.max(0).values
+    feats_TD = torch.cat([split.train.features_NF, split.test.features_NF])
+    vowel_T = torch.cat([split.train.vowel_N, split.test.vowel_N])
+    lo, hi = feats_TD.min(0).values, feats_TD.max(0).values
     pad = 0.05 * (hi - lo)
     f1 = torch.linspace(float(lo[0] - pad[0]), float(hi[0] + pad[0]), 250)
     f2 = torch.linspace(float(lo[1] - pad[1]), float(hi[1] + pad[1]), 250)
     g1, g2 = torch.meshgrid(f1, f2, indexing="ij")
-    grid_NF = torch.stack([g1.flatten(), g2.flatten()], -1)
+    grid_TD = torch.stack([g1.flatten(), g2.flatten()], -1)
     with torch.no_grad():
-        out = functional_call(base, p, (split.standardize(grid_NF),))
-    expert_G = out.expert_ids.reshape(g1.shape)
-    cls_G = out.blend.argmax(-1).reshape(g1.shape)
+        out = functional_call(base, p, (split.standardize(grid_TD),))
+    expert_grid = out.expert_ids.reshape(g1.shape)
+    cls_grid = out.blend.argmax(-1).reshape(g1.shape)
     E = out.gates.shape[-1]
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
     cmap = plt.get_cmap("tab10" if E <= 10 else "tab20")
-    ax.pcolormesh(g2.numpy(), g1.numpy(), expert_G.numpy(), cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5,
+    ax.pcolormesh(g2.numpy(), g1.numpy(), expert_grid.numpy(), cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5,
                   alpha=0.25, shading="auto")
-    ax.contour(g2.numpy(), g1.numpy(), cls_G.numpy(), levels=[0.5, 1.5, 2.5], colors="k", linewidths=0.8)
+    ax.contour(g2.numpy(), g1.numpy(), cls_grid.numpy(), levels=[0.5, 1.5, 2.5], colors="k", linewidths=0.8)
     markers = ("o", "s", "^", "D")
     with torch.no_grad():
-        chosen = functional_call(base, p, (split.standardize(feats_NF),)).expert_ids
+        chosen = functional_call(base, p, (split.standardize(feats_TD),)).expert_ids
     for v, label in enumerate(VOWEL_LABELS):
-        m = vowel_N == v
-        ax.scatter(feats_NF[m, 1].numpy(), feats_NF[m, 0].numpy(), c=[cmap(int(e)) for e in chosen[m]],
+        m = vowel_T == v
+        ax.scatter(feats_TD[m, 1].numpy(), feats_TD[m, 0].numpy(), c=[cmap(int(e)) for e in chosen[m]],
                    marker=markers[v], s=16, edgecolors="k", linewidths=0.3, label=label)
     ax.invert_xaxis()
     ax.invert_yaxis()  # phonetician's vowel chart orientation: F2 right-to-left, F1 top-to-bottom
@@ -240,10 +242,10 @@ def _run(ctx: RunContext) -> ExperimentResult:
     table = load_peterson_barney(vowels=VOWELS, features=("F1", "F2"))
     splits = [table.speaker_split(seed, n_train=50, n_test=25) for seed in seeds]
     # every speaker has 2 repetitions of each vowel, so all splits have 400 train / 200 test rows and stack
-    x_train_SND = torch.stack([s.x_train for s in splits])
-    x_test_SND = torch.stack([s.x_test for s in splits])
-    y_train_SN = torch.stack([s.train.vowel_N for s in splits])
-    y_test_SN = torch.stack([s.test.vowel_N for s in splits])
+    seeds_x_train_TD = torch.stack([s.x_train for s in splits])
+    seeds_x_test_TD = torch.stack([s.x_test for s in splits])
+    seeds_y_train_T = torch.stack([s.train.vowel_N for s in splits])
+    seeds_y_test_T = torch.stack([s.test.vowel_N for s in splits])
 
     def seeded(make: Callable[[], nn.Module], seed: int, salt: int) -> nn.Module:
         m = make()
@@ -258,33 +260,33 @@ def _run(ctx: RunContext) -> ExperimentResult:
         name = f"ME {E} experts"
         models = [seeded(lambda: MixtureOfLocalExperts(2, len(VOWELS), E, expert="linear", gate="linear",
                                                        loss="gmm"), s, salt) for s in seeds]
-        tr = _train(ctx, name, models, _me_loss, x_train_SND, y_train_SN, epochs, c.lr_me, criterion)
-        pred_tr, pred_te = _me_predict(tr, x_train_SND), _me_predict(tr, x_test_SND)
+        tr = _train(ctx, name, models, _me_loss, seeds_x_train_TD, seeds_y_train_T, epochs, c.lr_me, criterion)
+        pred_tr, pred_te = _me_predict(tr, seeds_x_train_TD), _me_predict(tr, seeds_x_test_TD)
         me_results[name] = (tr, pred_tr, pred_te)
-        rows.append(Row(name, {"train_acc": _pct(pred_tr["blend"] == y_train_SN),
-                               "test_acc": _pct(pred_te["blend"] == y_test_SN),
+        rows.append(Row(name, {"train_acc": _pct(pred_tr["blend"] == seeds_y_train_T),
+                               "test_acc": _pct(pred_te["blend"] == seeds_y_test_T),
                                "epochs_to_criterion": tr["epochs_to_criterion"].tolist()}))
         curves_acc[name], curves_loss[name] = 100 * tr["acc"], tr["loss"]
     for salt, H in enumerate(hidden_sizes, start=100):
         name = f"BP {H} hidden"
         models = [seeded(lambda: BackpropNet(2, H, len(VOWELS)), s, salt) for s in seeds]
-        tr = _train(ctx, name, models, _bp_loss, x_train_SND, y_train_SN, epochs, c.lr_bp, criterion)
-        rows.append(Row(name, {"train_acc": _pct(_bp_predict(tr, x_train_SND) == y_train_SN),
-                               "test_acc": _pct(_bp_predict(tr, x_test_SND) == y_test_SN),
+        tr = _train(ctx, name, models, _bp_loss, seeds_x_train_TD, seeds_y_train_T, epochs, c.lr_bp, criterion)
+        rows.append(Row(name, {"train_acc": _pct(_bp_predict(tr, seeds_x_train_TD) == seeds_y_train_T),
+                               "test_acc": _pct(_bp_predict(tr, seeds_x_test_TD) == seeds_y_test_T),
                                "epochs_to_criterion": tr["epochs_to_criterion"].tolist()}))
         curves_acc[name], curves_loss[name] = 100 * tr["acc"], tr["loss"]
 
     # ---- routing: which vowels / speaker groups does the gate send to which expert (train + test) ----
     tables: dict[str, str] = {}
-    type_all_SN = torch.stack([torch.cat([s.train.speaker_type_N, s.test.speaker_type_N]) for s in splits])
-    vowel_all_SN = torch.cat([y_train_SN, y_test_SN], dim=1)
+    seeds_type_all_T = torch.stack([torch.cat([s.train.speaker_type_N, s.test.speaker_type_N]) for s in splits])
+    seeds_vowel_all_T = torch.cat([seeds_y_train_T, seeds_y_test_T], dim=1)
     ent_rows, rule_rows = [], []
     vowel_entropy: dict[str, list[float]] = {}
     for name, (tr, pred_tr, pred_te) in me_results.items():
         E = tr["params"]["gate.bias_CO"].shape[-1]
-        expert_all_SN = torch.cat([pred_tr["expert"], pred_te["expert"]], dim=1)
-        vt = routing_table(expert_all_SN[0], vowel_all_SN[0], E, len(VOWELS))
-        st = routing_table(expert_all_SN[0], type_all_SN[0], E, len(SPEAKER_TYPES))
+        seeds_expert_all_T = torch.cat([pred_tr["expert"], pred_te["expert"]], dim=1)
+        vt = routing_table(seeds_expert_all_T[0], seeds_vowel_all_T[0], E, len(VOWELS))
+        st = routing_table(seeds_expert_all_T[0], seeds_type_all_T[0], E, len(SPEAKER_TYPES))
         tables[f"{name}, seed {seeds[0]}: vowel by argmax-gate expert (train+test counts)"] = \
             _counts_table(vt, VOWEL_LABELS)
         tables[f"{name}, seed {seeds[0]}: speaker group by argmax-gate expert (train+test counts)"] = \
@@ -296,16 +298,16 @@ def _run(ctx: RunContext) -> ExperimentResult:
         ctx.savefig(plots.routing_heatmap(st, [f"expert {e}" for e in range(E)], list(TYPE_LABELS),
                                           f"{name}: speaker groups per expert (seed {seeds[0]})", normalize="col"),
                     f"routing_speaker_{tag}.png")
-        hv = [dispatch_entropy(expert_all_SN[i], vowel_all_SN[i], E, len(VOWELS)) for i in range(len(seeds))]
-        hs = [dispatch_entropy(expert_all_SN[i], type_all_SN[i], E, len(SPEAKER_TYPES)) for i in range(len(seeds))]
-        used = [len(torch.unique(expert_all_SN[i])) for i in range(len(seeds))]
+        hv = [dispatch_entropy(seeds_expert_all_T[i], seeds_vowel_all_T[i], E, len(VOWELS)) for i in range(len(seeds))]
+        hs = [dispatch_entropy(seeds_expert_all_T[i], seeds_type_all_T[i], E, len(SPEAKER_TYPES)) for i in range(len(seeds))]
+        used = [len(torch.unique(seeds_expert_all_T[i])) for i in range(len(seeds))]
         vowel_entropy[name] = hv
         ent_rows.append([name, _mean_std(hv), _mean_std(hs), _mean_std(used, 1)])
-        rule_rows.append([name, _mean_std(_pct(pred_te["blend"] == y_test_SN), 1),
-                          _mean_std(_pct(pred_te["top_expert"] == y_test_SN), 1)])
+        rule_rows.append([name, _mean_std(_pct(pred_te["blend"] == seeds_y_test_T), 1),
+                          _mean_std(_pct(pred_te["top_expert"] == seeds_y_test_T), 1)])
     # entropy a gate that ignores the label would leave: the label marginal (same for every seed's full set)
-    marg = [_entropy(torch.bincount(vowel_all_SN[0], minlength=len(VOWELS))),
-            _entropy(torch.bincount(type_all_SN[0], minlength=len(SPEAKER_TYPES)))]
+    marg = [_entropy(torch.bincount(seeds_vowel_all_T[0], minlength=len(VOWELS))),
+            _entropy(torch.bincount(seeds_type_all_T[0], minlength=len(SPEAKER_TYPES)))]
     ent_rows.append(["(no routing: label entropy)", f"{marg[0]:.3f}", f"{marg[1]:.3f}", "1"])
     tables["Routing entropy over seeds (nats; lower = the experts specialise on that label)"] = _md_table(
         ["model", "H(vowel | expert)", "H(speaker group | expert)", "experts used"], ent_rows)
@@ -367,10 +369,10 @@ def _run(ctx: RunContext) -> ExperimentResult:
 SPEAKER_FEATURES = ("F0", "F1", "F2", "F3")
 
 
-def _split_loss(base, p, x_ND, t_NC):
+def _split_loss(base, p, x_TD, t_TY):
     from torch.func import functional_call
-    blend, gates, outs = functional_call(base, p, (x_ND,))
-    return mixture_nll(gates, outs, t_NC), blend
+    blend, gates, outs = functional_call(base, p, (x_TD,))
+    return mixture_nll(gates, outs, t_TY), blend
 
 
 def _speaker_variant(ctx: RunContext, c: Config, seeds: list[int]):
@@ -381,11 +383,11 @@ def _speaker_variant(ctx: RunContext, c: Config, seeds: list[int]):
 
     table = load_peterson_barney(vowels=PB_VOWELS, features=SPEAKER_FEATURES)
     splits = [table.speaker_split(seed, n_train=50, n_test=25) for seed in seeds]
-    K, G, F_ = len(PB_VOWELS), len(SPEAKER_TYPES), len(SPEAKER_FEATURES)
+    Y, num_types, num_feats = len(PB_VOWELS), len(SPEAKER_TYPES), len(SPEAKER_FEATURES)
 
     def inputs(split: VowelSplit, part) -> Tensor:
         return torch.cat([split.standardize(part.features_NF),
-                          nn.functional.one_hot(part.speaker_type_N, G).float()], dim=-1)
+                          nn.functional.one_hot(part.speaker_type_N, num_types).float()], dim=-1)
     x_tr = torch.stack([inputs(s, s.train) for s in splits])
     x_te = torch.stack([inputs(s, s.test) for s in splits])
     y_tr = torch.stack([s.train.vowel_N for s in splits])
@@ -398,25 +400,25 @@ def _speaker_variant(ctx: RunContext, c: Config, seeds: list[int]):
         m.reset_parameters(seed_generator(seed, stream=salt))
         return m
     me_name, bp_name = f"speaker-gated ME {E} experts (10 vowels)", f"BP {H} hidden (10 vowels, same inputs)"
-    me = _train(ctx, me_name, [seeded(lambda: SplitInputMixture(F_ + G, F_, K, E), s, 200) for s in seeds],
-                _split_loss, x_tr, y_tr, c.epochs, c.lr_me, c.criterion, num_classes=K)
-    bp = _train(ctx, bp_name, [seeded(lambda: BackpropNet(F_ + G, H, K), s, 201) for s in seeds],
-                _bp_loss, x_tr, y_tr, c.epochs, c.lr_bp, c.criterion, num_classes=K)
+    me = _train(ctx, me_name, [seeded(lambda: SplitInputMixture(num_feats + num_types, num_feats, Y, E), s, 200) for s in seeds],
+                _split_loss, x_tr, y_tr, c.epochs, c.lr_me, c.criterion, num_classes=Y)
+    bp = _train(ctx, bp_name, [seeded(lambda: BackpropNet(num_feats + num_types, H, Y), s, 201) for s in seeds],
+                _bp_loss, x_tr, y_tr, c.epochs, c.lr_bp, c.criterion, num_classes=Y)
 
-    def me_predict(x_SND):
+    def me_predict(seeds_x_TD):
         with torch.no_grad():
-            blend, gates, _ = vmap(lambda p, x: functional_call(me["base"], p, (x,)))(me["params"], x_SND)
+            blend, gates, _ = vmap(lambda p, x: functional_call(me["base"], p, (x,)))(me["params"], seeds_x_TD)
         return blend.argmax(-1), gates.argmax(-1)
     cls_tr, exp_tr = me_predict(x_tr)
     cls_te, exp_te = me_predict(x_te)
     me_acc, bp_acc = _pct(cls_te == y_te), _pct(_bp_predict(bp, x_te) == y_te)
     expert_all = torch.cat([exp_tr, exp_te], dim=1)
-    h_type = _entropy(torch.bincount(type_all[0], minlength=G))
-    share = [dispatch_entropy(expert_all[i], type_all[i], E, G) / h_type for i in range(len(seeds))]
+    h_type = _entropy(torch.bincount(type_all[0], minlength=num_types))
+    share = [dispatch_entropy(expert_all[i], type_all[i], E, num_types) / h_type for i in range(len(seeds))]
     rows = [Row(me_name, {"train_acc": _pct(cls_tr == y_tr), "test_acc": me_acc,
                           "H_speaker_given_expert_share": share}),
             Row(bp_name, {"train_acc": _pct(_bp_predict(bp, x_tr) == y_tr), "test_acc": bp_acc})]
-    st = routing_table(expert_all[0], type_all[0], E, G)
+    st = routing_table(expert_all[0], type_all[0], E, num_types)
     tables = {f"{me_name}, seed {seeds[0]}: speaker group by argmax-gate expert (train+test counts)":
               _counts_table(st, TYPE_LABELS)}
     notes = [f"Speaker-gated variant (Nowlan & Hinton 1990, as a public review of the group's work describes it, "
