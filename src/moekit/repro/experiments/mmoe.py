@@ -1,6 +1,9 @@
 """`moekit run mmoe`: Ma et al. (KDD 2018), MMoE on two regression tasks of controlled relatedness.
 
-Legend: R runs (seeds), P correlation values, N examples, D input dim, M = 2 tasks, E experts, H hidden.
+Legend: T examples, D input dim, F = 2 tasks, E experts, H hidden units; the runs (seeds) and correlation values
+are counted in words, and the stacked (correlation, run) task copies lead tensors named by the prefix
+``copies_`` (see the package legend). The :class:`StackedTasks` fields ``w_QMD``, ``alpha_QS`` and ``beta_QS``
+keep their historical names (Q copies; w_QMD is (copies, F, D)).
 
 Data (:class:`moekit.repro.datasets.synthetic.RelatedTasks`): per run, two orthonormal vectors u1 ⟂ u2, task
 weights ``w1 = c·u1``, ``w2 = c·(p·u1 + √(1−p²)·u2)`` (cosine p), ``y_m = w_mᵀx + Σ_i sin(α_i w_mᵀx + β_i) + ε``.
@@ -19,7 +22,7 @@ The defaults (c = 3, experts of 4 hidden units) make the shared capacity a const
 their own features. With small c and large experts every model has room for both tasks and the losses
 hardly move with p (try ``--scale 1 --expert-hidden 16``).
 
-Each model is trained for all R runs × P correlations at once (parameters stacked over runs,
+Each model is trained for all runs × correlations at once (parameters stacked over runs,
 ``torch.func.vmap``), with Adam on the sum of the per-run losses (each run's gradient is its own).
 """
 from __future__ import annotations
@@ -96,22 +99,22 @@ def model_specs(c: Config) -> dict[str, tuple[int, int, int]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Data: R·P tasks stacked
+# Data: (runs · correlations) task copies stacked
 # --------------------------------------------------------------------------------------------------
 
 @dataclass
 class StackedTasks:
-    w_QMD: Tensor       # Q = P·R tasks, index q = p_index·R + run
+    w_QMD: Tensor       # (copies, F, D): copies = correlations · runs, index q = p_index·runs + run
     alpha_QS: Tensor
     beta_QS: Tensor
     noise_std: float
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        Q, _, D = self.w_QMD.shape
-        x_QND = torch.randn(Q, n, D, generator=generator)
-        z_QNM = torch.einsum("qnd,qmd->qnm", x_QND, self.w_QMD)
-        y_QNM = z_QNM + torch.sin(z_QNM[..., None] * self.alpha_QS[:, None, None] + self.beta_QS[:, None, None]).sum(-1)
-        return x_QND, y_QNM + self.noise_std * torch.randn(y_QNM.shape, generator=generator)
+        num_copies, _, D = self.w_QMD.shape
+        copies_x_TD = torch.randn(num_copies, n, D, generator=generator)
+        copies_z_TF = torch.einsum("ctd,cfd->ctf", copies_x_TD, self.w_QMD)
+        copies_y_TF = copies_z_TF + torch.sin(copies_z_TF[..., None] * self.alpha_QS[:, None, None] + self.beta_QS[:, None, None]).sum(-1)
+        return copies_x_TD, copies_y_TF + self.noise_std * torch.randn(copies_y_TF.shape, generator=generator)
 
 
 def make_tasks(c: Config, runs: int) -> StackedTasks:
@@ -122,14 +125,14 @@ def make_tasks(c: Config, runs: int) -> StackedTasks:
                         torch.stack([t.beta_S for t in tasks]).float(), c.noise_std)
 
 
-def _test_sets(tasks: StackedTasks, n: int, runs: int, P: int) -> tuple[Tensor, Tensor]:
+def _test_sets(tasks: StackedTasks, n: int, runs: int, num_corr: int) -> tuple[Tensor, Tensor]:
     """Held-out data; run r's test inputs are the same at every p (drawn from run r's stream)."""
     xs = [torch.randn(n, tasks.w_QMD.shape[-1], generator=seed_generator(r, _TEST)) for r in range(runs)]
-    x_QND = torch.stack(xs * P)
-    z = torch.einsum("qnd,qmd->qnm", x_QND, tasks.w_QMD)
+    copies_x_TD = torch.stack(xs * num_corr)
+    z = torch.einsum("ctd,cfd->ctf", copies_x_TD, tasks.w_QMD)
     y = z + torch.sin(z[..., None] * tasks.alpha_QS[:, None, None] + tasks.beta_QS[:, None, None]).sum(-1)
-    noise = torch.stack([torch.randn(n, 2, generator=seed_generator(r, _TEST + 10)) for r in range(runs)] * P)
-    return x_QND, y + tasks.noise_std * noise
+    noise = torch.stack([torch.randn(n, 2, generator=seed_generator(r, _TEST + 10)) for r in range(runs)] * num_corr)
+    return copies_x_TD, y + tasks.noise_std * noise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,14 +141,14 @@ def _test_sets(tasks: StackedTasks, n: int, runs: int, P: int) -> tuple[Tensor, 
 
 def train_model(ctx: RunContext, name: str, spec: tuple[int, int, int], c: Config, tasks: StackedTasks,
                 test: tuple[Tensor, Tensor], runs: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Train ``runs × P`` copies; returns final test MSE (P, R), per-task final MSE (P, R, 2) and the
-    test-loss curve (P, R, evaluations)."""
+    """Train ``runs × correlations`` copies; returns final test MSE (correlations, runs), per-task final MSE
+    (correlations, runs, 2) and the test-loss curve (correlations, runs, evaluations)."""
     from torch.func import functional_call, stack_module_state, vmap
 
     hidden, experts, gates = spec
-    P = len(c.correlations)
+    num_corr = len(c.correlations)
     models = []
-    for _ in range(P):                               # run r starts from the same weights at every p
+    for _ in range(num_corr):                               # run r starts from the same weights at every p
         for r in range(runs):
             with seeded_global(r, _INIT + 10 * MODELS.index(name)):
                 models.append(MultiTaskRegressor(c.dim, hidden, experts, gates, c.tower_hidden))
@@ -159,11 +162,11 @@ def train_model(ctx: RunContext, name: str, spec: tuple[int, int, int], c: Confi
 
     def test_mse() -> Tensor:
         with torch.no_grad():
-            return (predict(params, x_test) - y_test).pow(2).mean(1)      # (Q, 2)
+            return (predict(params, x_test) - y_test).pow(2).mean(1)      # (copies, F)
 
     def loss_fn(_idx) -> Tensor:
-        x_QND, y_QNM = tasks.sample(c.batch_size, stream)
-        return (predict(params, x_QND) - y_QNM).pow(2).mean((1, 2))      # (Q,) one loss per run
+        copies_x_TD, copies_y_TF = tasks.sample(c.batch_size, stream)
+        return (predict(params, copies_x_TD) - copies_y_TF).pow(2).mean((1, 2))      # (copies,) one loss per run
 
     def after(step: int) -> None:
         if (step + 1) % c.eval_every == 0 or step + 1 == c.steps:
@@ -171,9 +174,9 @@ def train_model(ctx: RunContext, name: str, spec: tuple[int, int, int], c: Confi
 
     curve.append(test_mse().mean(-1))
     fit(loss_fn, [opt], epochs=c.steps, after_epoch=after, track=ctx.track, description=f"mmoe: {name}")
-    final_Q2 = test_mse()
-    return (final_Q2.mean(-1).reshape(P, runs), final_Q2.reshape(P, runs, 2),
-            torch.stack(curve, -1).reshape(P, runs, -1))
+    copies_final_F = test_mse()
+    return (copies_final_F.mean(-1).reshape(num_corr, runs), copies_final_F.reshape(num_corr, runs, 2),
+            torch.stack(curve, -1).reshape(num_corr, runs, -1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,7 +184,7 @@ def train_model(ctx: RunContext, name: str, spec: tuple[int, int, int], c: Confi
 # --------------------------------------------------------------------------------------------------
 
 def log_ratio(final: dict[str, Tensor], base: str) -> Tensor:
-    """(P, R) ``log(loss_base / loss_MMoE)`` per run: > 0 where MMoE is better; the log keeps one bad run
+    """(correlations, runs) ``log(loss_base / loss_MMoE)`` per run: > 0 where MMoE is better; the log keeps one bad run
     from dominating the average."""
     return (final[base].double().clamp_min(1e-12) / final["MMoE"].double().clamp_min(1e-12)).log()
 
@@ -268,11 +271,11 @@ def run(ctx: RunContext) -> ExperimentResult:
     from moekit.analysis import plots
 
     c: Config = ctx.config
-    runs, ps, P = ctx.seeds, c.correlations, len(c.correlations)
+    runs, ps, num_corr = ctx.seeds, c.correlations, len(c.correlations)
     if runs < 2:
         raise OptionError("--seeds", f"the run-to-run spread needs at least 2 runs, got {runs}")
     tasks = make_tasks(c, runs)
-    test = _test_sets(tasks, c.n_test, runs, P)
+    test = _test_sets(tasks, c.n_test, runs, num_corr)
     specs = model_specs(c)
     counts = {m: n_params(MultiTaskRegressor(c.dim, *specs[m], c.tower_hidden).to("meta")) for m in MODELS}
 
@@ -281,9 +284,9 @@ def run(ctx: RunContext) -> ExperimentResult:
         final[m], per_task[m], curves[m] = train_model(ctx, m, specs[m], c, tasks, test, runs)
 
     # label correlation actually produced by each p (Pearson, on the test sets)
-    y_test = test[1].reshape(P, runs, c.n_test, 2)
+    y_test = test[1].reshape(num_corr, runs, c.n_test, 2)
     label_corr = [float(torch.stack([torch.corrcoef(y_test[i, r].T)[0, 1] for r in range(runs)]).mean())
-                  for i in range(P)]
+                  for i in range(num_corr)]
 
     rows = []
     for i, p in enumerate(ps):
