@@ -1,11 +1,16 @@
 """`moekit run chen2022`: Chen, Deng, Wu, Gu & Li 2022, "Towards Understanding Mixture of Experts in Deep Learning".
 
 Trains, on the synthetic cluster task (:mod:`moekit.repro.datasets.chen_clusters`), a single linear / single
-cubic patch CNN and a linear / cubic noisy top-1 MoE of 8 experts, R seeds at once, and reports test
+cubic patch CNN and a linear / cubic noisy top-1 MoE of 8 experts, all seeds at once, and reports test
 accuracy, train accuracy and the MoEs' dispatch entropy (how purely each expert receives one cluster).
 The losses, optimisers and early-stopping rule follow the authors' official code.
 
-Legend: R runs (seeds), N examples, S steps, M experts, K clusters, C = 2 classes.
+Legend: T examples, Y = 2 classes; runs (seeds), experts, steps and clusters are counted in words
+(see the package legend). K clusters, P patches, d (``D``) patch dim and M experts are the paper's symbols, kept
+in its formulas, the notes and the ``K, P, D, M`` configuration locals. The public names with a leading run
+axis keep their historical letters: :func:`single_loss_R`, :func:`moe_loss_R` and :func:`accuracy_R` return
+one value per run, their arguments ``logits_RNC``/``out_RNC`` are (runs, T, Y) and ``y_N`` is (T,); the
+:class:`~moekit.repro.datasets.chen_clusters.ChenData` fields keep theirs too.
 """
 from __future__ import annotations
 
@@ -79,8 +84,8 @@ class Config:
 # ----------------------------------------------------------------------------------------------
 def single_loss_R(logits_RNC: Tensor, y_N: Tensor) -> Tensor:
     """Per-run mean cross-entropy of the single model's logits: ℓ_r = mean_n −log softmax(z_rn)_{y_n}."""
-    logp_RNC = torch.log_softmax(logits_RNC, dim=-1)
-    return -logp_RNC.gather(-1, y_N.expand(logits_RNC.shape[0], -1)[..., None]).squeeze(-1).mean(-1)
+    logp = torch.log_softmax(logits_RNC, dim=-1)
+    return -logp.gather(-1, y_N.expand(logits_RNC.shape[0], -1)[..., None]).squeeze(-1).mean(-1)
 
 
 def moe_loss_R(out_RNC: Tensor, y_N: Tensor) -> Tensor:
@@ -106,8 +111,8 @@ def train_moe(model: ChenMoE, data: ChenData, *, steps: int = MOE_STEPS, expert_
     """Official MoE training: full batch, experts by normalised GD (lr 1e-3, per run and expert), router by
     SGD (lr 0.1), fresh routing noise every step from ``generators[r]``, loss :func:`moe_loss_R`, stopping
     rule :class:`~moekit.repro.experiments.train.EarlyStop` (tol 0.02, floor 0.314) per run."""
-    R = model.runs
-    stopper = EarlyStop(R, tol=0.02, floor=MOE_LOSS_FLOOR) if early_stop else None
+    num_runs = model.runs
+    stopper = EarlyStop(num_runs, tol=0.02, floor=MOE_LOSS_FLOOR) if early_stop else None
     optimisers = [RunNormalizedGD(model.expert_parameters(), expert_lr), RunSGD(model.router_parameters(), router_lr)]
     return fit(lambda idx: moe_loss_R(model(data.x_NPD, generators=generators).y, data.y_N), optimisers,
                epochs=steps, early_stop=stopper, track=track, description=description)
@@ -143,8 +148,8 @@ def run(ctx: RunContext) -> ExperimentResult:
     sigma_p, gamma_max = c.noise
     K, P, D, M = c.clusters, c.patches, c.dim, c.experts
     moe_steps, single_steps = (MOE_STEPS, SINGLE_STEPS) if c.steps is None else (c.steps, c.steps)
-    R = ctx.seeds
-    seeds = range(R)
+    num_runs = ctx.seeds
+    seeds = range(num_runs)
 
     g_data = torch.Generator().manual_seed(c.data_seed)
     common = dict(num_clusters=K, num_patches=P, dim=D, sigma_p=sigma_p, gamma_max=gamma_max)
@@ -159,13 +164,13 @@ def run(ctx: RunContext) -> ExperimentResult:
         activation = name.split()[1]
         t0 = time.perf_counter()
         if name.startswith("single"):
-            model = ChenSingle(R, dim=D, filters_per_class=40, activation=activation, generators=_gens(seeds, stream))
+            model = ChenSingle(num_runs, dim=D, filters_per_class=40, activation=activation, generators=_gens(seeds, stream))
             log = train_single(model, train, steps=single_steps, track=ctx.track, description=name)
             with torch.no_grad():
                 train_acc, test_acc = accuracy_R(model(train.x_NPD), train.y_N), accuracy_R(model(test.x_NPD), test.y_N)
             metrics = {"test_acc": test_acc.tolist(), "train_acc": train_acc.tolist()}
         else:
-            model = ChenMoE(R, dim=D, num_experts=M, filters_per_class=8, activation=activation, gate=c.gate,
+            model = ChenMoE(num_runs, dim=D, num_experts=M, filters_per_class=8, activation=activation, gate=c.gate,
                             generators=_gens(seeds, stream))
             log = train_moe(model, train, steps=moe_steps, generators=_gens(seeds, 10 + stream),
                             track=ctx.track, description=name)
@@ -173,15 +178,15 @@ def run(ctx: RunContext) -> ExperimentResult:
             eval_gens = _gens(seeds, 20 + stream)
             with torch.no_grad():
                 out_train, out_test = model(train.x_NPD, generators=eval_gens), model(test.x_NPD, generators=eval_gens)
-            ids_RN = out_train.metrics["expert_ids"]
-            entropy = [float(dispatch_entropy(ids_RN[r], train.cluster_N, M, K)) for r in seeds]
+            expert_ids = out_train.metrics["expert_ids"]
+            entropy = [float(dispatch_entropy(expert_ids[r], train.cluster_N, M, K)) for r in seeds]
             metrics = {"test_acc": accuracy_R(out_test.y, test.y_N).tolist(),
                        "train_acc": accuracy_R(out_train.y, train.y_N).tolist(), "entropy": entropy}
-            table_MK = routing_table(ids_RN[0], train.cluster_N, M, K)
+            routing_counts = routing_table(expert_ids[0], train.cluster_N, M, K)
             clusters = [f"cluster {k}" for k in range(K)]
             tables[f"{name}: training examples per expert (rows) and cluster (columns), seed 0"] = \
-                routing_counts_markdown(torch.as_tensor(table_MK).tolist(), clusters)
-            fig = routing_heatmap(torch.as_tensor(table_MK).float(), [f"expert {m}" for m in range(M)], clusters,
+                routing_counts_markdown(torch.as_tensor(routing_counts).tolist(), clusters)
+            fig = routing_heatmap(torch.as_tensor(routing_counts).float(), [f"expert {m}" for m in range(M)], clusters,
                                   f"{name}: share of each cluster per expert (seed 0)", normalize="col")
             ctx.savefig(fig, f"routing_{activation}_moe.png")
         metrics["steps"] = [float(v) for v in log.steps.tolist()]
@@ -221,7 +226,7 @@ def run(ctx: RunContext) -> ExperimentResult:
         "seeds differ in initialisation and routing noise. Entropy is measured on the training set; experts "
         "are numbered from 0.",
     ]
-    config = config_dict(c) | dict(sigma_p=sigma_p, gamma_max=gamma_max, seeds=R, filters_per_class_moe=8,
+    config = config_dict(c) | dict(sigma_p=sigma_p, gamma_max=gamma_max, seeds=num_runs, filters_per_class_moe=8,
                                    filters_per_class_single=40, moe_steps=moe_steps, single_steps=single_steps,
                                    expert_lr=1e-3, router_lr=0.1, single_lr={"linear": 0.003, "cubic": 0.01},
                                    weight_decay=5e-4, expert_init_scale=1e-3, scale=10.0, quick=bool(ctx.quick),
