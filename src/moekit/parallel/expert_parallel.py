@@ -107,15 +107,14 @@ def _check_not_wrapped(module: nn.Module) -> None:
 @torch.no_grad()
 def _check_replicas_agree(module: nn.Module, group) -> None:
     """Every rank must start from the same weights: one all-reduce of a checksum (max of ±value)."""
+    tensors = [p for p in list(module.parameters()) + list(module.buffers()) if p.numel()]
+    device = tensors[0].device if tensors else torch.device("cpu")
     sums = []
-    for p in list(module.parameters()) + list(module.buffers()):
+    for p in tensors:                   # summed where the weights live: one copy to the host at the end
         t = p.detach().double()
-        n = t.numel()
-        if n == 0:
-            continue
-        w = torch.linspace(1.0, 2.0, n, dtype=torch.float64, device=t.device)
-        sums.append(torch.stack([t.sum(), (t.flatten() * w).sum(), t.square().sum()]).cpu())
-    c = torch.stack(sums).sum(0) if sums else torch.zeros(3, dtype=torch.float64)
+        w = torch.linspace(1.0, 2.0, t.numel(), dtype=torch.float64, device=t.device)
+        sums.append(torch.stack([t.sum(), (t.flatten() * w).sum(), t.square().sum()]).to(device))
+    c = torch.stack(sums).sum(0).cpu() if sums else torch.zeros(3, dtype=torch.float64)
     c = torch.nan_to_num(c, nan=1e300, posinf=1e300, neginf=-1e300)
     both = torch.cat([c, -c])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
