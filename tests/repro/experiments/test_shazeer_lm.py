@@ -113,3 +113,14 @@ def test_token_visits_per_expert_parameter_by_hand():
     assert sum(p.numel() for p in lm.middle.experts.parameters()) == 4 * per_expert
     assert cost.num_experts == 4 and cost.experts_per_token == 2 and cost.params_per_expert == per_expert
     assert cost.token_visits_per_expert_parameter(1000) == pytest.approx(1000 * 2 / 4 / per_expert)
+
+
+def test_default_size_feeds_every_expert():
+    """The default run can test the MoE claims: every MoE, MoE-1024-h included, trains each expert parameter on
+    at least MIN_VISITS token visits (checked from the models' costs, without training)."""
+    from moekit.repro.experiments.shazeer_lm import FLAT, HIERARCHICAL, MIN_VISITS, build_model
+    c = Config()
+    tokens = c.steps * c.batch_size * c.seq_len
+    visits = {n: build_model(n, c).cost().token_visits_per_expert_parameter(tokens) for n in [*FLAT, *HIERARCHICAL]}
+    assert min(visits.values()) >= MIN_VISITS, visits
+    assert visits["MoE-1024-h"] == pytest.approx(tokens * 4 / 1024 / (2 * c.dim * 2 * c.dim))
