@@ -78,6 +78,24 @@ def test_mixer_shapes_and_output_contract():
     assert d.y.shape == (2, 10) and d.metrics == {} and float(d.aux_loss) == 0.0 and d.aux_loss.shape == ()
 
 
+@pytest.mark.parametrize("patch, tokens", [(4, 49), (7, 16)])
+def test_mnist_sized_mixer_tokens_and_routed_counts(patch, tokens):
+    # 28×28 images (the sparse-mlp experiment's MNIST): L = (28 / p)² tokens; MoE_S routes B·D1 channel vectors of
+    # length L1 = 2L, MoE_C routes B·L patches of length D
+    torch.manual_seed(0)
+    model = MLPMixer(28, patch, 1, 10, dim=8, depth=2, token_hidden=6, channel_hidden=10, sparse_blocks=1,
+                     num_experts=4)
+    assert model.num_tokens == tokens
+    blk = model.blocks[1]
+    assert (blk.moe_tokens, blk.moe_channels) == (2 * tokens, 4) and blk.moe_s.dim == 2 * tokens
+    out = model(torch.randn(3, 1, 28, 28))
+    assert out.y.shape == (3, 10)
+    assert out.metrics["block1/moe_s/tokens_per_expert"].sum() == 3 * 4
+    assert out.metrics["block1/moe_c/tokens_per_expert"].sum() == 3 * tokens
+    with pytest.raises(ValueError, match="patch_size"):
+        MLPMixer(28, 3, 1, 10, dim=8, depth=2, token_hidden=6, channel_hidden=10)
+
+
 def test_rerepresent_dims():
     blk = _block(S=4, C=6)
     assert (blk.moe_tokens, blk.moe_channels) == (8, 3)                   # S1 = 2S, C1 = C/2

