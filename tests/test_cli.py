@@ -89,6 +89,8 @@ def test_run_writes_results_report_and_plots(toy_registry, tmp_path, capsys):
     assert res["experiment"] == "toy"
     assert res["config"] == {"scale": 2.0, "steps": 3, "quick": False}
     assert res["run"]["seeds"] == 3  # the experiment's default
+    assert 0 <= res["run"]["cpu_time_s"] and 0 <= res["run"]["wall_time_s"]
+    assert "CPU time" in (out / "report.md").read_text()
     row = res["rows"][0]
     accs = [float(torch.rand((), generator=torch.Generator().manual_seed(s))) * 2 for s in range(3)]
     assert row["name"] == "model" and row["per_seed"]["acc"] == pytest.approx(accs)

@@ -260,8 +260,8 @@ def report_markdown(exp: Experiment, result: ExperimentResult, run_info: dict[st
         f"# {exp.name}: {exp.summary}",
         f"*{exp.paper}*",
         f"- command: `{run_info['command']}`",
-        f"- finished: {run_info['finished']} — wall time {run_info['wall_time_s']:.1f} s "
-        f"({run_info['threads']} torch threads, {run_info['platform']})",
+        f"- finished: {run_info['finished']} — wall time {run_info['wall_time_s']:.1f} s, CPU time "
+        f"{run_info.get('cpu_time_s', float('nan')):.1f} s ({run_info['threads']} torch threads, {run_info['platform']})",
         f"- seeds: {seeds} (ours: mean ± std over seeds){' — quick mode' if run_info['quick'] else ''}",
     ]
     if result.verdicts:
@@ -380,13 +380,13 @@ def _run_into(exp: Experiment, args: argparse.Namespace, tmp: Path, out_dir: Pat
         track, progress = _make_progress(console)
         ctx = RunContext(args, tmp, seeds=seeds, quick=quick, progress=track,
                          log=(console.log if console is not None else None), config=config)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         if progress is not None:
             with progress:
                 result = exp.run(ctx)
         else:
             result = exp.run(ctx)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         if not isinstance(result, ExperimentResult):
             raise TypeError(f"experiment {exp.name!r}: run() must return an ExperimentResult, "
                             f"got {type(result).__name__}")
@@ -395,6 +395,7 @@ def _run_into(exp: Experiment, args: argparse.Namespace, tmp: Path, out_dir: Pat
             "seeds": seeds,
             "quick": bool(quick),
             "wall_time_s": round(wall, 2),
+            "cpu_time_s": round(cpu, 2),   # the run's own CPU time: its cost on a machine shared with other jobs
             "threads": torch.get_num_threads(),
             "finished": _dt.datetime.now().isoformat(timespec="seconds"),
             "moekit": __version__,
