@@ -1,6 +1,7 @@
-"""`moekit run condconv` in quick mode: contract, files, sane bands, determinism, option errors.
+"""`moekit run condconv` in quick mode: contract, files, sane bands, determinism, option errors, the
+validation split and the recipe selection (which must never read the test images).
 
-Legend: E experts, K classes.
+Legend: E experts, K classes, T images.
 """
 
 import pytest
@@ -9,11 +10,11 @@ import torch
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-from moekit.repro.datasets.digits import load_digits_split  # noqa: E402
 from moekit.repro.experiments.base import make_context, mean_std  # noqa: E402
 from moekit.repro.experiments.options import OptionError  # noqa: E402
+from moekit.repro.experiments import condconv  # noqa: E402
 from moekit.repro.experiments.condconv import (EXPERIMENT, class_spread, class_variance_share,  # noqa: E402
-                                         shift_augment, train_one)
+                                               load_data, shift_augment, train_one, validation_indices)
 
 pytestmark = pytest.mark.slow   # trains models (quick runs of the experiment)
 
@@ -32,11 +33,14 @@ def test_contract_and_files(quick_run):
     assert all(r.name.startswith("ImageNet") for r in res.paper) and len(res.paper) == 3
     assert res.paper[2].metrics["test_acc"] == 78.3 and res.paper[2].metrics["madds_M"] == 413.0
     for r in res.rows:
-        assert {"test_acc", "train_acc", "madds_M", "madds_ratio", "test_acc_gain"} <= set(r.metrics)
-        assert len(r.metrics["test_acc"]) == 1                       # one value per seed
+        assert {"test_acc", "val_acc", "train_acc", "madds_M", "madds_ratio", "test_acc_gain"} <= set(r.metrics)
+        assert len(r.metrics["test_acc"]) == len(r.metrics["val_acc"]) == 1   # one value per seed
     routing_keys = {"class_var_early", "class_var_late", "class_spread_early", "class_spread_late"}
     assert routing_keys <= set(res.rows[1].metrics)
     assert res.config["experts"] == [1, 4] and res.config["quick"] is True
+    # MNIST by default: 4,000 training images of which 20 % are held out for validation, 1,000 test images
+    assert res.config["data"] == "mnist"
+    assert (res.config["n_train"], res.config["n_val"], res.config["n_test"]) == (3200, 800, 1000)
     assert any("ImageNet" in n for n in res.notes)
     assert any("early" in t for t in res.tables) and any("late" in t for t in res.tables)
     assert any(t.startswith("Trend") for t in res.tables)
@@ -49,8 +53,9 @@ def test_sane_bands(quick_run):
     _, res = quick_run
     base, cond = res.rows
     for r in res.rows:
-        # 10 classes (chance 10 %); 6 quick epochs of the width-4 CNN reach ≈ 70 %
+        # 10 classes (chance 10 %); 3 quick epochs of the width-4 CNN on MNIST reach ≈ 90 %
         assert 50.0 < mean_std(r.metrics["test_acc"])[0] <= 100.0, r.name
+        assert 50.0 < mean_std(r.metrics["val_acc"])[0] <= 100.0, r.name
     assert base.metrics["madds_ratio"] == 1.0
     assert 1.0 < cond.metrics["madds_ratio"] < 1.1                    # nearly constant MADDs
     assert cond.metrics["params_k"] > 3 * base.metrics["params_k"]     # but ~E× the conv parameters
@@ -87,7 +92,7 @@ def test_shift_augment_moves_pixels_and_fills_background():
 
 
 def test_same_seed_same_numbers(tmp_path):
-    data = load_digits_split(seed=0, images=True)
+    data = load_data("digits", 0, 0.2)
     data.x_train, data.y_train = data.x_train[:128], data.y_train[:128]
     ctx = _ctx(tmp_path, argv=["--epochs", "1", "--batch-size", "64", "--anneal-fraction", "0.5"])
     cfg = ctx.config
@@ -111,10 +116,77 @@ def test_same_seed_same_numbers(tmp_path):
     (["--lr", "0"], "lr"),
     (["--anneal-fraction", "1.5"], "anneal-fraction"),
     (["--lr", "nan"], "--lr: must be a finite"),
+    (["--val-fraction", "0"], "val-fraction"),
+    (["--val-fraction", "1"], "val-fraction"),
+    (["--select-lr", "0"], "select-lr"),
+    (["--select-lr", ""], "select-lr"),
+    (["--select-weight-decay", "-1"], "select-weight-decay"),
 ])
 def test_bad_options_raise(tmp_path, argv, match):
     with pytest.raises(OptionError, match="--" + match.lstrip("-")):
         _ctx(tmp_path, argv=argv)
+
+
+def test_unknown_data_set_names_the_flag(tmp_path):
+    with pytest.raises(OptionError, match="--data"):
+        make_context(EXPERIMENT, tmp_path, [], data="cifar")
+
+
+def test_validation_indices_stratified_disjoint_and_seeded():
+    y = torch.arange(10).repeat_interleave(torch.tensor([20, 30, 10, 40, 20, 20, 20, 20, 20, 20]))
+    fit, val = validation_indices(y, 0.25, seed=3, num_classes=10)
+    assert set(fit.tolist()).isdisjoint(val.tolist())
+    assert sorted(fit.tolist() + val.tolist()) == list(range(y.numel()))
+    counts = torch.bincount(y[val], minlength=10).tolist()
+    assert counts == [5, 8, 2, 10, 5, 5, 5, 5, 5, 5]                 # round(0.25 · class count), per class
+    again = validation_indices(y, 0.25, seed=3, num_classes=10)
+    other = validation_indices(y, 0.25, seed=4, num_classes=10)
+    assert torch.equal(val, again[1]) and not torch.equal(val, other[1])
+
+
+@pytest.mark.parametrize("name, sizes", [("digits", (1078, 269, 450, 8)), ("mnist", (3200, 800, 1000, 28))])
+def test_validation_split_is_disjoint_from_train_and_test(name, sizes):
+    d = load_data(name, 0, 0.2)
+    assert (d.x_train.shape[0], d.x_val.shape[0], d.x_test.shape[0], d.image_size) == sizes
+    assert d.x_train.shape[1:] == d.x_val.shape[1:] == d.x_test.shape[1:] == (1, sizes[3], sizes[3])
+    assert set(d.fit_idx.tolist()).isdisjoint(d.val_idx.tolist())    # indices into the data set's train split
+    # standardised by the training part only: its pixels have mean 0 and std 1, the others only about
+    assert abs(float(d.x_train.mean())) < 1e-4 and abs(float(d.x_train.std()) - 1) < 1e-4
+    if name == "mnist":   # the 5,000 images are distinct, so equal rows would be the same image
+        rows = {tuple(r.tolist()) for r in d.x_val.reshape(d.x_val.shape[0], -1)}
+        assert not rows & {tuple(r.tolist()) for r in d.x_train.reshape(d.x_train.shape[0], -1)}
+        assert not rows & {tuple(r.tolist()) for r in d.x_test.reshape(d.x_test.shape[0], -1)}
+
+
+SELECT_ARGV = ["--select", "--data", "digits", "--epochs", "1", "--select-lr", "1e-3,1e-2",
+               "--select-weight-decay", "0", "--no-wide-baseline"]
+
+
+def test_selection_never_reads_the_test_split(tmp_path, monkeypatch):
+    res = EXPERIMENT.run(_ctx(tmp_path / "a", argv=SELECT_ARGV))
+    real = condconv.load_data
+
+    def poisoned(*args):   # same train/validation images, test images and labels replaced by garbage
+        d = real(*args)
+        d.x_test = torch.full_like(d.x_test, float("nan"))
+        d.y_test = torch.randint(0, 10, d.y_test.shape, generator=torch.Generator().manual_seed(1))
+        return d
+    monkeypatch.setattr(condconv, "load_data", poisoned)
+    again = EXPERIMENT.run(_ctx(tmp_path / "b", argv=SELECT_ARGV))
+    # quick mode: --experts 1,4, so the candidates train the plain conv and 4 experts
+    assert [r.name for r in res.rows] == ["lr 0.001, wd 0: plain conv", "lr 0.001, wd 0: CondConv 4 experts",
+                                          "lr 0.01, wd 0: plain conv", "lr 0.01, wd 0: CondConv 4 experts"]
+    for r, q in zip(res.rows, again.rows):
+        assert set(r.metrics) == {"val_acc", "train_acc"}                  # nothing measured on test
+        assert r.metrics == q.metrics
+    assert (res.config["chosen_lr"], res.config["chosen_weight_decay"]) == \
+        (again.config["chosen_lr"], again.config["chosen_weight_decay"])
+    # the chosen candidate has the best mean validation accuracy over the plain conv and 4 experts
+    val = [mean_std(r.metrics["val_acc"])[0] for r in res.rows]
+    score = {lr: val[2 * i] + val[2 * i + 1] for i, lr in enumerate((1e-3, 1e-2))}
+    assert res.config["chosen_lr"] == max(score, key=score.get)
+    assert res.verdicts == [] and any("not used" in n for n in res.notes)
+    assert any(t.startswith("Recipe selection") and "(chosen)" in v for t, v in res.tables.items())
 
 
 def test_verdicts(quick_run):

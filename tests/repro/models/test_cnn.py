@@ -37,6 +37,30 @@ def test_condconv_madds_add_routers_and_kernel_sums():
         m.madds("auto")
 
 
+def test_strided_net_for_28x28_madds_by_hand():
+    # blocks 2 and 3 start with stride 2: maps 28 (stem, block 1) -> 14 (block 2) -> 7 (block 3)
+    E, W = 8, 4
+    plain = CondConvNet(1, width=W, image_size=28, strides=(1, 2, 2))
+    cond = CondConvNet(E, width=W, image_size=28, strides=(1, 2, 2))
+    assert [b.output_size(s) for b, s in zip(plain.blocks, (28, 28, 14))] == [28, 14, 7]
+    convs = [(1, W, 784), (W, W, 784), (W, 2 * W, 196), (2 * W, 2 * W, 196), (2 * W, 4 * W, 49),
+             (4 * W, 4 * W, 49)]
+    base = sum(a * b * 9 * p for a, b, p in convs) + 4 * W * 10
+    assert plain.madds() == base
+    routers = W * 784 + W * E + W * 784 + W * E + 2 * W * 196 + 2 * W * E   # GAP on each block's input + linear
+    mixing = E * 9 * sum(a * b for a, b, _ in convs[1:])
+    assert cond.madds() == base + routers + mixing
+    assert 1.0 < cond.madds() / plain.madds() < 1.1
+    x = torch.randn(3, 1, 28, 28)
+    logits, alphas = cond.forward_with_routing(x)
+    assert logits.shape == (3, 10) and [a.shape for a in alphas] == [(3, E)] * 3
+    # the stride really downsamples: the last block's output is 7×7
+    h = torch.relu(cond.stem_norm(cond.stem(x)))
+    for blk in cond.blocks:
+        h, _ = blk(h)
+    assert h.shape == (3, 4 * W, 7, 7)
+
+
 def test_routing_per_block_shared_by_its_layers():
     torch.manual_seed(0)
     m = CondConvNet(3, width=4).double().eval()
@@ -111,6 +135,9 @@ def test_bad_arguments_and_inputs_raise():
         CondConvNet(2, routing="relu")
     with pytest.raises(ValueError, match="dropout"):
         CondConvNet(2, dropout=1.0)
+    for strides in ((1, 2), (1, 0, 2), (1, 2.0, 2)):
+        with pytest.raises(ValueError, match="strides"):
+            CondConvNet(2, strides=strides)
     m = CondConvNet(2, width=4)
     with pytest.raises(ValueError, match="x"):
         m(torch.randn(2, 1, 7, 7))

@@ -1,4 +1,4 @@
-"""A small CondConv CNN for 8×8 digits (the ``condconv`` experiment's model).
+"""A small CondConv CNN for digit images (the ``condconv`` experiment's model).
 
     stem   conv3×3 I→w                                  (plain conv, as EfficientNet's stem)
     block1 CondConv3×3 w→w                              routing α¹ = r¹(block input)
@@ -6,9 +6,11 @@
     block3 CondConv3×3 2w→4w, CondConv3×3 4w→4w         α³ shared by both layers
     global average pool → linear 4w→Y
 
-Every conv is followed by batch-norm and ReLU and keeps the 8×8 resolution (padding 1, stride 1): on
-images this small every pixel matters, and the kernel-mixing overhead of CondConv per layer is E/(P·Q)
-of its conv, so a larger P·Q keeps the MADDs nearly constant as E grows (as in the paper).
+Every conv is followed by batch-norm and ReLU (padding 1). ``strides`` gives the stride of each block's
+first conv: the default (1, 1, 1) keeps 8×8 digits at 8×8 throughout (on images this small every pixel
+matters); (1, 2, 2) takes 28×28 MNIST to 28 → 14 → 7, as CNNs downsample by stage. The kernel-mixing
+overhead of CondConv per layer is E/(P·Q) of its conv (P·Q its output map), so a larger P·Q keeps the
+MADDs nearly constant as E grows (as in the paper).
 ``num_experts=1`` is the plain-conv baseline: the blocks use ``nn.Conv2d`` and there are no routers.
 Routing is computed once per block from the block input and shared by the block's CondConv layers
 (EfficientNet-CondConv's scheme, per its official code). ``routing="softmax"`` with a temperature gives the
@@ -28,22 +30,24 @@ from moekit._validation import positive_int as _positive_int
 
 
 class _Block(nn.Module):
-    """Conv-BN-ReLU layers at one resolution; with E > 1 CondConv layers sharing one router."""
+    """Conv-BN-ReLU layers at one output resolution (the first conv may downsample by its ``stride``); with
+    E > 1 CondConv layers sharing one router, which reads the block input."""
 
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, num_experts: int, *, mode: str,
-                 routing: str, temperature: float, router_reduction: int | None):
+                 routing: str, temperature: float, router_reduction: int | None, stride: int = 1):
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts, self.stride = num_experts, stride
         self.router = (CondConvRouter(in_channels, num_experts, routing=routing, temperature=temperature,
                                       reduction=router_reduction) if num_experts > 1 else None)
         convs, norms = [], []
         c = in_channels
-        for _ in range(num_layers):
+        for i in range(num_layers):
+            s = stride if i == 0 else 1               # only the block's first conv downsamples
             if num_experts > 1:
-                convs.append(CondConv2d(c, out_channels, 3, num_experts, padding=1, bias=False, mode=mode,
+                convs.append(CondConv2d(c, out_channels, 3, num_experts, stride=s, padding=1, bias=False, mode=mode,
                                         routing=routing, temperature=temperature, own_router=False))
             else:
-                convs.append(nn.Conv2d(c, out_channels, 3, padding=1, bias=False))
+                convs.append(nn.Conv2d(c, out_channels, 3, stride=s, padding=1, bias=False))
             norms.append(nn.BatchNorm2d(out_channels))
             c = out_channels
         self.convs, self.norms = nn.ModuleList(convs), nn.ModuleList(norms)
@@ -56,18 +60,27 @@ class _Block(nn.Module):
             h = F.relu(norm(h))
         return h, alpha_BE
 
+    def output_size(self, size: int) -> int:
+        """Side of the block's output maps for ``size`` × ``size`` input maps (3×3 kernels, padding 1)."""
+        return (size - 1) // self.stride + 1
+
     def madds(self, size: int, mode: str) -> int:
+        """Per-example MADDs on ``size`` × ``size`` input maps: the router (on the block input) and each conv
+        at its output resolution (the first conv's stride sets it for the whole block)."""
         total = 0 if self.router is None else self.router.madds(size)
         for conv in self.convs:
             if isinstance(conv, CondConv2d):
                 total += conv.madds(size, mode)
             else:
-                total += conv.out_channels * conv.in_channels * 9 * size * size
+                out = (size - 1) // conv.stride[0] + 1
+                total += conv.out_channels * conv.in_channels * 9 * out * out
+            size = (size - 1) // conv.stride[0] + 1
         return total
 
 
 class CondConvNet(nn.Module):
-    """The digits CNN above with ``num_experts`` experts per CondConv layer (1 = plain convs).
+    """The CNN above with ``num_experts`` experts per CondConv layer (1 = plain convs) for
+    ``image_size`` × ``image_size`` inputs, block ``i`` starting with stride ``strides[i]``.
 
     ``forward(x (B, I, U, X)) -> logits (B, Y)``; :meth:`forward_with_routing` also returns the
     routing weights of each block (list of (B, E), empty for E = 1); :meth:`madds` counts per-example
@@ -76,24 +89,28 @@ class CondConvNet(nn.Module):
 
     def __init__(self, num_experts: int, width: int = 8, num_classes: int = 10, in_channels: int = 1,
                  image_size: int = 8, *, mode: str = "auto", routing: str = "sigmoid", temperature: float = 1.0,
-                 router_reduction: int | None = None, dropout: float = 0.0):
+                 router_reduction: int | None = None, dropout: float = 0.0,
+                 strides: tuple[int, int, int] = (1, 1, 1)):
         super().__init__()
         for name, v in (("num_experts", num_experts), ("width", width), ("num_classes", num_classes),
                         ("in_channels", in_channels), ("image_size", image_size)):
             _positive_int(name, v)
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        strides = tuple(strides)
+        if len(strides) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in strides):
+            raise ValueError(f"strides: expected three integers >= 1 (one per block), got {strides}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: expected a value in [0, 1), got {dropout}")
         self.num_experts, self.width, self.num_classes = num_experts, width, num_classes
-        self.in_channels, self.image_size = in_channels, image_size
+        self.in_channels, self.image_size, self.strides = in_channels, image_size, strides
         self.stem = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         self.stem_norm = nn.BatchNorm2d(width)
         opts = dict(mode=mode, routing=routing, temperature=temperature, router_reduction=router_reduction)
         self.blocks = nn.ModuleList([
-            _Block(width, width, 1, num_experts, **opts),
-            _Block(width, 2 * width, 2, num_experts, **opts),
-            _Block(2 * width, 4 * width, 2, num_experts, **opts),
+            _Block(width, width, 1, num_experts, stride=strides[0], **opts),
+            _Block(width, 2 * width, 2, num_experts, stride=strides[1], **opts),
+            _Block(2 * width, 4 * width, 2, num_experts, stride=strides[2], **opts),
         ])
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(4 * width, num_classes)
@@ -143,6 +160,8 @@ class CondConvNet(nn.Module):
         if mode not in ("mix_kernels", "mix_outputs"):
             raise ValueError(f"mode: expected 'mix_kernels' or 'mix_outputs', got {mode!r}")
         side = self.image_size
-        total = self.width * self.in_channels * 9 * side * side
-        total += sum(block.madds(side, mode) for block in self.blocks)
+        total = self.width * self.in_channels * 9 * side * side          # the stem keeps the input size
+        for block in self.blocks:
+            total += block.madds(side, mode)
+            side = block.output_size(side)
         return total + self.head.in_features * self.head.out_features
