@@ -33,6 +33,7 @@ def test_contract_and_plots(quick_run):
     ctx, res = quick_run
     assert EXPERIMENT.name == "sparse-mlp" and EXPERIMENT.default_seeds >= 2
     assert [r.name for r in res.rows] == [sm.DENSE_MATCHED, sm.SPARSE]       # quick: the matched comparison only
+    assert "acc_gain_vs_same_widths" not in res.rows[0].metrics              # no same-widths Mixer to compare
     for r in res.rows:
         assert {"test_acc", "active_params", "total_params"} <= set(r.metrics)
         assert "validation_acc" not in r.metrics
@@ -165,6 +166,27 @@ def test_same_seed_same_numbers():
     assert all(torch.equal(a["expert_ids"][k], b["expert_ids"][k]) for k in a["layers"])
 
 
+def test_full_run_on_digits_measures_the_prerequisite(tmp_path):
+    # not --quick: the same-widths Mixer is trained and the prerequisite is measured from per-seed pairs
+    ctx = _ctx(tmp_path, seeds=2, quick=False, argv=["--data", "digits", "--epochs", "1", "--depth", "2",
+                                                    "--sparse-blocks", "1"])
+    res = EXPERIMENT.run(ctx)
+    assert [r.name for r in res.rows] == [sm.DENSE_SAME, sm.DENSE_MATCHED, sm.SPARSE]
+    same, matched = (res.rows[i].metrics["test_acc"] for i in (0, 1))
+    gain = res.rows[1].metrics["acc_gain_vs_same_widths"]
+    assert len(gain) == 2 and all(math.isclose(g, m - s, abs_tol=1e-9) for g, m, s in zip(gain, matched, same))
+    pre = sm.capacity_prerequisite(matched, same)
+    assert pre.holds is not None
+    claim = res.verdicts[0]
+    if pre.holds:
+        assert claim.verdict != "not testable" and " holds: " in claim.reason
+    else:
+        assert claim.verdict == "not testable" and "needs a capacity-bound regime" in claim.reason
+    assert "digits 8×8, test set of 450 images" in claim.reason
+    assert res.config["options"]["shift"] == 0 and res.config["options"]["patch_size"] == 2
+    assert "450 evaluation" in res.config["dataset"]
+
+
 # ---- the capacity-bound prerequisite and the verdicts it gates (synthetic per-seed numbers) ----------------
 
 def _rows(same, matched, sparse, acc="test_acc", cv=(0.05, 0.06, 0.04)):
@@ -189,7 +211,7 @@ def test_prerequisite_holds_only_when_widening_helps_per_seed():
 
 def test_claim_is_not_testable_when_widening_does_not_help():
     v = sm._verdicts(_rows(same=[93.0, 92.0, 94.0], matched=[93.1, 91.5, 94.0], sparse=[96.0, 95.0, 97.0]))
-    assert v[0].verdict == "not testable" and "capacity-bound" in v[0].reason
+    assert v[0].verdict == "not testable" and "capacity-bound" in v[0].reason and " holds:" not in v[0].reason
     assert v[1].verdict == "reproduced"                           # the balance claim is graded regardless
 
 
@@ -203,6 +225,9 @@ def test_claim_is_graded_when_widening_helps(sparse, verdict):
                            acc="validation_acc"), acc="validation_acc", note="a note")
     assert v[0].verdict == verdict and v[0].reason.endswith("a note")
     assert "Sparse-MLP − Mixer matched active (paired)" in v[0].reason
+    # the prerequisite that held is shown with its measurement (mean +2.33 over 3 seeds)
+    assert "prerequisite a capacity-bound regime (widening the dense Mixer helps) holds: Mixer matched active − " \
+           "Mixer same widths (paired) = 2.333 ± " in v[0].reason
 
 
 def test_claim_without_same_widths_is_inconclusive_even_with_seeds():
