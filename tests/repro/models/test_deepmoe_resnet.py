@@ -51,6 +51,28 @@ def test_mac_totals_by_hand():
     assert wide.gate_channels == [16, 16, 16, 32, 32, 64]
 
 
+def test_mac_totals_by_hand_at_14x14_with_c4():
+    """The run's default base (MNIST pooled to 14×14, c = 4): the stride-2 convs round 7×7 up to 4×4."""
+    stem = 196 * 4 * 1 * 9
+    block1 = 2 * (196 * 4 * 4 * 9)
+    block2 = 49 * 8 * 4 * 9 + 49 * 8 * 8 * 9 + 49 * 8 * 4             # 14×14 → 7×7: conv1, conv2, 1×1 shortcut
+    block3 = 16 * 16 * 8 * 9 + 16 * 16 * 16 * 9 + 16 * 16 * 8          # 7×7 → 4×4
+    head = 16 * 10
+    plain = deepmoe_resnet("plain", base_channels=4).eval()
+    out = plain(torch.randn(2, 1, 14, 14))
+    assert float(out.metrics["macs_dense"]) == stem + block1 + block2 + block3 + head == 164912
+    assert out.y.shape == (2, 10)
+
+
+def test_eval_skip_equals_train_dense_at_14x14_wide():
+    model = _sparse_model(width_multiplier=2.0, base_channels=4).double()
+    x = torch.randn(4, 1, 14, 14, dtype=torch.float64)
+    dense = model.train()(x)
+    skip = model.eval()(x)
+    torch.testing.assert_close(skip.y, dense.y)
+    assert float(skip.metrics["macs_executed"]) < float(skip.metrics["macs_dense"])
+
+
 def test_eval_skip_equals_train_dense_and_batch1_executed_equals_ideal():
     model = _sparse_model().double()
     x = torch.randn(6, 1, 8, 8, dtype=torch.float64)

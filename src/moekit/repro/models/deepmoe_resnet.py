@@ -1,8 +1,9 @@
-"""A small ResNet for 8×8 digits with DeepMoE channel gating (Wang et al. 2019), and its plain baseline.
+"""A small ResNet for digit images with DeepMoE channel gating (Wang et al. 2019), and its plain baseline.
 
-Architecture (``c = round(base_channels · width_multiplier)``): stem 3×3 conv 1→c at 8×8, three stages
-of basic blocks with widths c, 2c, 4c (the first block of stages 2 and 3 has stride 2: 8×8 → 4×4 → 2×2),
-global average pooling and a linear classifier. A basic block is
+Architecture (``c = round(base_channels · width_multiplier)``): stem 3×3 conv 1→c at the input's U × X,
+three stages of basic blocks with widths c, 2c, 4c (the first block of stages 2 and 3 has stride 2 and
+padding 1, so each halves the side, rounding up: 8×8 → 4×4 → 2×2 for the 8×8 digits, 14×14 → 7×7 → 4×4
+for MNIST pooled to 14×14), global average pooling and a linear classifier. Any U × X ≥ 1 works. A basic block is
 ``y = ReLU(conv2(g2 ⊙ ReLU(conv1(g1 ⊙ x))) + shortcut(x))`` (shortcut: identity, or a 1×1 conv when the
 shape changes). With ``gated=True`` both block convolutions are :class:`GatedConv2d` layers whose gates
 come from one :class:`MultiHeadGate` on a :class:`ShallowEmbedding` of the image; with ``gated=False``
