@@ -568,7 +568,7 @@ EXPERIMENT = Experiment(
           "Inference (+ Chen et al. 2020, Dynamic Convolution)",
     summary="MNIST (or 8×8 digits) CNN with 1/2/4/8 experts per CondConv layer, recipe chosen on a validation "
             "split: accuracy vs MADDs, class-specific routing in late layers",
-    est_time="~7 min",
+    est_time="~8 min",
     run=run,
     config=Config,
     quick_time="<30 s",
