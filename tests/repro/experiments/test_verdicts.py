@@ -78,6 +78,8 @@ def test_a_measured_prerequisite():
     one_seed = Prerequisite.from_check("widening helps", Check("×2 − ×1", [1.0], 0.0, 0.0))
     t = Check("gain", [2.0, 2.1, 1.9], 0.5, 0.0)
     assert helps.holds is True and grade("c", t, [helps]).verdict == "reproduced"
+    shown = grade("c", t, [helps], note="n").reason       # what made the claim testable is in its reason
+    assert shown.endswith("prerequisite widening helps holds: " + helps.measured + "; n")
     assert saturated.holds is False and grade("c", t, [saturated]).verdict == "not testable"
     assert one_seed.holds is None and grade("c", t, [one_seed]).verdict == "inconclusive"
     unchecked = Prerequisite("widening helps", None, "no wider model was trained")

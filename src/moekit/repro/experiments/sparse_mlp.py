@@ -496,8 +496,6 @@ def _verdicts(rows: list[Row], acc: str = "test_acc", note: str = "") -> list[Ve
     claims = Claims()
     pre = [capacity_prerequisite(by[DENSE_MATCHED][acc] if DENSE_MATCHED in by else None,
                                  by[DENSE_SAME][acc] if DENSE_SAME in by else None)]
-    if pre[0].holds:            # grade() names only failed or unknown prerequisites: show the one that held too
-        note = f"prerequisite {pre[0].what} holds: {pre[0].measured}" + (f"; {note}" if note else "")
     claims.grade("Sparse-MLP beats an MLP-Mixer with the same active parameters (+2.5 points top-1 on ImageNet-1k "
                  "with MoCo v3 self-supervised pre-training)",
                  Check("Sparse-MLP − Mixer matched active (paired)", sp["acc_gain_vs_dense"], reproduced=0.5,

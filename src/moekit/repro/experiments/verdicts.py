@@ -164,6 +164,9 @@ def grade(claim: str, checks: Check | Sequence[Check], prerequisites: Sequence[P
         why = (f"fewer than {MIN_SEEDS} seeds, no standard error: " if "unknown" in outcomes
                else "a prerequisite could not be checked: ")
         return Verdict(claim, "inconclusive", _one_line(f"{why}{body}{tail}"))
+    held = [p for p in prerequisites if p.holds]
+    if held:                         # a graded claim shows what made it testable, too
+        body += "; " + "; ".join(f"prerequisite {p.what} holds: {p.measured}" for p in held)
     if all(o == "holds" for o in outcomes):
         verdict = "reproduced"
     elif all(o == "fails" for o in outcomes):
