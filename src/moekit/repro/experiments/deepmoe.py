@@ -418,11 +418,14 @@ def _verdicts(rows: list[Row], lambdas: list[float], widths: list[float]) -> lis
     claims.grade(
         "Wide DeepMoE (double the channels, then gate) is more accurate than the original network at about the "
         "same executed FLOPs",
-        [Check(f"wide (λ={wide:g}) − plain ×1 accuracy (paired)", paired(w["test_acc"], acc1), reproduced=0.0,
-               partly=0.0, unit="points"),
-         Check(f"wide (λ={wide:g}) executed FLOPs / plain ×1", w["flops_vs_plain"], reproduced=1.2, partly=1.5,
-               higher=False)],
-        [base], note=f"prerequisite held: {base.measured}" if base.holds else "")   # show its margin too
+        Check(f"wide (λ={wide:g}) − plain ×1 accuracy (paired)", paired(w["test_acc"], acc1), reproduced=0.0,
+              partly=0.0, unit="points"),
+        # "at about the same FLOPs" is the condition of the comparison, not a result: if no λ brings the wide
+        # net to about ×1 FLOPs on every seed, the claim cannot be tested here
+        [base, Prerequisite.from_check(
+            "a λ that brings the wide net to about the plain ×1 FLOPs",
+            Check(f"wide (λ={wide:g}) executed FLOPs / plain ×1", w["flops_vs_plain"], reproduced=1.2, partly=1.5,
+                  higher=False))])
     narrow = min(lambdas, key=lambda lam: abs(mean_flops("narrow", lam) - 0.8))   # the paper-like 20 % saving
     n = by[gated_name("narrow", narrow)]
     claims.grade(
