@@ -134,13 +134,13 @@ def test_unknown_data_set_names_the_flag(tmp_path):
 
 def test_validation_indices_stratified_disjoint_and_seeded():
     y = torch.arange(10).repeat_interleave(torch.tensor([20, 30, 10, 40, 20, 20, 20, 20, 20, 20]))
-    fit, val = validation_indices(y, 0.25, seed=3, num_classes=10)
+    fit, val = validation_indices(y, 0.25, seed=3)
     assert set(fit.tolist()).isdisjoint(val.tolist())
     assert sorted(fit.tolist() + val.tolist()) == list(range(y.numel()))
     counts = torch.bincount(y[val], minlength=10).tolist()
     assert counts == [5, 8, 2, 10, 5, 5, 5, 5, 5, 5]                 # round(0.25 · class count), per class
-    again = validation_indices(y, 0.25, seed=3, num_classes=10)
-    other = validation_indices(y, 0.25, seed=4, num_classes=10)
+    again = validation_indices(y, 0.25, seed=3)
+    other = validation_indices(y, 0.25, seed=4)
     assert torch.equal(val, again[1]) and not torch.equal(val, other[1])
 
 

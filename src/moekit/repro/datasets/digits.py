@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .splits import stratified_split
+
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
 
@@ -50,17 +52,7 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.25, images: bool =
     x_TD, y_T = _load_raw()
     x_TD = x_TD / 16.0
     g = torch.Generator().manual_seed(int(seed))
-    train_idx, test_idx = [], []
-    for c in range(NUM_CLASSES):  # stratified: the same test share of every class
-        idx = torch.nonzero(y_T == c).squeeze(1)
-        idx = idx[torch.randperm(idx.numel(), generator=g)]
-        n_test = int(round(test_fraction * idx.numel()))
-        test_idx.append(idx[:n_test])
-        train_idx.append(idx[n_test:])
-    tr = torch.cat(train_idx)
-    te = torch.cat(test_idx)
-    tr = tr[torch.randperm(tr.numel(), generator=g)]
-    te = te[torch.randperm(te.numel(), generator=g)]
+    tr, te = stratified_split(y_T, test_fraction, g)   # the same test share of every class
     x_tr, x_te = x_TD[tr], x_TD[te]
     mean, std = 0.0, 1.0
     if standardize:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .splits import stratified_split
+
 NUM_CLASSES = 10
 IMAGE_SIZE = 28
 NUM_IMAGES = 5000
@@ -61,15 +63,7 @@ def load_mnist_split(seed: int = 0, test_fraction: float = 0.2) -> MnistSplit:
         raise ValueError(f"test_fraction: expected a value in (0, 1), got {test_fraction}")
     x, y = load_mnist_5k()
     g = torch.Generator().manual_seed(int(seed))
-    train_idx, test_idx = [], []
-    for c in range(NUM_CLASSES):
-        idx = torch.nonzero(y == c).squeeze(1)
-        idx = idx[torch.randperm(idx.numel(), generator=g)]
-        n_test = int(round(test_fraction * idx.numel()))
-        test_idx.append(idx[:n_test])
-        train_idx.append(idx[n_test:])
-    tr, te = torch.cat(train_idx), torch.cat(test_idx)
-    tr, te = tr[torch.randperm(tr.numel(), generator=g)], te[torch.randperm(te.numel(), generator=g)]
+    tr, te = stratified_split(y, test_fraction, g)
     return MnistSplit(x[tr], y[tr], x[te], y[te])
 
 

@@ -147,35 +147,27 @@ class Split:
     name: str
 
 
-def validation_indices(y_T: Tensor, fraction: float, seed: int, num_classes: int) -> tuple[Tensor, Tensor]:
+def validation_indices(y_T: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """Stratified split of the T training labels: (indices kept for training, validation indices), each
     class contributing ``round(fraction · its count)`` validation images; the same for the same ``seed``."""
+    from moekit.repro.datasets.splits import stratified_split
     # seed offset: the validation draw must not repeat the permutation that made the train/test split
-    g = torch.Generator().manual_seed(1_000_003 + int(seed))
-    fit, val = [], []
-    for c in range(num_classes):
-        idx = torch.nonzero(y_T == c).squeeze(1)
-        idx = idx[torch.randperm(idx.numel(), generator=g)]
-        n_val = int(round(fraction * idx.numel()))
-        val.append(idx[:n_val])
-        fit.append(idx[n_val:])
-    fit_idx, val_idx = torch.cat(fit), torch.cat(val)
-    return fit_idx[torch.randperm(fit_idx.numel(), generator=g)], val_idx[torch.randperm(val_idx.numel(), generator=g)]
+    return stratified_split(y_T, fraction, torch.Generator().manual_seed(1_000_003 + int(seed)))
 
 
 def load_data(name: str, data_seed: int, val_fraction: float) -> Split:
     """The ``name`` ("mnist" | "digits") train/test split with a validation split carved from its training images."""
     if name == "mnist":
-        from moekit.repro.datasets.mnist import IMAGE_SIZE, NUM_CLASSES, load_mnist_split
+        from moekit.repro.datasets.mnist import IMAGE_SIZE, load_mnist_split
         d = load_mnist_split(seed=data_seed, test_fraction=0.2)        # 4,000 train / 1,000 test, pixels in [0, 1]
         strides = (1, 2, 2)                                            # 28 -> 28 -> 14 -> 7 maps
     elif name == "digits":
-        from moekit.repro.datasets.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_split
+        from moekit.repro.datasets.digits import IMAGE_SIZE, load_digits_split
         d = load_digits_split(seed=data_seed, images=True, standardize=False)   # 1,347 / 450, pixels in [0, 1]
         strides = (1, 1, 1)                                            # 8×8 maps throughout
     else:
         raise ValueError(f"data: expected 'mnist' or 'digits', got {name!r}")
-    fit_idx, val_idx = validation_indices(d.y_train, val_fraction, data_seed, NUM_CLASSES)
+    fit_idx, val_idx = validation_indices(d.y_train, val_fraction, data_seed)
     x_fit = d.x_train[fit_idx]
     mean, std = float(x_fit.mean()), float(x_fit.std())                # from the training part only
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from moekit.analysis.tables import markdown_table
 from moekit.repro.models.deepmoe_resnet import DeepMoEResNet
+from moekit.repro.datasets.splits import stratified_split
 from .base import Experiment, ExperimentResult, Row, RunContext, Verdict, mean_std
 from .verdicts import Check, Claims, Prerequisite, paired
 from .options import OptionError, config_dict, option
@@ -111,19 +112,6 @@ class ImageData:
     std: float
 
 
-def _stratified_holdout(y: Tensor, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Indices (kept, held out) of ``y``: ``round(fraction · count)`` of every class held out, both shuffled."""
-    keep, hold = [], []
-    for c in torch.unique(y).tolist():
-        idx = torch.nonzero(y == c).squeeze(1)
-        idx = idx[torch.randperm(idx.numel(), generator=generator)]
-        n = int(round(fraction * idx.numel()))
-        hold.append(idx[:n])
-        keep.append(idx[n:])
-    k, h = torch.cat(keep), torch.cat(hold)
-    return k[torch.randperm(k.numel(), generator=generator)], h[torch.randperm(h.numel(), generator=generator)]
-
-
 def load_data(data: str, seed: int, *, pool: int | None = None, split: str = "test",
               validation_fraction: float = 0.2) -> ImageData:
     """The images of run ``seed``: the dataset's stratified train/test split for that seed (digits: 1,347 /
@@ -142,7 +130,7 @@ def load_data(data: str, seed: int, *, pool: int | None = None, split: str = "te
     x_tr, y_tr, x_ev, y_ev, what = d.x_train, d.y_train, d.x_test, d.y_test, "test"
     if split == "validation":
         # its own random stream: the held-out images do not depend on anything else drawn for this seed
-        keep, hold = _stratified_holdout(y_tr, validation_fraction, seed_generator(seed, stream=999))
+        keep, hold = stratified_split(y_tr, validation_fraction, seed_generator(seed, stream=999))
         x_tr, y_tr, x_ev, y_ev, what = x_tr[keep], y_tr[keep], x_tr[hold], y_tr[hold], "validation"
     elif split != "test":
         raise ValueError(f"split: expected 'test' or 'validation', got {split!r}")

@@ -192,19 +192,6 @@ def build_models(opts: dict[str, Any], quick: bool = False) -> dict[str, dict[st
 # training
 # ------------------------------------------------------------------------------------------------------
 
-def _stratified_holdout(y_T: Tensor, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Indices ``(keep, held_out)`` into ``y_T``: ``round(fraction · n_c)`` random examples of every class c
-    held out."""
-    keep, held = [], []
-    for c in torch.unique(y_T).tolist():
-        idx = torch.nonzero(y_T == c).squeeze(1)
-        idx = idx[torch.randperm(idx.numel(), generator=generator)]
-        n = int(round(fraction * idx.numel()))
-        held.append(idx[:n])
-        keep.append(idx[n:])
-    return torch.cat(keep).sort().values, torch.cat(held).sort().values
-
-
 def load_data(data: str, seed: int, eval_on: str = "test") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(x_train (T, 1, U, X), y_train (T,), x_eval, y_eval)`` of seed ``seed``'s train/test split.
 
@@ -222,7 +209,9 @@ def load_data(data: str, seed: int, eval_on: str = "test") -> tuple[Tensor, Tens
     else:
         raise ValueError(f"data: expected one of {sorted(DATA)}, got {data!r}")
     if eval_on == "validation":
-        keep, held = _stratified_holdout(y_tr, VALIDATION_FRACTION, seed_generator(seed, stream=3))
+        from moekit.repro.datasets.splits import stratified_split
+        keep, held = (t.sort().values for t in stratified_split(y_tr, VALIDATION_FRACTION,
+                                                                 seed_generator(seed, stream=3)))
         x_tr, y_tr, x_te, y_te = x_tr[keep], y_tr[keep], x_tr[held], y_tr[held]
     elif eval_on != "test":
         raise ValueError(f"eval_on: expected 'test' or 'validation', got {eval_on!r}")
