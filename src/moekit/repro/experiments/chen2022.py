@@ -282,7 +282,7 @@ EXPERIMENT = Experiment(
     paper="Chen, Deng, Wu, Gu & Li 2022, Towards Understanding Mixture of Experts in Deep Learning",
     summary="Synthetic cluster task: a cubic top-1 MoE routes each cluster to one expert and beats linear "
             "MoEs and single models",
-    est_time="~12 min",
+    est_time="~5 min",
     run=run,
     config=Config,
     quick_time="<30 s",
