@@ -1,4 +1,4 @@
-"""Image transforms: rotation direction and exactness, crop, resize, the per-image Gaussian blur by hand.
+"""Image transforms: rotation direction and exactness, crop, resize, the per-image Gaussian blur by hand, the random shift.
 
 Legend: N images, C channels, H/W sides.
 """
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moekit.repro.datasets.images import center_crop, gaussian_blur, gaussian_kernels, resize, rotate
+from moekit.repro.datasets.images import center_crop, gaussian_blur, gaussian_kernels, random_shift, resize, rotate
 
 
 def test_rotation_by_quarter_turns_is_exact_and_counter_clockwise():
@@ -62,3 +62,38 @@ def test_gaussian_blur_by_hand():
     torch.testing.assert_close(gaussian_blur(ramp, torch.tensor([1.1]), (3, 7)), ref)
     with pytest.raises(ValueError, match="sigma_N"):
         gaussian_blur(x, torch.tensor([1.0]))
+
+
+def test_random_shift_by_one_moves_pixels_and_fills_background():
+    x = torch.arange(2 * 16, dtype=torch.float32).reshape(2, 1, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    y = random_shift(x, 1, g, fill=-1.0)
+    assert y.shape == x.shape
+    for b in range(2):
+        # every output is x shifted by (dr, dc) ∈ {-1, 0, 1}², uncovered pixels = fill
+        ok = False
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                pad = torch.nn.functional.pad(x[b], (1, 1, 1, 1), value=-1.0)
+                ok |= torch.equal(pad[:, 1 + dr:5 + dr, 1 + dc:5 + dc], y[b])
+        assert ok
+
+
+def test_random_shift_is_a_translated_copy_drawn_from_the_generator():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1, 9, 9)
+    assert random_shift(x, 0, g, -1.0) is x
+    y = random_shift(x, 2, g, -5.0)
+    assert y.shape == x.shape
+    for b in range(6):           # each image is a translated copy: find its offset, check content and fill
+        found = False
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                ref = torch.full((9, 9), -5.0)
+                ref[max(dy, 0):9 + min(dy, 0), max(dx, 0):9 + min(dx, 0)] = \
+                    x[b, 0, max(-dy, 0):9 - max(dy, 0), max(-dx, 0):9 - max(dx, 0)]
+                found = found or torch.equal(y[b, 0], ref)
+        assert found, b
+    same = random_shift(x, 2, torch.Generator().manual_seed(0), -5.0)
+    assert torch.equal(same, y)                                  # offsets come from the generator only
+    assert not torch.equal(random_shift(x, 2, torch.Generator().manual_seed(1), -5.0), y)

@@ -14,7 +14,7 @@ from moekit.repro.experiments.base import make_context, mean_std  # noqa: E402
 from moekit.repro.experiments.options import OptionError  # noqa: E402
 from moekit.repro.experiments import condconv  # noqa: E402
 from moekit.repro.experiments.condconv import (EXPERIMENT, class_spread, class_variance_share,  # noqa: E402
-                                               load_data, shift_augment, train_one, validation_indices)
+                                               load_data, train_one, validation_indices)
 
 pytestmark = pytest.mark.slow   # trains models (quick runs of the experiment)
 
@@ -74,21 +74,6 @@ def test_class_variance_share_by_hand():
     assert class_spread(same, labels, 2) == pytest.approx(0.0)
     # class means (0.1, 0.9) and (0.7, 0.3): std over 2 classes = 0.3 for both experts
     assert class_spread(by_class, labels, 2) == pytest.approx(0.3)
-
-
-def test_shift_augment_moves_pixels_and_fills_background():
-    x = torch.arange(2 * 16, dtype=torch.float32).reshape(2, 1, 4, 4)
-    g = torch.Generator().manual_seed(0)
-    y = shift_augment(x, g, fill=-1.0)
-    assert y.shape == x.shape
-    for b in range(2):
-        # every output is x shifted by (dr, dc) ∈ {-1, 0, 1}², uncovered pixels = fill
-        ok = False
-        for dr in (-1, 0, 1):
-            for dc in (-1, 0, 1):
-                pad = torch.nn.functional.pad(x[b], (1, 1, 1, 1), value=-1.0)
-                ok |= torch.equal(pad[:, 1 + dr:5 + dr, 1 + dc:5 + dc], y[b])
-        assert ok
 
 
 def test_same_seed_same_numbers(tmp_path):

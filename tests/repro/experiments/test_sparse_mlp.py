@@ -134,26 +134,6 @@ def test_mnist_data_and_validation_split():
         sm.load_data("cifar", 0)
 
 
-def test_shift_images():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 1, 9, 9)
-    assert sm.shift_images(x, 0, g, -1.0) is x
-    y = sm.shift_images(x, 2, g, -5.0)
-    assert y.shape == x.shape
-    for b in range(6):           # each image is a translated copy: find its offset, check content and fill
-        found = False
-        for dy in range(-2, 3):
-            for dx in range(-2, 3):
-                ref = torch.full((9, 9), -5.0)
-                ref[max(dy, 0):9 + min(dy, 0), max(dx, 0):9 + min(dx, 0)] = \
-                    x[b, 0, max(-dy, 0):9 - max(dy, 0), max(-dx, 0):9 - max(dx, 0)]
-                found = found or torch.equal(y[b, 0], ref)
-        assert found, b
-    same = sm.shift_images(x, 2, torch.Generator().manual_seed(0), -5.0)
-    assert torch.equal(same, y)                                  # offsets come from the generator only
-    assert not torch.equal(sm.shift_images(x, 2, torch.Generator().manual_seed(1), -5.0), y)
-
-
 def test_same_seed_same_numbers():
     opts = sm._options(_ctx("/tmp/unused", argv=["--epochs", "1", "--depth", "2", "--sparse-blocks", "1",
                                                  "--data", "digits", "--shift", "1"]).config)

@@ -1,5 +1,6 @@
 """Image transforms on (T, I, U, X) tensors: rotation, centre crop, resize and a Gaussian blur with a
-random strength per image — what the rotate task needs, without torchvision.
+random strength per image — what the rotate task needs, without torchvision — and the random shift the
+condconv and sparse-mlp runs train with.
 
 Conventions follow torchvision's: a positive angle rotates counter-clockwise about the image centre and
 uncovered pixels are filled with 0; ``resize`` is bilinear with antialiasing; the blur kernel is
@@ -90,4 +91,20 @@ def gaussian_blur(x_NCHW: Tensor, sigma_N: Tensor, kernel_size: tuple[int, int] 
     return y.reshape(T, I, U, X)
 
 
-__all__ = ["center_crop", "gaussian_blur", "gaussian_kernels", "resize", "rotate"]
+def random_shift(x_NCHW: Tensor, max_shift: int, generator: torch.Generator, fill: float) -> Tensor:
+    """Each image moved by its own random (dy, dx) ∈ [-max_shift, max_shift]² pixels, the uncovered border
+    filled with ``fill`` (the background value): pad the batch by ``max_shift`` on every side and cut one
+    U × X window per image at offset (s + dy, s + dx). ``max_shift=0`` returns ``x_NCHW`` and draws nothing."""
+    if max_shift == 0:
+        return x_NCHW
+    B, I, U, X = _check(x_NCHW).shape
+    s = max_shift
+    padded = F.pad(x_NCHW, (s, s, s, s), value=fill)
+    off_B2 = torch.randint(0, 2 * s + 1, (B, 2), generator=generator)        # window corner (row, column)
+    rows_BU = off_B2[:, :1] + torch.arange(U)                                  # (B, U) rows of each window
+    cols_BX = off_B2[:, 1:] + torch.arange(X)                                  # (B, X) columns of each window
+    return padded[torch.arange(B)[:, None, None, None], torch.arange(I)[None, :, None, None],
+                  rows_BU[:, None, :, None], cols_BX[:, None, None, :]]      # (B, I, U, X)
+
+
+__all__ = ["center_crop", "gaussian_blur", "gaussian_kernels", "random_shift", "resize", "rotate"]

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.repro.datasets.images import random_shift
 from moekit.repro.models.cnn import CondConvNet
 from .base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict, mean_std
 from .verdicts import Check, Claims, Prerequisite, paired, slopes
@@ -112,18 +113,6 @@ class Config:
                                           nonempty=True)
     select_weight_decay: tuple[float, ...] = option((1e-4, 1e-2), "--select: candidate weight decays", ge=0,
                                                     nonempty=True)
-
-
-def shift_augment(x_BCSS: Tensor, generator: torch.Generator, fill: float, max_shift: int = 1) -> Tensor:
-    """Random translation by up to ``max_shift`` pixels per example; uncovered pixels get ``fill`` (background)."""
-    B, I, U, X = x_BCSS.shape
-    pad = F.pad(x_BCSS, (max_shift,) * 4, value=fill)
-    offs = torch.randint(0, 2 * max_shift + 1, (B, 2), generator=generator)
-    rows = offs[:, 0, None] + torch.arange(U)                      # (B, U)
-    cols = offs[:, 1, None] + torch.arange(X)                      # (B, X)
-    idx_b = torch.arange(B)[:, None, None]
-    out = pad.permute(0, 2, 3, 1)[idx_b, rows[:, :, None], cols[:, None, :]]   # (B, U, X, I)
-    return out.permute(0, 3, 1, 2).contiguous()
 
 
 @dataclass
@@ -256,7 +245,7 @@ def train_one(num_experts: int, dynamic: bool, seed: int, data: Split, cfg: Conf
     def loss_fn(idx: Tensor | None) -> Tensor:
         xb, yb = (data.x_train, data.y_train) if idx is None else (data.x_train[idx], data.y_train[idx])
         if cfg.augment:
-            xb = shift_augment(xb, g, fill=-data.mean / data.std)
+            xb = random_shift(xb, 1, g, fill=-data.mean / data.std)
         if dynamic:
             model.set_temperature(anneal_temperature(step[0], anneal_steps))
         step[0] += 1

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moekit.repro.datasets.images import random_shift
 from .base import Experiment, ExperimentResult, Row, RunContext, Source, Verdict, mean_std
 from .verdicts import Check, Claims, Prerequisite, paired
 from .options import OptionError, config_dict, option
@@ -221,22 +222,6 @@ def load_data(data: str, seed: int, eval_on: str = "test") -> tuple[Tensor, Tens
     return x_tr.contiguous(), y_tr, x_te.contiguous(), y_te
 
 
-def shift_images(x_BIUX: Tensor, max_shift: int, generator: torch.Generator, fill: float) -> Tensor:
-    """Each image of the batch moved by its own random (dy, dx) ∈ [-max_shift, max_shift]² pixels, the
-    uncovered border filled with ``fill``: pad the batch by ``max_shift`` on every side (B, I, U + 2s, X + 2s)
-    and cut one U × X window per image at offset (s + dy, s + dx)."""
-    if max_shift == 0:
-        return x_BIUX
-    B, I, U, X = x_BIUX.shape
-    s = max_shift
-    padded = F.pad(x_BIUX, (s, s, s, s), value=fill)
-    off_B2 = torch.randint(0, 2 * s + 1, (B, 2), generator=generator)        # window corner (row, column)
-    rows_BU = off_B2[:, :1] + torch.arange(U)                                  # (B, U) rows of each window
-    cols_BX = off_B2[:, 1:] + torch.arange(X)                                  # (B, X) columns of each window
-    return padded[torch.arange(B)[:, None, None, None], torch.arange(I)[None, :, None, None],
-                  rows_BU[:, None, :, None], cols_BX[:, None, None, :]]      # (B, I, U, X)
-
-
 @torch.no_grad()
 def _evaluate(model, x_TIUX: Tensor, y_T: Tensor, capture: bool = False) -> dict[str, Any]:
     """Accuracy and routing statistics of the whole evaluation set (T ≤ 1,000 images) as one batch (eval mode:
@@ -289,7 +274,7 @@ def train_one(kwargs: dict[str, Any], data: tuple[Tensor, Tensor, Tensor, Tensor
 
         def loss_fn(idx: Tensor | None) -> Tensor:
             xb, yb = (x_tr, y_tr) if idx is None else (x_tr[idx], y_tr[idx])
-            out = model(shift_images(xb, opts["shift"], shifts, background))
+            out = model(random_shift(xb, opts["shift"], shifts, background))
             if epoch[0] == opts["epochs"] - 1:          # training-batch balance over the last epoch
                 for k, v in out.metrics.items():
                     if k.endswith("/cv_load"):
