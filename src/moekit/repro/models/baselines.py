@@ -15,6 +15,15 @@ import torch
 from torch import Tensor, nn
 
 
+def reset_linears(linears: tuple[nn.Linear, ...], generator: torch.Generator | None = None) -> None:
+    """Re-draw each layer's weight, then bias, from ``nn.Linear``'s default U(±1/√in_features), in order, from
+    ``generator`` (a seeded model without touching the global RNG)."""
+    for lin in linears:
+        bound = 1.0 / math.sqrt(lin.in_features)
+        nn.init.uniform_(lin.weight, -bound, bound, generator=generator)
+        nn.init.uniform_(lin.bias, -bound, bound, generator=generator)
+
+
 class BackpropNet(nn.Module):
     """The paper's baseline: one tanh hidden layer, linear outputs, ``y = W2 tanh(W1 x + b1) + b2``."""
 
@@ -24,10 +33,7 @@ class BackpropNet(nn.Module):
         self.out = nn.Linear(hidden, out_dim)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        for lin in (self.hidden, self.out):  # nn.Linear's default bounds, drawn from ``generator``
-            bound = 1.0 / math.sqrt(lin.in_features)
-            nn.init.uniform_(lin.weight, -bound, bound, generator=generator)
-            nn.init.uniform_(lin.bias, -bound, bound, generator=generator)
+        reset_linears((self.hidden, self.out), generator)
 
     def forward(self, x_ND: Tensor) -> Tensor:
         return self.out(torch.tanh(self.hidden(x_ND)))
@@ -45,4 +51,4 @@ class SingleNet(nn.Module):
         return self.net(x_N1)
 
 
-__all__ = ["BackpropNet", "SingleNet"]
+__all__ = ["BackpropNet", "SingleNet", "reset_linears"]

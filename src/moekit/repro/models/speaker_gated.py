@@ -8,10 +8,10 @@ Legend: T examples, D inputs (the ``expert_dim`` formants, then the speaker one-
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
+
+from .baselines import reset_linears
 
 
 class SplitInputMixture(nn.Module):
@@ -27,10 +27,7 @@ class SplitInputMixture(nn.Module):
         self.gate = nn.Linear(in_dim, num_experts)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        for lin in (self.experts, self.gate):      # nn.Linear's default bounds, drawn from ``generator``
-            bound = 1.0 / math.sqrt(lin.in_features)
-            nn.init.uniform_(lin.weight, -bound, bound, generator=generator)
-            nn.init.uniform_(lin.bias, -bound, bound, generator=generator)
+        reset_linears((self.experts, self.gate), generator)
 
     def forward(self, x_ND: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         out_TEY = self.experts(x_ND[:, :self.expert_dim]).reshape(-1, self.num_experts, self.out_dim)
